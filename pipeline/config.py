@@ -1,0 +1,196 @@
+"""Typed, validated configuration for every stage.
+
+Each stage gets one small pydantic model of plain values. Unknown keys are an
+error (``extra="forbid"``) so a typo in a YAML file fails loudly instead of
+being ignored. ``load_config`` reads YAML/JSON from any fsspec URL.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+BUILTIN_TIMEMACHINE = "builtin://timemachine"
+TIMEMACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
+
+
+class Strict(BaseModel):
+    """Base for all configs: unknown keys are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class SourceConfig(Strict):
+    """One corpus source: a local path, an fsspec URL (globs allowed) or ``builtin://NAME``."""
+
+    url: str
+    sha1: str | None = Field(default=None, pattern=r"^[0-9a-f]{40}$")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+
+class TokenizerConfig(Strict):
+    """How text becomes tokens.
+
+    ``normalizer``: ``d2l`` reproduces the book (per line: non-letters -> one space,
+    strip, lowercase); ``lower`` lowercases; ``none`` keeps raw Unicode.
+    ``newlines``: what happens to line breaks. ``drop`` concatenates lines with no
+    separator (what d2l does), ``space`` turns each into a space (the lyrics example),
+    ``keep`` keeps ``\\n`` as a character. Default: ``drop`` for d2l, ``keep`` otherwise.
+    ``eos``: word level only, append ``<eos>`` after every line (the PTB convention).
+    """
+
+    level: Literal["char", "word"] = "char"
+    normalizer: Literal["d2l", "lower", "none"] = "d2l"
+    newlines: Literal["drop", "space", "keep"] | None = None
+    eos: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "TokenizerConfig":
+        if self.eos and self.level != "word":
+            raise ValueError("eos=true needs level='word'")
+        if self.newlines is None:
+            object.__setattr__(self, "newlines", "drop" if self.normalizer == "d2l" else "keep")
+        return self
+
+
+class VocabConfig(Strict):
+    """d2l vocabulary: ``<unk>`` at 0, reserved tokens next, then by descending frequency."""
+
+    min_freq: int = Field(default=0, ge=0)
+    max_size: int | None = Field(default=None, ge=1)
+    reserved_tokens: tuple[str, ...] = ()
+
+
+class SplitConfig(Strict):
+    """Contiguous train/val/test fractions of the token stream, after an optional cap."""
+
+    train: float = Field(default=0.9, gt=0, le=1)
+    val: float = Field(default=0.05, ge=0, lt=1)
+    test: float = Field(default=0.05, ge=0, lt=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "SplitConfig":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"split fractions must sum to 1, got {total:g}")
+        return self
+
+
+class DataConfig(Strict):
+    """Everything that determines a prepared dataset (and so its content address)."""
+
+    sources: tuple[SourceConfig, ...] = (SourceConfig(url=BUILTIN_TIMEMACHINE, sha1=TIMEMACHINE_SHA1),)
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    vocab: VocabConfig = VocabConfig()
+    splits: SplitConfig = SplitConfig()
+    tokens_per_shard: int = Field(default=1_000_000, ge=1)
+    chunk_bytes: int = Field(default=16 * 2**20, ge=1024)
+
+    @model_validator(mode="after")
+    def _nonempty(self) -> "DataConfig":
+        if not self.sources:
+            raise ValueError("sources must name at least one corpus")
+        return self
+
+
+# -------------------------------------------------------------------------- model
+
+
+class ModelConfig(Strict):
+    """A recurrent language model: embedding -> recurrent stack -> vocabulary projection.
+
+    ``embed_size=None`` uses the vocabulary size, which is d2l's one-hot input
+    (a one-hot vector times W_xh is an embedding lookup).
+    """
+
+    cell: Literal["rnn", "gru", "lstm"] = "gru"
+    backend: Literal["torch", "scratch"] = "torch"
+    hidden_size: int = Field(default=256, ge=1)
+    num_layers: int = Field(default=1, ge=1)
+    embed_size: int | None = Field(default=None, ge=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    nonlinearity: Literal["tanh", "relu"] = "tanh"
+    tie_weights: bool = False
+    init: Literal["normal", "uniform", "default"] = "normal"
+    init_scale: float = Field(default=0.01, gt=0)  # std for "normal", range for "uniform"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.nonlinearity == "relu" and self.cell != "rnn":
+            raise ValueError("nonlinearity='relu' applies to cell='rnn' only")
+        if self.tie_weights and self.embed_size is not None and self.embed_size != self.hidden_size:
+            raise ValueError("tie_weights needs embed_size == hidden_size")
+        return self
+
+
+# ----------------------------------------------------------------------- training
+
+
+class TrainConfig(Strict):
+    """The training loop's knobs. Defaults are d2l's ch. 8-9 settings."""
+
+    batch_size: int = Field(default=32, ge=1)
+    num_steps: int = Field(default=35, ge=1)
+    sampling: Literal["random", "sequential"] = "sequential"
+    epochs: int = Field(default=10, ge=1)
+    max_minutes: float | None = Field(default=None, gt=0)  # stop after the epoch that passes this
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(default=1.0, gt=0)
+    momentum: float = Field(default=0.0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    clip_norm: float | None = Field(default=1.0, gt=0)  # theta for global-L2-norm clipping
+    lr_schedule: Literal["constant", "decay", "plateau"] = "constant"
+    lr_decay: float = Field(default=0.5, gt=0, le=1)  # multiplier per epoch / per plateau
+    lr_decay_after: int = Field(default=0, ge=0)  # "decay": epochs at full lr
+    lr_patience: int = Field(default=0, ge=0)  # "plateau": epochs without improvement
+    seed: int = 0
+    checkpoint_every_steps: int | None = Field(default=None, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class RunConfig(Strict):
+    """What ``rnnlm train --config FILE`` reads: a dataset, a model and a training loop."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_config(cls: type[C], raw: dict[str, Any] | None, *, source: str = "config") -> C:
+    """Validate ``raw`` as ``cls``; errors name the source and every bad key."""
+    try:
+        return cls.model_validate(raw or {})
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"invalid {cls.__name__} in {source}: {problems}") from None
+
+
+def load_config(cls: type[C], url: str | Path) -> C:
+    """Read a YAML (or JSON, a subset of YAML) file from a path or fsspec URL."""
+    import fsspec
+
+    try:
+        with fsspec.open(str(url), "rt", encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {url}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {url} is not valid YAML: {e}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"config file {url} must hold a mapping, got {type(raw).__name__}")
+    return parse_config(cls, raw, source=str(url))

@@ -1,0 +1,49 @@
+"""Errors the pipeline raises on purpose, and the process exit codes that carry them.
+
+Every error says which input is wrong and how. ``retryable`` tells an orchestrator
+whether trying again can help: a network hiccup can, a checksum mismatch cannot.
+"""
+
+from __future__ import annotations
+
+# Exit codes of `python -m pipeline.train` / `rnnlm train` that an orchestrator can act on.
+EXIT_OK = 0
+EXIT_FAILED = 1  # anything unexpected: retrying may help (a killed rank, a lost node)
+EXIT_DO_NOT_RETRY = 3  # bad config, corrupt input, non-finite loss: retrying cannot help
+
+
+class PipelineError(Exception):
+    """Base class. ``retryable=False`` means the same inputs will fail the same way."""
+
+    retryable = False
+
+
+class ConfigError(PipelineError, ValueError):
+    """A configuration is invalid (unknown key, bad value, missing file)."""
+
+
+class CorpusError(PipelineError, ValueError):
+    """A corpus source is unusable: not found, checksum mismatch, empty, not UTF-8, binary."""
+
+    def __init__(self, source: str, problem: str):
+        self.source = source
+        self.problem = problem
+        super().__init__(f"corpus source {source!r}: {problem}")
+
+
+class SourceUnreachableError(CorpusError):
+    """The source exists in principle but could not be reached now (network, timeout)."""
+
+    retryable = True
+
+
+class DatasetError(PipelineError, ValueError):
+    """A prepared dataset (manifest, shard or vocabulary file) is missing or corrupt."""
+
+
+class CheckpointError(PipelineError, ValueError):
+    """A checkpoint or model file is missing or corrupt."""
+
+
+class NonFiniteLossError(PipelineError, FloatingPointError):
+    """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
