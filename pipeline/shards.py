@@ -1,0 +1,206 @@
+"""Prepared datasets: token ids in Parquet shards, the vocabulary, and a manifest.
+
+A dataset directory holds::
+
+    train-00000.parquet ...   one uint column ``ids`` per shard (narrowest type for the vocabulary)
+    val-00000.parquet ...
+    test-00000.parquet ...
+    vocab.parquet             index, token, count
+    manifest.json             written last: what is here, with sha256 of every file
+
+Shards are written uncompressed with plain encoding so a local read is a
+memory map plus a copy-free view, and every read verifies the sha256 recorded
+in the manifest. A directory without ``manifest.json`` is incomplete.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.errors import DatasetError
+from pipeline.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"
+VOCAB_FILE = "vocab.parquet"
+
+
+def split_sizes(num_tokens: int, fractions: dict[str, float]) -> dict[str, int]:
+    """Contiguous split sizes; val and test are rounded, train takes the rest."""
+    val = round(num_tokens * fractions["val"])
+    test = round(num_tokens * fractions["test"])
+    return {"train": num_tokens - val - test, "val": val, "test": test}
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="none", use_dictionary=False)
+    return sink.getvalue()
+
+
+class DatasetWriter:
+    """Routes a stream of token ids into contiguous train/val/test shards.
+
+    Feed ``add`` the ids of consecutive chunks; memory stays at one shard.
+    ``sizes`` are known up front (from counting), so the split a token falls
+    in is decided by its position alone. Tokens past the total are dropped
+    (the ``max_tokens`` cap).
+    """
+
+    def __init__(self, directory: str, vocab: Vocab, sizes: dict[str, int], tokens_per_shard: int):
+        self.directory = directory
+        self.vocab = vocab
+        self.dtype = vocab.id_dtype
+        self.tokens_per_shard = tokens_per_shard
+        self.bounds = []  # (split, first position, end position)
+        start = 0
+        for split in SPLITS:
+            self.bounds.append((split, start, start + sizes[split]))
+            start += sizes[split]
+        self.total = start
+        self.position = 0
+        self.pending: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+        self.pending_len = dict.fromkeys(SPLITS, 0)
+        self.shards: dict[str, list[dict]] = {s: [] for s in SPLITS}
+
+    def add(self, ids: np.ndarray) -> None:
+        ids = ids[: max(self.total - self.position, 0)]
+        begin, end = self.position, self.position + len(ids)
+        for split, lo, hi in self.bounds:
+            a, b = max(lo, begin), min(hi, end)
+            if a < b:
+                self._buffer(split, ids[a - begin : b - begin])
+        self.position = end
+
+    def _buffer(self, split: str, ids: np.ndarray) -> None:
+        self.pending[split].append(ids.astype(self.dtype, copy=False))
+        self.pending_len[split] += len(ids)
+        while self.pending_len[split] >= self.tokens_per_shard:
+            self._flush(split, self.tokens_per_shard)
+
+    def _flush(self, split: str, n: int) -> None:
+        buffered = np.concatenate(self.pending[split])
+        shard, rest = buffered[:n], buffered[n:]
+        self.pending[split] = [rest] if len(rest) else []
+        self.pending_len[split] = len(rest)
+        name = f"{split}-{len(self.shards[split]):05d}.parquet"
+        data = _parquet_bytes(pa.table({"ids": shard}))
+        storage.write_bytes_atomic(storage.join(self.directory, name), data)
+        self.shards[split].append({"file": name, "num_tokens": int(len(shard)), "sha256": storage.sha256_bytes(data)})
+
+    def finish(self, manifest_fields: dict) -> dict:
+        """Write the last shards, the vocabulary, and (last) the manifest; return the manifest."""
+        if self.position < self.total:
+            raise DatasetError(f"{self.directory}: expected {self.total} tokens, got {self.position}")
+        for split in SPLITS:
+            if self.pending_len[split]:
+                self._flush(split, self.pending_len[split])
+        vocab_bytes = _parquet_bytes(self.vocab.to_table())
+        storage.write_bytes_atomic(storage.join(self.directory, VOCAB_FILE), vocab_bytes)
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            **manifest_fields,
+            "vocab": {"file": VOCAB_FILE, "sha256": storage.sha256_bytes(vocab_bytes), "tokens_sha256": self.vocab.sha256},
+            "vocab_size": len(self.vocab),
+            "num_tokens": self.total,
+            "dtype": self.dtype.name,
+            "splits": {s: {"num_tokens": sum(x["num_tokens"] for x in self.shards[s]), "shards": self.shards[s]} for s in SPLITS},
+        }
+        storage.write_json_atomic(storage.join(self.directory, MANIFEST), manifest)
+        return manifest
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A prepared dataset on any storage; every file read is checked against the manifest."""
+
+    uri: str
+    manifest: dict
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["vocab_size"]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.manifest["num_tokens"]
+
+    @property
+    def dataset_id(self) -> str:
+        return self.manifest["dataset_id"]
+
+    @cached_property
+    def vocab(self) -> Vocab:
+        table = _read_verified(storage.join(self.uri, VOCAB_FILE), self.manifest["vocab"]["sha256"])
+        try:
+            return Vocab.from_table(table)
+        except (KeyError, ValueError) as e:
+            raise DatasetError(f"corrupt vocabulary {storage.join(self.uri, VOCAB_FILE)}: {e}") from None
+
+    def split(self, name: str) -> np.ndarray:
+        """All token ids of a split as one array (in the manifest's dtype)."""
+        if name not in self.manifest["splits"]:
+            raise DatasetError(f"dataset {self.uri} has no split {name!r}; it has {', '.join(self.manifest['splits'])}")
+        info = self.manifest["splits"][name]
+        parts = list(self.iter_shards(name))
+        ids = np.concatenate(parts) if parts else np.zeros(0, dtype=self.manifest["dtype"])
+        if len(ids) != info["num_tokens"]:
+            raise DatasetError(f"split {name!r} of {self.uri}: manifest says {info['num_tokens']} tokens, shards hold {len(ids)}")
+        return ids
+
+    def iter_shards(self, name: str) -> Iterator[np.ndarray]:
+        for shard in self.manifest["splits"][name]["shards"]:
+            url = storage.join(self.uri, shard["file"])
+            table = _read_verified(url, shard["sha256"])
+            if table.column_names != ["ids"] or len(table) != shard["num_tokens"]:
+                raise DatasetError(f"corrupt shard {url}: expected one column 'ids' of {shard['num_tokens']} rows")
+            yield table.column("ids").to_numpy()
+
+
+def open_dataset(uri: str) -> Dataset:
+    """Open a prepared dataset; a missing or unreadable manifest is an error naming the directory."""
+    url = storage.join(uri, MANIFEST)
+    try:
+        manifest = storage.read_json(url)
+    except FileNotFoundError:
+        raise DatasetError(f"no dataset at {uri}: {MANIFEST} is missing (not prepared, or an interrupted write)") from None
+    except ValueError as e:
+        raise DatasetError(f"corrupt manifest {url}: {e}") from None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise DatasetError(f"{url}: schema_version {manifest.get('schema_version')!r}, this code reads {SCHEMA_VERSION}")
+    return Dataset(uri=uri, manifest=manifest)
+
+
+def is_complete(uri: str) -> bool:
+    return storage.exists(storage.join(uri, MANIFEST))
+
+
+def _read_verified(url: str, sha256: str) -> pa.Table:
+    """Read a Parquet file (memory-mapped when local), check its sha256, parse it."""
+    try:
+        if storage.is_local(url):
+            source = pa.memory_map(storage.local_path(url))
+            buffer = source.read_buffer()
+        else:
+            buffer = pa.py_buffer(storage.read_bytes(url))
+    except FileNotFoundError:
+        raise DatasetError(f"missing file {url}") from None
+    actual = storage.sha256_bytes(memoryview(buffer))
+    if actual != sha256:
+        raise DatasetError(f"corrupt file {url}: sha256 {actual}, manifest says {sha256}")
+    try:
+        return pq.read_table(pa.BufferReader(buffer))
+    except pa.ArrowException as e:
+        raise DatasetError(f"corrupt file {url}: {e}") from None

@@ -1,0 +1,132 @@
+"""Text -> tokens, vectorised with numpy and pyarrow.compute.
+
+Two steps, on UTF-8 bytes that hold whole lines:
+
+1. **normalize** to bytes that still separate lines with ``\\n``:
+   ``d2l`` reproduces the book's ``re.sub('[^A-Za-z]+', ' ', line).strip().lower()``
+   line by line (done on bytes: every byte of a non-ASCII character is a
+   non-letter, exactly as the regex sees it); ``lower`` lowercases Unicode;
+   ``none`` keeps the text as it is. ``\\r\\n`` becomes ``\\n`` and a leading BOM goes.
+2. **split** into tokens. ``char``: one token per Unicode character, with line
+   breaks dropped (d2l concatenates its lines), turned into spaces, or kept.
+   ``word``: whitespace-separated words, plus ``<eos>`` after every non-empty
+   line when asked (the PTB convention).
+
+Chunk boundaries fall on line boundaries, so tokenizing a corpus chunk by chunk
+gives exactly the tokens of tokenizing it whole.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import TokenizerConfig
+
+EOS = "<eos>"
+NEWLINE = 0x0A
+
+# d2l's per-byte map: letters lowercase, newlines stay, every other byte becomes a space.
+SPACE = ord(" ")
+_D2L_TABLE = bytes(
+    c | 0x20 if chr(c).isascii() and chr(c).isalpha() else c if c == NEWLINE else ord(" ") for c in range(256)
+)
+
+
+def normalize(data: bytes, cfg: TokenizerConfig) -> bytes:
+    """Normalize whole lines of UTF-8 text; the result keeps ``\\n`` between lines."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if cfg.normalizer == "d2l":
+        return _normalize_d2l(data)
+    data = data.replace(b"\r\n", b"\n")
+    if cfg.normalizer == "lower":
+        data = _string_data(pc.utf8_lower(_lines_array(data)))
+    return data
+
+
+def _normalize_d2l(data: bytes) -> bytes:
+    """Per line: runs of non-letters -> one space, strip, lowercase.
+
+    After the byte map only letters, spaces and newlines are left. Two
+    branch-free passes then mark bytes to remove: every space followed by
+    another (collapsing runs), then every space that touches a newline or an
+    edge (the strip).
+    """
+    x = np.frombuffer(data.translate(_D2L_TABLE), dtype=np.uint8)
+    space = x == SPACE
+    x = _remove(x, space & np.append(space[1:], False))
+    space = x == SPACE
+    newline = x == NEWLINE
+    touches = np.append(newline[1:], True)
+    touches[1:] |= newline[:-1]
+    touches[:1] = True
+    return _remove(x, space & touches).tobytes()
+
+
+def _remove(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``x`` without the masked bytes: zero them, then let C delete the zeros.
+
+    Much faster than boolean indexing for masks that keep most bytes (NUL is
+    never in a corpus: fetching rejects it as binary data).
+    """
+    kept = (x * ~mask).astype(np.uint8, copy=False).tobytes().translate(None, b"\0")
+    return np.frombuffer(kept, dtype=np.uint8)
+
+
+def char_codes(data: bytes, cfg: TokenizerConfig) -> np.ndarray:
+    """Unicode code points of the char-level token stream (uint8 when all ASCII)."""
+    text = normalize(data, cfg)
+    if cfg.newlines == "drop":
+        text = text.replace(b"\n", b"")
+    elif cfg.newlines == "space":
+        text = text.replace(b"\n", b" ")
+    if text.isascii():
+        return np.frombuffer(text, dtype=np.uint8)
+    return np.frombuffer(text.decode("utf-8").encode("utf-32-le"), dtype=np.uint32)
+
+
+def word_tokens(data: bytes, cfg: TokenizerConfig) -> pa.StringArray:
+    """Whitespace-separated words of the normalized text, ``<eos>`` after each non-empty line if asked."""
+    # Trimmed first: the split yields an empty word at each edge of a line, and one for an empty line.
+    lines = pc.utf8_trim_whitespace(_lines_array(normalize(data, cfg)))
+    words = pc.utf8_split_whitespace(lines)
+    flat = words.flatten()
+    empty_line = pc.equal(pc.binary_length(lines), 0)
+    if pc.any(empty_line).as_py():
+        flat = flat.filter(pc.not_equal(pc.binary_length(flat), 0))
+    if not cfg.eos:
+        return flat
+    # Interleave: after the last word of each non-empty line, take the extra <eos> element.
+    lengths = pc.list_value_length(words).to_numpy(zero_copy_only=False).copy()
+    lengths[empty_line.to_numpy(zero_copy_only=False)] = 0
+    line_ends = np.cumsum(lengths)[lengths > 0]
+    order = np.insert(np.arange(len(flat)), line_ends, len(flat))
+    return pa.concat_arrays([flat, pa.array([EOS], pa.string())]).take(pa.array(order))
+
+
+def tokenize(text: str, cfg: TokenizerConfig) -> list[str]:
+    """The tokens of a (small) text: for prefixes, tests and inspection."""
+    data = text.encode("utf-8")
+    if cfg.level == "char":
+        return [chr(c) for c in char_codes(data, cfg).tolist()]
+    return word_tokens(data, cfg).to_pylist()
+
+
+def _lines_array(data: bytes) -> pa.StringArray:
+    """A zero-copy array of the lines of ``data``; each keeps its trailing ``\\n``."""
+    b = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(b == NEWLINE) + 1
+    if b.size and b[-1] != NEWLINE:
+        ends = np.append(ends, b.size)
+    offsets = np.concatenate(([0], ends)).astype(np.int32 if b.size < 2**31 else np.int64)
+    kind = pa.string() if offsets.dtype == np.int32 else pa.large_string()
+    return pa.Array.from_buffers(kind, len(offsets) - 1, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def _string_data(arr: pa.Array) -> bytes:
+    """The concatenated values of a string array (the text again, lines and all)."""
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32 if arr.type == pa.string() else np.int64)
+    start, end = offsets[arr.offset], offsets[arr.offset + len(arr)]
+    return arr.buffers()[2].to_pybytes()[start:end]
