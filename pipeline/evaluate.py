@@ -1,0 +1,95 @@
+"""Perplexity of a language model on a token split, with every target counted.
+
+A split of N tokens has N - 1 targets (each token predicted from the ones
+before it). We score all of them, carrying the hidden state the whole way:
+
+* the first ``batch_size * L`` inputs, ``L = (N - 1) // batch_size``, are cut
+  into ``batch_size`` contiguous streams that run in parallel, ``num_steps``
+  tokens at a time, the state carried from window to window (as d2l's
+  sequential sampler does in training);
+* the ``< batch_size`` inputs left over continue the last stream: they run as
+  one more stream that starts from the last stream's final state, so they too
+  are predicted from their true left context.
+
+Each stream starts from the zero state, so the result depends on
+``batch_size`` (more streams, more cold starts) but not on ``num_steps``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.models import RNNLM, State, detach_state
+
+
+def perplexity(model: RNNLM, ids: np.ndarray, *, batch_size: int = 32, num_steps: int = 35,
+               device: torch.device | str | None = None) -> float:
+    """exp of the mean cross-entropy over all ``len(ids) - 1`` targets of ``ids``."""
+    return math.exp(mean_cross_entropy(model, ids, batch_size=batch_size, num_steps=num_steps,
+                                       device=device))
+
+
+def mean_cross_entropy(model: RNNLM, ids: np.ndarray, *, batch_size: int = 32, num_steps: int = 35,
+                       device: torch.device | str | None = None) -> float:
+    """Mean next-token cross-entropy (nats) over all ``len(ids) - 1`` targets of ``ids``.
+
+    Runs in eval mode under ``torch.no_grad`` and restores the model's mode.
+    ``device`` defaults to the model's.
+    """
+    ids = _check_ids(ids, model.vocab_size)
+    if batch_size < 1 or num_steps < 1:
+        raise ValueError(f"batch_size and num_steps must be at least 1, got {batch_size} and {num_steps}")
+    device = device if device is not None else model.output.weight.device
+    tokens = torch.from_numpy(ids).to(device)
+
+    num_targets = len(tokens) - 1
+    batch_size = min(batch_size, num_targets)  # at least one target per stream
+    stream_len = num_targets // batch_size
+    main = batch_size * stream_len
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            X = tokens[:main].reshape(batch_size, stream_len)
+            Y = tokens[1 : main + 1].reshape(batch_size, stream_len)
+            total, state = _sum_cross_entropy(model, X, Y, None, num_steps)
+            if main < num_targets:  # leftovers continue the last stream from its final state
+                last_stream = tuple(s[:, -1:].contiguous() for s in state)
+                rest, _ = _sum_cross_entropy(model, tokens[main:-1][None], tokens[main + 1 :][None],
+                                             last_stream, num_steps)
+                total += rest
+    finally:
+        model.train(was_training)
+    return total / num_targets
+
+
+def _sum_cross_entropy(model: RNNLM, X: torch.Tensor, Y: torch.Tensor, state: State | None,
+                       num_steps: int) -> tuple[float, State]:
+    """Summed cross-entropy of streams ``X`` -> ``Y`` (B, L) in windows of ``num_steps``, and the final state."""
+    total = 0.0  # a Python float: long splits sum in float64
+    for start in range(0, X.shape[1], num_steps):
+        x, y = X[:, start : start + num_steps], Y[:, start : start + num_steps]
+        logits, state = model(x, state)
+        state = detach_state(state)
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                 reduction="sum").item()
+    return total, state
+
+
+def _check_ids(ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.ndim != 1:
+        raise ValueError(f"ids must be a 1-D array of token ids, got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ids must hold integer token ids, got dtype {ids.dtype}")
+    if len(ids) < 2:
+        raise ValueError(f"need at least 2 tokens to score a next-token prediction, got {len(ids)}")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got range [{low}, {high}]")
+    return ids.astype(np.int64)

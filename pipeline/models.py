@@ -1,0 +1,244 @@
+"""The recurrent language model of d2l ch. 8-9: embedding -> recurrent stack -> vocabulary projection.
+
+Two interchangeable backends run the recurrent stack:
+
+* ``torch``: ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` (cuDNN on a GPU).
+* ``scratch``: the cells written out step by step as readable reference
+  implementations of the book's equations.
+
+The scratch stack names and shapes its parameters exactly as torch does
+(``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``, gates stacked
+in torch's order), so the two backends have the same ``state_dict``: a model
+trained with one loads into the other and gives the same outputs
+(``convert_backend``).
+
+The recurrent state is always a tuple of ``(num_layers, batch, hidden)`` tensors:
+``(h,)`` for rnn/gru, ``(h, c)`` for lstm.
+
+Only stdlib, torch and ``pipeline.config`` are imported: this file ships inside
+self-contained MLflow models.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import ModelConfig
+
+State = tuple[torch.Tensor, ...]
+
+NUM_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+
+
+# ------------------------------------------------------------------ scratch cells
+# Each cell maps one time step's input x (B, in) and state to the new state.
+# Weights are torch's stacked ones: w_ih (gates*H, in), w_hh (gates*H, H), and
+# separate input and hidden biases b_ih, b_hh (gates*H,).
+
+
+def rnn_tanh_cell(x, state, w_ih, w_hh, b_ih, b_hh):
+    """h' = tanh(W_ih x + b_ih + W_hh h + b_hh)   (d2l 9.4)"""
+    (h,) = state
+    return (torch.tanh(x @ w_ih.T + b_ih + h @ w_hh.T + b_hh),)
+
+
+def rnn_relu_cell(x, state, w_ih, w_hh, b_ih, b_hh):
+    """h' = relu(W_ih x + b_ih + W_hh h + b_hh)"""
+    (h,) = state
+    return (torch.relu(x @ w_ih.T + b_ih + h @ w_hh.T + b_hh),)
+
+
+def gru_cell(x, state, w_ih, w_hh, b_ih, b_hh):
+    """GRU (d2l 10.2) in torch's gate order r, z, n.
+
+    d2l applies the reset gate before the hidden matmul, W_hn (r * h); cuDNN and
+    torch apply it after, r * (W_hn h + b_hn). We follow torch so that the two
+    backends are interchangeable.
+    """
+    (h,) = state
+    i_r, i_z, i_n = (x @ w_ih.T + b_ih).chunk(3, dim=1)
+    h_r, h_z, h_n = (h @ w_hh.T + b_hh).chunk(3, dim=1)
+    r = torch.sigmoid(i_r + h_r)  # reset gate
+    z = torch.sigmoid(i_z + h_z)  # update gate
+    n = torch.tanh(i_n + r * h_n)  # candidate state
+    return ((1 - z) * n + z * h,)
+
+
+def lstm_cell(x, state, w_ih, w_hh, b_ih, b_hh):
+    """LSTM (d2l 10.1) in torch's gate order i, f, g, o."""
+    h, c = state
+    i, f, g, o = (x @ w_ih.T + b_ih + h @ w_hh.T + b_hh).chunk(4, dim=1)
+    i = torch.sigmoid(i)  # input gate
+    f = torch.sigmoid(f)  # forget gate
+    g = torch.tanh(g)  # candidate memory
+    o = torch.sigmoid(o)  # output gate
+    c = f * c + i * g
+    return (o * torch.tanh(c), c)
+
+
+CELLS = {"rnn_tanh": rnn_tanh_cell, "rnn_relu": rnn_relu_cell, "gru": gru_cell, "lstm": lstm_cell}
+
+
+class ScratchRecurrent(nn.Module):
+    """A multi-layer recurrent stack that loops over time steps with the cells above.
+
+    Called like ``nn.RNN(batch_first=True)``: ``forward(x (B, T, in), hx)`` with
+    ``hx`` a ``(L, B, H)`` tensor, or ``(h, c)`` for lstm; returns the last
+    layer's outputs ``(B, T, H)`` and the final ``hx``. Dropout is applied to the
+    input of every layer but the first, as torch does.
+    """
+
+    def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int,
+                 dropout: float = 0.0, nonlinearity: str = "tanh"):
+        super().__init__()
+        self.cell = cell
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.dropout = dropout
+        self.step = CELLS[f"rnn_{nonlinearity}" if cell == "rnn" else cell]
+        gates = NUM_GATES[cell] * hidden_size
+        for layer in range(num_layers):
+            in_size = input_size if layer == 0 else hidden_size
+            self.register_parameter(f"weight_ih_l{layer}", nn.Parameter(torch.empty(gates, in_size)))
+            self.register_parameter(f"weight_hh_l{layer}", nn.Parameter(torch.empty(gates, hidden_size)))
+            self.register_parameter(f"bias_ih_l{layer}", nn.Parameter(torch.empty(gates)))
+            self.register_parameter(f"bias_hh_l{layer}", nn.Parameter(torch.empty(gates)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # torch's own default for recurrent layers: every parameter U(-1/sqrt(H), 1/sqrt(H)).
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def layer_weights(self, layer: int) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, f"{name}_l{layer}")
+                     for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+
+    def forward(self, x: torch.Tensor, hx):
+        state = hx if self.cell == "lstm" else (hx,)
+        final = []  # per layer, the state after the last time step
+        for layer in range(self.num_layers):
+            if layer > 0:
+                x = F.dropout(x, self.dropout, self.training)
+            weights = self.layer_weights(layer)
+            s = tuple(part[layer] for part in state)
+            outputs = []
+            for t in range(x.shape[1]):
+                s = self.step(x[:, t], s, *weights)
+                outputs.append(s[0])
+            x = torch.stack(outputs, dim=1)
+            final.append(s)
+        new_state = tuple(torch.stack(parts) for parts in zip(*final))
+        return x, (new_state if self.cell == "lstm" else new_state[0])
+
+
+# ------------------------------------------------------------------------- model
+
+
+class RNNLM(nn.Module):
+    """Embedding -> ``num_layers`` recurrent layers -> dropout -> linear projection to the vocabulary.
+
+    The embedding size is ``cfg.embed_size``, else ``hidden_size`` when the
+    weights are tied, else ``vocab_size`` (d2l's one-hot input: a one-hot vector
+    times W_xh is a row lookup of W_xh). ``cfg.dropout`` acts between recurrent
+    layers and on the last layer's output, in train mode only.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be at least 1, got {vocab_size}")
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.embed_size = cfg.embed_size or (cfg.hidden_size if cfg.tie_weights else vocab_size)
+        if cfg.tie_weights and self.embed_size != cfg.hidden_size:
+            raise ValueError(f"tie_weights needs embed_size == hidden_size, got "
+                             f"{self.embed_size} and {cfg.hidden_size}")
+
+        self.embedding = nn.Embedding(vocab_size, self.embed_size)
+        between_layers = cfg.dropout if cfg.num_layers > 1 else 0.0  # torch warns on 1 layer + dropout
+        if cfg.backend == "torch":
+            rnn_class = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[cfg.cell]
+            extra = {"nonlinearity": cfg.nonlinearity} if cfg.cell == "rnn" else {}
+            self.rnn = rnn_class(self.embed_size, cfg.hidden_size, cfg.num_layers,
+                                 dropout=between_layers, batch_first=True, **extra)
+        else:
+            self.rnn = ScratchRecurrent(cfg.cell, self.embed_size, cfg.hidden_size, cfg.num_layers,
+                                        dropout=between_layers, nonlinearity=cfg.nonlinearity)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.output = nn.Linear(cfg.hidden_size, vocab_size)
+        if cfg.tie_weights:
+            self.output.weight = self.embedding.weight  # one tensor, two uses
+        init_parameters(self, cfg.init, cfg.init_scale)
+
+    def begin_state(self, batch_size: int, device=None) -> State:
+        """The zero state for ``batch_size`` streams, in the model's dtype."""
+        shape = (self.cfg.num_layers, batch_size, self.cfg.hidden_size)
+        dtype = self.output.weight.dtype
+        return tuple(torch.zeros(shape, dtype=dtype, device=device)
+                     for _ in range(2 if self.cfg.cell == "lstm" else 1))
+
+    def forward(self, X: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """Token ids ``X`` (B, T) -> logits (B, T, vocab_size) and the state after step T."""
+        if X.dim() != 2:
+            raise ValueError(f"X must be (batch, num_steps) token ids, got shape {tuple(X.shape)}")
+        if state is None:
+            state = self.begin_state(X.shape[0], X.device)
+        self._check_state(state, X.shape[0])
+        hx = state if self.cfg.cell == "lstm" else state[0]
+        out, hx = self.rnn(self.embedding(X), hx)
+        logits = self.output(self.dropout(out))
+        return logits, (tuple(hx) if self.cfg.cell == "lstm" else (hx,))
+
+    def _check_state(self, state: State, batch_size: int) -> None:
+        expected = (self.cfg.num_layers, batch_size, self.cfg.hidden_size)
+        count = 2 if self.cfg.cell == "lstm" else 1
+        if not isinstance(state, tuple) or len(state) != count:
+            raise ValueError(f"{self.cfg.cell} state must be a tuple of {count} tensor(s)")
+        for s in state:
+            if tuple(s.shape) != expected:
+                raise ValueError(f"state tensors must be shaped {expected}, got {tuple(s.shape)}")
+
+
+def init_parameters(model: nn.Module, init: str, scale: float) -> None:
+    """``normal``: weights N(0, scale), biases 0 (d2l). ``uniform``: everything U(-scale, scale)
+    (classic PTB). ``default``: leave torch's own initialisation."""
+    if init == "default":
+        return
+    for name, p in model.named_parameters():  # a tied tensor is listed (and initialised) once
+        if init == "uniform":
+            nn.init.uniform_(p, -scale, scale)
+        elif "bias" in name:
+            nn.init.zeros_(p)
+        else:
+            nn.init.normal_(p, 0.0, scale)
+
+
+def detach_state(state: State) -> State:
+    """Cut the autograd history (truncated backprop through time between batches)."""
+    return tuple(s.detach() for s in state)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> RNNLM:
+    return RNNLM(cfg, vocab_size)
+
+
+def convert_backend(model: RNNLM, backend: str) -> RNNLM:
+    """A copy of ``model`` running on ``backend`` ("torch" or "scratch") with the same weights.
+
+    The backends share parameter names and shapes, so this is a plain
+    ``load_state_dict``; a scratch-trained checkpoint loads the same way into a
+    torch-backend model for serving.
+    """
+    cfg = ModelConfig.model_validate({**model.cfg.model_dump(), "backend": backend})
+    new = build_model(cfg, model.vocab_size)
+    ref = model.output.weight
+    new.to(device=ref.device, dtype=ref.dtype)
+    new.load_state_dict(model.state_dict())
+    new.train(model.training)
+    return new
