@@ -83,8 +83,8 @@ def _expand(url: str) -> list[tuple[fsspec.core.OpenFile, str]]:
         return [(fsspec.open(builtin_path(url), "rb"), url)]
     try:
         files = fsspec.open_files(url, "rb")
-    except FileNotFoundError:
-        raise CorpusError(url, "not found") from None
+    except FileNotFoundError as e:
+        raise _not_found(url, e) from None
     except ValueError as e:  # unknown protocol, malformed chained URL
         raise CorpusError(url, f"not a usable URL: {e}") from None
     except ImportError as e:  # e.g. s3:// without s3fs installed
@@ -128,8 +128,8 @@ def _fetch_file(open_file: fsspec.core.OpenFile, display: str, root: str) -> Doc
             os.replace(tmp, final)
         else:
             fs.mv(tmp, final)
-    except FileNotFoundError:
-        raise CorpusError(display, "not found") from None
+    except FileNotFoundError as e:
+        raise _not_found(display, e) from None
     except PermissionError as e:
         raise CorpusError(display, f"permission denied: {e}") from None
     except OSError as e:  # connection refused, DNS failure, timeouts, HTTP 5xx
@@ -142,12 +142,30 @@ def _fetch_file(open_file: fsspec.core.OpenFile, display: str, root: str) -> Doc
     return Document(source=display, uri=uri, sha1=sha1.hexdigest(), sha256=digest, num_bytes=num_bytes)
 
 
+def _not_found(display: str, e: FileNotFoundError) -> CorpusError:
+    """Tell "not found" from "could not reach it".
+
+    fsspec's HTTP filesystem raises FileNotFoundError for *every* failure to stat a
+    URL (refused connection, timeout, HTTP 5xx, 404) and chains the real cause;
+    only a 404/410 (or no chained cause) means the file is not there.
+    """
+    cause = e.__cause__
+    status = getattr(cause, "status", None)
+    if cause is None or isinstance(cause, FileNotFoundError) or status in (404, 410):
+        return CorpusError(display, "not found")
+    if status is not None and 400 <= status < 500 and status not in (408, 429):
+        return CorpusError(display, f"refused: HTTP {status} {getattr(cause, 'message', '')}".rstrip())
+    return SourceUnreachableError(display, f"unreachable: {type(cause).__name__}: {cause}")
+
+
 def _check_text(block: bytes, offset: int, decoder: codecs.IncrementalDecoder, display: str, final: bool = False) -> None:
     """Reject binary data (NUL bytes) and invalid UTF-8, naming the byte offset."""
     nul = block.find(b"\0")
     if nul >= 0:
         raise CorpusError(display, f"binary data, not text (NUL byte at offset {offset + nul})")
     pending = len(decoder.getstate()[0])  # bytes of a split character held from the last block
+    if not pending and block.isascii():  # ASCII is valid UTF-8 and ends on a character boundary
+        return
     try:
         decoder.decode(block, final)
     except UnicodeDecodeError as e:

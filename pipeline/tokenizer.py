@@ -28,9 +28,10 @@ EOS = "<eos>"
 NEWLINE = 0x0A
 
 # d2l's per-byte map: letters lowercase, newlines stay, every other byte becomes a space.
+# A lone \r is a line break too: d2l reads with open()'s universal newlines (\n, \r\n, \r).
 SPACE = ord(" ")
 _D2L_TABLE = bytes(
-    c | 0x20 if chr(c).isascii() and chr(c).isalpha() else c if c == NEWLINE else ord(" ") for c in range(256)
+    c | 0x20 if chr(c).isascii() and chr(c).isalpha() else NEWLINE if c in (NEWLINE, 0x0D) else ord(" ") for c in range(256)
 )
 
 
@@ -46,37 +47,58 @@ def normalize(data: bytes, cfg: TokenizerConfig) -> bytes:
     return data
 
 
-def _normalize_d2l(data: bytes) -> bytes:
+def _d2l_bytes(data: bytes) -> bytearray:
+    """The d2l byte map: lowercase letters, spaces and newlines (not yet collapsed or stripped)."""
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n")  # one line break, not two (the table maps a lone \r to \n)
+    return bytearray(data.translate(_D2L_TABLE))
+
+
+def _normalize_d2l(data: bytes, drop_newlines: bool = False) -> bytes:
     """Per line: runs of non-letters -> one space, strip, lowercase.
 
-    After the byte map only letters, spaces and newlines are left. Two
-    branch-free passes then mark bytes to remove: every space followed by
-    another (collapsing runs), then every space that touches a newline or an
-    edge (the strip).
+    After the byte map only letters, spaces and newlines are left. Nothing
+    changes at a single non-letter between two letters (a word gap or a line
+    break), which is nearly every one, so only runs of two or more non-letters
+    (and the two edges) are looked at: a run that holds a newline keeps just its
+    newlines, a run of spaces between two letters becomes one space, a run at an
+    edge goes. Removed bytes are zeroed, then C deletes the zeros (NUL is never
+    in a corpus: fetching rejects it as binary data).
     """
-    x = np.frombuffer(data.translate(_D2L_TABLE), dtype=np.uint8)
-    space = x == SPACE
-    x = _remove(x, space & np.append(space[1:], False))
-    space = x == SPACE
-    newline = x == NEWLINE
-    touches = np.append(newline[1:], True)
-    touches[1:] |= newline[:-1]
-    touches[:1] = True
-    return _remove(x, space & touches).tobytes()
-
-
-def _remove(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``x`` without the masked bytes: zero them, then let C delete the zeros.
-
-    Much faster than boolean indexing for masks that keep most bytes (NUL is
-    never in a corpus: fetching rejects it as binary data).
-    """
-    kept = (x * ~mask).astype(np.uint8, copy=False).tobytes().translate(None, b"\0")
-    return np.frombuffer(kept, dtype=np.uint8)
+    buf = _d2l_bytes(data)
+    x = np.frombuffer(buf, dtype=np.uint8)
+    n = x.size
+    if n == 0:
+        return b""
+    gap = x <= SPACE
+    pairs = np.flatnonzero(gap[:-1] & gap[1:])  # i where x[i] and x[i+1] are both non-letters
+    if pairs.size:
+        new_run = np.empty(pairs.size, dtype=bool)
+        new_run[0] = True
+        np.not_equal(pairs[1:], pairs[:-1] + 1, out=new_run[1:])
+        first = pairs[new_run]  # each run of >= 2 non-letters is x[first : last + 1]
+        last = pairs[np.append(new_run[1:], True)] + 1
+        lengths = last - first + 1
+        begin = np.cumsum(lengths) - lengths
+        pos = np.arange(int(lengths.sum())) + np.repeat(first - begin, lengths)
+        values = x[pos]
+        has_newline = np.logical_or.reduceat(values == NEWLINE, begin)
+        remove = values == SPACE
+        remove[begin[~has_newline & (first > 0) & (last < n - 1)]] = False
+        x[pos[remove]] = 0
+    if x[0] == SPACE:
+        x[0] = 0
+    if x[-1] == SPACE:
+        x[-1] = 0
+    return bytes(buf.translate(None, b"\0\n" if drop_newlines else b"\0"))
 
 
 def char_codes(data: bytes, cfg: TokenizerConfig) -> np.ndarray:
     """Unicode code points of the char-level token stream (uint8 when all ASCII)."""
+    if cfg.normalizer == "d2l" and cfg.newlines == "drop":
+        if data.startswith(b"\xef\xbb\xbf"):
+            data = data[3:]
+        return np.frombuffer(_normalize_d2l(data, drop_newlines=True), dtype=np.uint8)  # d2l output is ASCII
     text = normalize(data, cfg)
     if cfg.newlines == "drop":
         text = text.replace(b"\n", b"")
@@ -90,8 +112,14 @@ def char_codes(data: bytes, cfg: TokenizerConfig) -> np.ndarray:
 def word_tokens(data: bytes, cfg: TokenizerConfig) -> pa.StringArray:
     """Whitespace-separated words of the normalized text, ``<eos>`` after each non-empty line if asked."""
     # Trimmed first: the split yields an empty word at each edge of a line, and one for an empty line.
-    lines = pc.utf8_trim_whitespace(_lines_array(normalize(data, cfg)))
-    words = pc.utf8_split_whitespace(lines)
+    if cfg.normalizer == "d2l":
+        # Only ASCII letters, spaces and newlines: the byte map is enough, as the split
+        # collapses runs of spaces and the trim strips the lines.
+        lines = pc.ascii_trim_whitespace(_lines_array(bytes(_d2l_bytes(data))))
+        words = pc.ascii_split_whitespace(lines)
+    else:
+        lines = pc.utf8_trim_whitespace(_lines_array(normalize(data, cfg)))
+        words = pc.utf8_split_whitespace(lines)
     flat = words.flatten()
     empty_line = pc.equal(pc.binary_length(lines), 0)
     if pc.any(empty_line).as_py():

@@ -115,8 +115,15 @@ class Vocab:
     def _token_array(self) -> pa.Array:
         return pa.array(self.tokens, pa.string())
 
+    @cached_property
+    def _byte_table(self) -> bytes:
+        """``_code_lut`` as a 256-byte translation table (ids of code points 0..255)."""
+        return np.pad(self._code_lut[:256], (0, max(256 - self._code_lut.size, 0))).astype(np.uint8).tobytes()
+
     def encode_codes(self, codes: np.ndarray) -> np.ndarray:
         """Code points -> indices (unknown characters -> 0)."""
+        if codes.dtype == np.uint8 and self.id_dtype == np.uint8:  # ASCII text, <= 256 tokens: C's bytes.translate
+            return np.frombuffer(codes.tobytes().translate(self._byte_table), dtype=np.uint8)
         lut = self._code_lut
         if codes.size and codes.max() >= lut.size:
             codes = np.where(codes < lut.size, codes, 0)
