@@ -1,0 +1,201 @@
+"""Start a training run as a child process and turn its outcome into a value or an error.
+
+``launch_training`` runs ``python -m pipeline.train`` directly (one process) or
+under torchrun (``python -m torch.distributed.run``; ``--standalone`` on one
+node, c10d rendezvous across nodes). It streams the child's output line by line
+to a callback, so an orchestrator (a Prefect task) can forward logs and the
+JSON metric lines, and it maps the outcome:
+
+* exit 0                                  -> LaunchResult (the run directory)
+* FAILED.json with ``retryable: false``   -> NonFiniteLossError / ConfigError / ... (do not retry)
+* anything else (a killed rank, lost node) -> TrainingFailedError, retryable
+
+torchrun exits 1 whatever its workers' codes were, which is why the verdict
+comes from FAILED.json (written by rank 0) rather than from the exit code.
+A SIGTERM to this process is forwarded to the child, which gets ``grace_s``
+seconds before the whole process tree is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import yaml
+
+from pipeline import storage
+from pipeline.config import RunConfig
+from pipeline.errors import (CheckpointError, ConfigError, DatasetError, NonFiniteLossError,
+                             PipelineError)
+
+log = logging.getLogger(__name__)
+
+NON_RETRYABLE = {"non_finite_loss": NonFiniteLossError, "bad_config": ConfigError,
+                 "bad_dataset": DatasetError, "bad_checkpoint": CheckpointError}
+
+
+class TrainingFailedError(PipelineError):
+    """The training process failed in a way that trying again may fix (killed, lost node, OOM)."""
+
+    retryable = True
+
+
+@dataclass
+class LaunchResult:
+    run_dir: str
+    returncode: int
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # the JSON events, in order
+    result: dict[str, Any] | None = None  # result.json
+
+
+def training_command(run_dir: str, dataset_uri: str, config_path: str, *, nproc: int = 1,
+                     nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None,
+                     rdzv_backend: str = "c10d", rdzv_id: str = "rnnlm", max_restarts: int = 0,
+                     checkpoint_dir: str | None = None, python: str = sys.executable) -> list[str]:
+    """The argv that runs the trainer: plain Python for one process, else torchrun."""
+    trainer = ["-m", "pipeline.train", "--run-dir", run_dir, "--dataset", dataset_uri,
+               "--config", config_path]
+    if checkpoint_dir:
+        trainer += ["--checkpoint-dir", checkpoint_dir]
+    if nproc == 1 and nnodes == 1:
+        return [python, *trainer]
+    cmd = [python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--max-restarts={max_restarts}"]
+    if nnodes == 1 and rdzv_endpoint is None:
+        cmd += ["--standalone"]
+    else:
+        if rdzv_endpoint is None:
+            raise ConfigError("multi-node training needs rdzv_endpoint (host:port of node 0)")
+        cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--rdzv-backend={rdzv_backend}",
+                f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
+    return cmd + trainer
+
+
+def launch_training(run_dir: str, dataset_uri: str, config: str | RunConfig, nproc: int = 1, *,
+                    nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None,
+                    rdzv_backend: str = "c10d", rdzv_id: str = "rnnlm", max_restarts: int = 0,
+                    checkpoint_dir: str | None = None,
+                    on_line: Callable[[str], None] | None = None,
+                    env: dict[str, str] | None = None, grace_s: float = 30.0,
+                    python: str = sys.executable) -> LaunchResult:
+    """Run training to completion; see the module docstring for the outcome mapping.
+
+    ``config`` is a RunConfig YAML path/URL or a RunConfig (written to
+    ``<run_dir>/run_config.yaml`` for the child). ``on_line`` gets every output
+    line of the child (stdout and stderr merged), without the newline.
+    """
+    run_dir = storage.local_path(run_dir) if storage.is_local(run_dir) else run_dir
+    fs, path = storage.filesystem(run_dir)
+    fs.makedirs(path, exist_ok=True)
+    if isinstance(config, RunConfig):
+        config_path = storage.join(run_dir, "run_config.yaml")
+        storage.write_bytes_atomic(config_path, yaml.safe_dump(config.model_dump(mode="json")).encode())
+    else:
+        config_path = str(config)
+    failed_uri = storage.join(run_dir, "FAILED.json")
+    if storage.exists(failed_uri):  # a verdict from an earlier attempt must not be read as ours
+        fs.rm(storage.filesystem(failed_uri)[1])
+
+    cmd = training_command(run_dir, dataset_uri, config_path, nproc=nproc, nnodes=nnodes,
+                           node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_backend=rdzv_backend,
+                           rdzv_id=rdzv_id, max_restarts=max_restarts, checkpoint_dir=checkpoint_dir,
+                           python=python)
+    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    log.info("launching: %s", " ".join(cmd))
+    metrics: list[dict[str, Any]] = []
+    tail: deque[str] = deque(maxlen=50)
+    # A new session: a Ctrl-C meant for us is not also delivered straight to the
+    # child; we forward signals ourselves and can kill the whole tree.
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             bufsize=1, env=child_env, start_new_session=True)
+    stopper = _Stopper(child, grace_s)
+    previous = stopper.install()
+    try:
+        assert child.stdout is not None
+        for raw in child.stdout:
+            line = raw.rstrip("\n")
+            tail.append(line)
+            if line.startswith("{"):
+                try:
+                    metrics.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+            if on_line is not None:
+                on_line(line)
+        returncode = child.wait()
+    except BaseException:  # the caller is cancelled or interrupted: take the child down too
+        stopper.stop()
+        raise
+    finally:
+        stopper.uninstall(previous)
+
+    if stopper.signalled:
+        stopper.redeliver(previous)
+        raise TrainingFailedError(f"training in {run_dir} was stopped by SIGTERM (exit {returncode})")
+    if returncode == 0:
+        result_uri = storage.join(run_dir, "result.json")
+        result = storage.read_json(result_uri) if storage.exists(result_uri) else None
+        return LaunchResult(run_dir, returncode, metrics, result)
+    if storage.exists(failed_uri):
+        failure = storage.read_json(failed_uri)
+        if not failure.get("retryable", True):
+            cls = NON_RETRYABLE.get(failure.get("reason"), PipelineError)
+            raise cls(f"training in {run_dir} failed ({failure.get('reason')}): {failure.get('message')}")
+    raise TrainingFailedError(f"training in {run_dir} exited with {returncode}; last output:\n"
+                              + "\n".join(list(tail)[-20:]))
+
+
+class _Stopper:
+    """Forwards SIGTERM to the child; after ``grace_s`` kills the child's whole process tree."""
+
+    def __init__(self, child: subprocess.Popen, grace_s: float):
+        self.child, self.grace_s = child, grace_s
+        self.signalled = False
+
+    def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None  # signal handlers live in the main thread; the caller's own cancel path applies
+        return signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def uninstall(self, previous) -> None:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+    def redeliver(self, previous) -> None:
+        """After the child is gone, let the SIGTERM do to us what it would have done."""
+        if callable(previous):
+            previous(signal.SIGTERM, None)
+        elif previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.signalled = True
+        threading.Thread(target=self.stop, daemon=True).start()
+
+    def stop(self) -> None:
+        """SIGTERM the child (torchrun passes it on to its workers), wait, then SIGKILL the tree."""
+        try:
+            root = psutil.Process(self.child.pid)
+            tree = [root, *root.children(recursive=True)]
+            root.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            return
+        deadline = time.monotonic() + self.grace_s
+        while time.monotonic() < deadline and self.child.poll() is None:  # torchrun waits for its workers
+            time.sleep(0.1)
+        for proc in tree:  # workers run in sessions of their own: kill each one
+            try:
+                proc.kill()  # psutil checks the pid still names the same process
+            except psutil.NoSuchProcess:
+                pass
