@@ -28,9 +28,12 @@ from pipeline.models import RNNLM, State, detach_state
 
 def perplexity(model: RNNLM, ids: np.ndarray, *, batch_size: int = 32, num_steps: int = 35,
                device: torch.device | str | None = None) -> float:
-    """exp of the mean cross-entropy over all ``len(ids) - 1`` targets of ``ids``."""
-    return math.exp(mean_cross_entropy(model, ids, batch_size=batch_size, num_steps=num_steps,
-                                       device=device))
+    """exp of the mean cross-entropy over all ``len(ids) - 1`` targets of ``ids``.
+
+    A diverged model's cross-entropy can be finite but too large for exp: that is +inf.
+    """
+    ce = mean_cross_entropy(model, ids, batch_size=batch_size, num_steps=num_steps, device=device)
+    return math.exp(ce) if ce < 700 else math.inf
 
 
 def mean_cross_entropy(model: RNNLM, ids: np.ndarray, *, batch_size: int = 32, num_steps: int = 35,
