@@ -1,0 +1,9 @@
+"""Prefect tasks: thin wrappers over ``pipeline``, named by verbs, returning small manifests."""
+
+from tasks.common import PipelineOptions, StagePolicy, bind
+from tasks.data import build_vocab, count_tokens, encode_shards, fetch_corpus, write_shards
+from tasks.register import register_model
+from tasks.train import evaluate_model, train_model
+
+__all__ = ["PipelineOptions", "StagePolicy", "bind", "fetch_corpus", "count_tokens", "build_vocab",
+           "encode_shards", "write_shards", "train_model", "evaluate_model", "register_model"]

@@ -1,0 +1,131 @@
+"""What Prefect orchestration costs: the ``retrain`` flow vs. the same work called directly.
+
+Three runs on the same RunConfig, each a fresh Python process (as a user would run them):
+
+1. ``direct``: ``pipeline.prepare.prepare_dataset`` -> ``pipeline.launch.launch_training``
+   (the same child-process trainer the flow uses) -> val/test perplexity + 2 samples;
+2. ``flow``: ``flows.main.run_main`` (the ``retrain`` flow, its own local Prefect server
+   on SQLite started inside, fresh store);
+3. ``cached``: ``run_main`` again on the same store: every stage from cache.
+
+Targets: ``overhead_s = flow_s - direct_s`` <= 10% of the training time + 15 s of
+Prefect start-up; ``cached_rerun_s`` <= 20 s. The last line is one JSON object.
+
+    python bench/flow_overhead.py            # the timemachine-char preset, 2 minutes of training
+    python bench/flow_overhead.py --short    # ~10 s of training on a slice, for a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def overrides_for(args) -> list[str]:
+    if args.short:
+        return ["data.splits.max_tokens=20000", "model.hidden_size=64", "train.epochs=2", "train.max_minutes=null"]
+    # a fixed amount of work (not max_minutes) so both sides train exactly the same steps
+    return [f"train.epochs={args.epochs}", "train.max_minutes=null"]
+
+
+def child_direct(preset: str, overrides: list[str], root: str) -> dict:
+    from pipeline.config import load_run_config
+    from pipeline.evaluate import perplexity
+    from pipeline.generate import generate
+    from pipeline.launch import launch_training
+    from pipeline.models import build_model
+    from pipeline.prepare import prepare_dataset
+    from pipeline.tokenizer import tokenize
+    import torch
+
+    cfg = load_run_config(preset, overrides)
+    t0 = time.perf_counter()
+    ds = prepare_dataset(cfg.data, root)
+    t_data = time.perf_counter() - t0
+    run_dir = os.path.join(root, "runs", "direct")
+    launched = launch_training(run_dir, ds.uri, cfg)
+    t_train = time.perf_counter() - t0 - t_data
+    model = build_model(cfg.model, ds.vocab_size)
+    model.load_state_dict(torch.load(os.path.join(run_dir, "model.pt"), weights_only=True))
+    ppl = {s: perplexity(model, ds.split(s), batch_size=cfg.train.batch_size, num_steps=cfg.train.num_steps) for s in ("val", "test")}
+    for i, prefix in enumerate(("time traveller", "the time machine")):
+        generate(model, list(ds.vocab.tokens), tokenize(prefix, cfg.data.tokenizer), 100, temperature=0.7, seed=i)
+    return {"data_s": t_data, "train_s": t_train, "trainer_wall_s": (launched.result or {}).get("wall_s"), **ppl}
+
+
+def child_flow(preset: str, overrides: list[str], root: str) -> dict:
+    from flows.main import run_main
+
+    s = run_main(preset, root=root, overrides=overrides, print_summary=False)
+    return {"cached_stages": s["cached_stages"], "total_stages": s["total_stages"], "val": s["val_ppl"],
+            "test": s["test_ppl"], "trainer_wall_s": s["train_wall_s"]}
+
+
+def timed_child(mode: str, preset: str, overrides: list[str], root: str) -> tuple[float, dict]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--preset", preset, "--root", root,
+           "--overrides-json", json.dumps(overrides)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"{mode} run failed with exit code {proc.returncode}")
+    line = next(ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("BENCH_RESULT "))
+    return wall, json.loads(line[len("BENCH_RESULT "):])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="timemachine-char")
+    p.add_argument("--epochs", type=int, default=0, help="epochs of the full run (default: calibrated to ~2 minutes)")
+    p.add_argument("--short", action="store_true", help="a ~10 s training on a 20k-token slice")
+    p.add_argument("--child", choices=["direct", "flow"], help=argparse.SUPPRESS)
+    p.add_argument("--root", help=argparse.SUPPRESS)
+    p.add_argument("--overrides-json", default="[]", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.child:
+        fn = child_direct if args.child == "direct" else child_flow
+        out = fn(args.preset, json.loads(args.overrides_json), args.root)
+        print("BENCH_RESULT " + json.dumps(out), flush=True)
+        return
+
+    work = tempfile.mkdtemp(prefix="rnnlm-bench-")
+    if not args.short and not args.epochs:
+        # calibrate: one epoch directly, then enough epochs for ~2 minutes of training
+        _, probe = timed_child("direct", args.preset, ["train.epochs=1", "train.max_minutes=null"], os.path.join(work, "probe"))
+        args.epochs = max(1, round(120 / max(probe["trainer_wall_s"] or probe["train_s"], 1e-3)))
+        print(f"calibration: one epoch takes {probe['trainer_wall_s']:.1f} s -> {args.epochs} epochs", file=sys.stderr)
+    overrides = overrides_for(args)
+
+    direct_s, direct = timed_child("direct", args.preset, overrides, os.path.join(work, "direct"))
+    print(f"direct: {direct_s:.1f} s (data {direct['data_s']:.1f} s, training {direct['train_s']:.1f} s)", file=sys.stderr)
+    flow_s, flow = timed_child("flow", args.preset, overrides, os.path.join(work, "flow"))
+    print(f"flow:   {flow_s:.1f} s", file=sys.stderr)
+    cached_s, cached = timed_child("flow", args.preset, overrides, os.path.join(work, "flow"))
+    print(f"cached: {cached_s:.1f} s ({cached['cached_stages']}/{cached['total_stages']} stages cached)", file=sys.stderr)
+
+    train_s = direct["train_s"]
+    overhead = flow_s - direct_s
+    budget = 0.10 * train_s + 15.0
+    print(json.dumps({
+        "preset": args.preset, "overrides": overrides,
+        "flow_s": round(flow_s, 2), "direct_s": round(direct_s, 2), "overhead_s": round(overhead, 2),
+        "cached_rerun_s": round(cached_s, 2), "direct_train_s": round(train_s, 2),
+        "overhead_budget_s": round(budget, 2), "overhead_ok": overhead <= budget, "cached_ok": cached_s <= 20.0,
+        "cached_stages": f"{cached['cached_stages']}/{cached['total_stages']}",
+        "val_ppl": {"direct": direct["val"], "flow": flow["val"]}, "work_dir": work,
+    }))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(HERE))
+    main()

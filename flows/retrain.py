@@ -1,0 +1,41 @@
+"""The ``retrain`` flow: the whole chain, prepare-data -> train -> (register)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+from prefect import flow
+
+from flows.prepare_data import prepare_data_flow
+from flows.runtime import flow_run_id, resolve_config, task_runner_for
+from flows.train import train_flow
+from pipeline.config import RunConfig
+from tasks.common import PipelineOptions, bind
+from tasks.register import register_model
+
+
+@flow(name="retrain", validate_parameters=True)
+def retrain_flow(config: Optional[RunConfig] = None, preset: Optional[str] = None,
+                 overrides: Optional[list[str]] = None,
+                 options: PipelineOptions = PipelineOptions()) -> dict[str, Any]:
+    """Raw text to an evaluated (and, once wired, registered) model.
+
+    ``config`` (a RunConfig) wins; else ``preset`` (a preset name or a YAML path, default
+    ``timemachine-char``); ``overrides`` are ``section.key=value`` strings on top.
+    """
+    started = time.perf_counter()
+    cfg = resolve_config(config, preset, overrides)
+
+    dataset = prepare_data_flow.with_options(task_runner=task_runner_for(options))(data=cfg.data, options=options)
+    trained = train_flow(dataset=dataset, model=cfg.model, training=cfg.train, options=options)
+
+    registered = None
+    if options.register_model:  # the MLflow hook (tasks/register.py)
+        registered = bind(register_model, options)(trained["run"], trained["evaluation"], dataset,
+                                                    cfg.model_dump(mode="json"))
+    stages = {**dataset.pop("stages"), **trained["stages"]}
+    return {"flow_run_id": flow_run_id(), "subflow_run_ids": [dataset.pop("flow_run_id"), trained["flow_run_id"]],
+            "config": cfg.model_dump(mode="json"), "dataset": dataset, "run": trained["run"],
+            "evaluation": trained["evaluation"], "registered": registered, "stages": stages,
+            "wall_s": time.perf_counter() - started}

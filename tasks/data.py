@@ -1,0 +1,241 @@
+"""Data stages as Prefect tasks: fetch -> count (per chunk) -> vocab -> encode (per chunk) -> shards.
+
+Thin wrappers over ``pipeline.corpus`` / ``pipeline.prepare``. Each returns a small JSON
+manifest (``tasks.common.manifest``): a content ``id``, numbers, and the URIs of what it
+wrote (``artifacts``). Token counts and token ids never travel through Prefect: they go
+to files under ``<root>/work/`` and are passed on as URIs.
+
+Cache identities (see ``tasks.common``):
+
+* ``fetch_corpus``: a fetch cannot know the bytes before fetching them, so its key is the
+  source URL + the declared checksums + a cheap validator of the remote object
+  (``fsspec`` ``info()``: size and mtime for local files, ETag / Last-Modified /
+  size over HTTP and object stores; the package file's size and mtime for
+  ``builtin://``). If no validator can be had (the source is unreachable, or the
+  server reports nothing), the fetch is not cached at all: it always runs, which is
+  cheap, since the copy is content-addressed and an unchanged file lands on the same
+  ``<root>/corpus/<sha256>.txt``. Downstream stages key on that sha256, so a fetch that
+  re-runs never invalidates them unless the bytes changed. Known limit: an edit that
+  keeps a local file's size and mtime (``touch -r``) is invisible until the next
+  uncached fetch; declare a checksum to pin the content.
+* ``count_tokens`` / ``encode_shards``: the document's sha256 + the chunk's byte range
+  + the tokenizer config (+ the vocabulary's id for encode).
+* ``build_vocab``: the count manifests' ids + the vocab config.
+* ``write_shards``: ``pipeline.prepare.dataset_id`` (document hashes + every dataset
+  setting + ``DATA_FORMAT_VERSION``) + the vocab and encoded manifests' ids.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import get_run_logger, task
+
+from pipeline import storage
+from pipeline.config import DataConfig, SourceConfig, TokenizerConfig, VocabConfig
+from pipeline.corpus import Document, builtin_path, fetch_source
+from pipeline.errors import CorpusError, DatasetError
+from pipeline.prepare import DATA_FORMAT_VERSION, Chunk, count_chunk, dataset_id, encode_chunk, plan_chunks, write_dataset
+from pipeline.shards import MANIFEST, is_complete, open_dataset
+from pipeline.vocab import Vocab, merge_counts
+from tasks.common import StagePolicy, content_id, jsonable, manifest
+
+# Bump a stage's number when its outputs change meaning (the task source is hashed too).
+VERSION = {"fetch": 1, "count": 1, "vocab": 1, "encode": 1, "shards": 1}
+
+
+def _v(stage: str) -> int:
+    return VERSION[stage] * 1000 + DATA_FORMAT_VERSION
+
+
+# --------------------------------------------------------------------------------- fetch
+
+
+def source_validator(url: str) -> dict[str, Any] | None:
+    """Cheap evidence that a source is unchanged, without reading it; None if unavailable."""
+    import fsspec
+
+    try:
+        if url.startswith("builtin://"):
+            st = __import__("os").stat(builtin_path(url))
+            return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if any(c in url for c in "*?["):
+            return None  # a glob: the set of files may change; always fetch
+        fs, path = fsspec.core.url_to_fs(url)
+        info = fs.info(path)
+    except Exception:  # unreachable, not found, no filesystem: let the fetch itself say why
+        return None
+    keep = {k: info.get(k) for k in ("size", "ETag", "etag", "Last-Modified", "LastModified", "mtime", "md5Hash", "generation") if info.get(k) is not None}
+    if "mtime" in keep:
+        keep["mtime"] = str(keep["mtime"])
+    if set(keep) <= {"size"}:  # size alone is no evidence the content is the same
+        return None
+    return keep
+
+
+def fetch_identity(inputs: dict[str, Any]):
+    source = inputs["source"]
+    source = source if isinstance(source, SourceConfig) else SourceConfig.model_validate(source)
+    validator = source_validator(source.url)
+    if validator is None:
+        return None
+    return _v("fetch"), {"source": source.model_dump(mode="json"), "validator": validator, "root": storage.storage_root(inputs.get("root"))}
+
+
+@task(name="fetch_corpus", cache_policy=StagePolicy(stage="fetch", identity=fetch_identity), tags=["data"])
+def fetch_corpus(source: SourceConfig, root: str | None = None) -> dict[str, Any]:
+    """Fetch one source into ``<root>/corpus/<sha256>.txt``; verify declared checksums."""
+    logger = get_run_logger()
+    documents = fetch_source(source, storage.storage_root(root))
+    for d in documents:
+        logger.info("fetched %s: %d bytes, sha256 %s", d.source, d.num_bytes, d.sha256[:12])
+    ident = [d.sha256 for d in documents]
+    return manifest(content_id("fetch", _v("fetch"), ident), [d.uri for d in documents],
+                    documents=[d.to_dict() for d in documents])
+
+
+# ------------------------------------------------------------------------ plan (no task)
+
+
+def plan(documents: list[dict[str, Any]], chunk_bytes: int) -> list[dict[str, Any]]:
+    """Line-aligned byte ranges of the fetched documents; cheap (seeks), so not a task."""
+    docs = [Document(**d) for d in documents]
+    sha = {d.uri: d.sha256 for d in docs}
+    return [{"uri": c.uri, "sha256": sha[c.uri], "start": c.start, "end": c.end} for c in plan_chunks(docs, chunk_bytes)]
+
+
+def _chunk(ref: dict[str, Any]) -> Chunk:
+    return Chunk(ref["uri"], ref["start"], ref["end"])
+
+
+def _chunk_identity(ref: dict[str, Any]) -> dict[str, Any]:
+    return {"sha256": ref["sha256"], "start": ref["start"], "end": ref["end"]}
+
+
+# --------------------------------------------------------------------------------- count
+
+
+def count_identity(inputs: dict[str, Any]):
+    return _v("count"), {"chunk": _chunk_identity(inputs["chunk"]), "tokenizer": jsonable(inputs["tokenizer"]),
+                         "root": storage.storage_root(inputs.get("root"))}
+
+
+@task(name="count_tokens", cache_policy=StagePolicy(stage="count", identity=count_identity), tags=["data"])
+def count_tokens(chunk: dict[str, Any], tokenizer: TokenizerConfig, root: str | None = None) -> dict[str, Any]:
+    """Token counts of one chunk, written to ``<root>/work/counts/<id>.json``."""
+    root = storage.storage_root(root)
+    cid = content_id("count", *count_identity({"chunk": chunk, "tokenizer": tokenizer, "root": root}))
+    counts = count_chunk(_chunk(chunk), tokenizer)
+    uri = storage.join(root, "work", "counts", f"{cid}.json")
+    storage.write_bytes_atomic(uri, json.dumps(counts, ensure_ascii=False).encode("utf-8"))
+    return manifest(cid, [uri], uri=uri, num_tokens=sum(counts.values()), distinct=len(counts))
+
+
+# --------------------------------------------------------------------------------- vocab
+
+
+def vocab_identity(inputs: dict[str, Any]):
+    return _v("vocab"), {"counts": [c["id"] for c in inputs["counts"]], "vocab": jsonable(inputs["vocab"]),
+                         "root": storage.storage_root(inputs.get("root"))}
+
+
+@task(name="build_vocab", cache_policy=StagePolicy(stage="vocab", identity=vocab_identity), tags=["data"])
+def build_vocab(counts: list[dict[str, Any]], vocab: VocabConfig, root: str | None = None) -> dict[str, Any]:
+    """Merge the chunks' counts (in chunk order) and build the d2l vocabulary."""
+    logger = get_run_logger()
+    root = storage.storage_root(root)
+    vid = content_id("vocab", *vocab_identity({"counts": counts, "vocab": vocab, "root": root}))
+    merged = merge_counts(json.loads(storage.read_bytes(c["uri"])) for c in counts)
+    v = Vocab.build(merged, vocab)
+    num_tokens = sum(merged.values())
+    uri = storage.join(root, "work", "vocab", f"{vid}.parquet")
+    storage.write_bytes_atomic(uri, _parquet(v.to_table()))
+    logger.info("vocabulary: %d tokens from %d distinct; %d tokens in the corpus", len(v), len(merged), num_tokens)
+    return manifest(vid, [uri], uri=uri, vocab_size=len(v), distinct=len(merged), num_tokens=num_tokens,
+                    tokens_sha256=v.sha256)
+
+
+def load_vocab(uri: str) -> Vocab:
+    try:
+        return Vocab.from_table(pq.read_table(io.BytesIO(storage.read_bytes(uri))))
+    except (FileNotFoundError, KeyError, ValueError, pa.ArrowException) as e:
+        raise DatasetError(f"vocabulary {uri} is missing or corrupt: {e}") from None
+
+
+# -------------------------------------------------------------------------------- encode
+
+
+def encode_identity(inputs: dict[str, Any]):
+    return _v("encode"), {"chunk": _chunk_identity(inputs["chunk"]), "tokenizer": jsonable(inputs["tokenizer"]),
+                          "vocab": inputs["vocab"]["id"], "root": storage.storage_root(inputs.get("root"))}
+
+
+@task(name="encode_shards", cache_policy=StagePolicy(stage="encode", identity=encode_identity), tags=["data"])
+def encode_shards(chunk: dict[str, Any], tokenizer: TokenizerConfig, vocab: dict[str, Any],
+                  root: str | None = None) -> dict[str, Any]:
+    """Token ids of one chunk, written to ``<root>/work/encoded/<id>.parquet``."""
+    root = storage.storage_root(root)
+    eid = content_id("encode", *encode_identity({"chunk": chunk, "tokenizer": tokenizer, "vocab": vocab, "root": root}))
+    ids = encode_chunk(_chunk(chunk), tokenizer, load_vocab(vocab["uri"]))
+    uri = storage.join(root, "work", "encoded", f"{eid}.parquet")
+    storage.write_bytes_atomic(uri, _parquet(pa.table({"ids": ids})))
+    return manifest(eid, [uri], uri=uri, num_tokens=int(len(ids)))
+
+
+def _read_ids(uri: str) -> np.ndarray:
+    try:
+        return pq.read_table(io.BytesIO(storage.read_bytes(uri))).column("ids").to_numpy()
+    except (FileNotFoundError, KeyError, pa.ArrowException) as e:
+        raise DatasetError(f"encoded chunk {uri} is missing or corrupt: {e}") from None
+
+
+def _parquet(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="none", use_dictionary=False)
+    return sink.getvalue()
+
+
+# -------------------------------------------------------------------------------- shards
+
+
+def _documents(fetched: list[dict[str, Any]]) -> list[Document]:
+    return [Document(**d) for f in fetched for d in f["documents"]]
+
+
+def shards_identity(inputs: dict[str, Any]):
+    cfg = inputs["data"] if isinstance(inputs["data"], DataConfig) else DataConfig.model_validate(inputs["data"])
+    return _v("shards"), {"dataset_id": dataset_id(_documents(inputs["fetched"]), cfg), "vocab": inputs["vocab"]["id"],
+                          "encoded": [e["id"] for e in inputs["encoded"]], "root": storage.storage_root(inputs.get("root"))}
+
+
+@task(name="write_shards", cache_policy=StagePolicy(stage="shards", identity=shards_identity), tags=["data"])
+def write_shards(fetched: list[dict[str, Any]], data: DataConfig, vocab: dict[str, Any], encoded: list[dict[str, Any]],
+                 root: str | None = None) -> dict[str, Any]:
+    """Assemble the encoded chunks, in order, into ``<root>/datasets/<dataset_id>``."""
+    logger = get_run_logger()
+    root = storage.storage_root(root)
+    documents = _documents(fetched)
+    did = dataset_id(documents, data)
+    uri = storage.join(root, "datasets", did)
+    if is_complete(uri):
+        logger.info("dataset %s already written at %s", did, uri)
+    else:
+        if vocab["num_tokens"] == 0:
+            raise CorpusError(", ".join(s.url for s in data.sources), "no tokens after normalization")
+        write_dataset(uri, documents, data, load_vocab(vocab["uri"]), vocab["num_tokens"],
+                      (_read_ids(e["uri"]) for e in encoded))
+    ds = open_dataset(uri)
+    m = ds.manifest
+    splits = {k: v["num_tokens"] for k, v in m["splits"].items()}
+    logger.info("dataset %s: %d tokens (train %d, val %d, test %d), vocab %d", did, m["num_tokens"],
+                splits["train"], splits["val"], splits["test"], m["vocab_size"])
+    manifest_uri = storage.join(uri, MANIFEST)
+    return manifest(did, [manifest_uri], uri=uri, dataset_id=did, num_tokens=m["num_tokens"], vocab_size=m["vocab_size"],
+                    level=m["tokenizer"]["level"], splits=splits,
+                    manifest_sha256=storage.sha256_bytes(storage.read_bytes(manifest_uri)),
+                    sources=[{"source": d.source, "sha256": d.sha256, "bytes": d.num_bytes} for d in documents])

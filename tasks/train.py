@@ -1,0 +1,264 @@
+"""Training and evaluation as Prefect tasks.
+
+``train_model`` launches the trainer as a child process (``pipeline.launch``: plain
+``python -m pipeline.train`` for one process, torchrun for more), forwards its log lines
+and JSON metric lines to the Prefect run logger as they arrive, and returns the run
+directory's manifest. The run directory is content-addressed,
+``<root>/runs/<hash(dataset_id, model config, train config, VERSION)>``, so a retried
+attempt (or a later flow run) finds the same checkpoints and the trainer resumes from the
+newest one; the log says from where. Non-retryable failures (bad config, NaN loss, bad
+dataset) raise errors that ``retry_if_retryable`` refuses to retry.
+
+SIGTERM: ``pipeline.launch`` forwards it when it runs on the main thread. Tasks run on
+worker threads, so :func:`terminate_children` (installed by the flows as a SIGTERM
+handler via :class:`TerminationGuard`) sends SIGTERM to every training child of this
+process, waits up to ``grace_s`` for them to write what they can, kills what is left,
+and marks the process as terminating so no retry starts.
+
+``evaluate_model`` scores the validation and test splits (perplexity) and generates
+sample continuations; its key is the trained model's sha256 + the dataset id + the
+sampling settings.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import signal
+import threading
+import time
+from typing import Any
+
+import psutil
+from prefect import get_run_logger, task
+
+from pipeline import storage
+from pipeline.config import ModelConfig, RunConfig, TrainConfig
+from pipeline.errors import CheckpointError
+from tasks.common import StagePolicy, _terminating, content_id, jsonable, manifest
+
+VERSION = {"train": 1, "evaluate": 1}
+RUN_FILES = ("model.pt", "model_config.json", "result.json")
+
+
+def run_id(dataset: dict[str, Any], model_config: ModelConfig | dict, train_config: TrainConfig | dict) -> str:
+    """The content address of a training run: which data, which model, which loop."""
+    return content_id("train", VERSION["train"], {"dataset_id": dataset["dataset_id"], "model": jsonable(model_config),
+                                                  "train": jsonable(train_config)})
+
+
+def train_identity(inputs: dict[str, Any]):
+    return VERSION["train"], {"run": run_id(inputs["dataset"], inputs["model_config"], inputs["train_config"]),
+                              "dataset_manifest": inputs["dataset"].get("manifest_sha256"),
+                              "root": storage.storage_root(inputs.get("root"))}
+
+
+def _format_epoch(e: dict[str, Any], epochs: int) -> str:
+    val = e.get("val_ppl")
+    return (f"epoch {e['epoch']}/{epochs}: train ppl {e['train_ppl']:.3f}, val ppl "
+            f"{'n/a' if val is None else f'{val:.3f}'}, {e['tokens_per_s']:,.0f} tokens/s, "
+            f"lr {e['lr']:.3g}, grad norm {e['grad_norm']:.3f}, {e['elapsed_s']:.1f} s")
+
+
+@task(name="train_model", cache_policy=StagePolicy(stage="train", identity=train_identity), tags=["train"])
+def train_model(dataset: dict[str, Any], model_config: ModelConfig, train_config: TrainConfig,
+                root: str | None = None, nproc: int = 1, grace_s: float = 30.0) -> dict[str, Any]:
+    """Train (or resume) in the content-addressed run directory; return its manifest."""
+    from pipeline.launch import launch_training
+
+    logger = get_run_logger()
+    root = storage.storage_root(root)
+    rid = run_id(dataset, model_config, train_config)
+    run_dir = storage.join(root, "runs", rid)
+    resumed_from = None
+    if all(storage.exists(storage.join(run_dir, f)) for f in RUN_FILES):
+        logger.info("run %s already finished in %s: not training again", rid, run_dir)
+        events = read_metrics(run_dir)
+    else:
+        from pipeline.checkpoint import list_checkpoints  # imports torch: only when training
+
+        ckpts = list_checkpoints(storage.join(run_dir, "checkpoints")) if storage.exists(run_dir) else []
+        if ckpts:
+            logger.info("resuming training from checkpoint %s", ckpts[-1])
+        else:
+            logger.info("training from scratch in %s", run_dir)
+
+        def on_line(line: str) -> None:
+            nonlocal resumed_from
+            event = _json(line)
+            if event is None:
+                if line.strip():
+                    logger.info("trainer: %s", line)
+            elif event.get("event") == "epoch":
+                logger.info(_format_epoch(event, train_config.epochs))
+            elif event.get("event") == "resume":
+                resumed_from = {k: event.get(k) for k in ("epoch", "step", "checkpoint")}
+                logger.info("trainer resumed from epoch %s step %s (%s)", event.get("epoch"), event.get("step"),
+                            event.get("checkpoint"))
+            else:
+                logger.info("trainer: %s", line)
+
+        cfg = RunConfig(model=model_config, train=train_config)
+        launched = launch_training(run_dir, dataset["uri"], cfg, nproc=nproc, on_line=on_line, grace_s=grace_s)
+        events = [e for e in launched.metrics if e.get("event") == "epoch"] or read_metrics(run_dir)
+    result = storage.read_json(storage.join(run_dir, "result.json"))
+    model_uri = storage.join(run_dir, "model.pt")
+    last = events[-1] if events else {}
+    return manifest(rid, [storage.join(run_dir, f) for f in RUN_FILES], run_dir=run_dir, model_uri=model_uri,
+                    model_sha256=storage.sha256_bytes(storage.read_bytes(model_uri)), dataset_id=dataset["dataset_id"],
+                    epochs=result.get("epochs"), steps=result.get("steps"), finished=result.get("finished"),
+                    tokens_per_s=result.get("tokens_per_s"), wall_s=result.get("wall_s"), val_ppl=result.get("val_ppl"),
+                    train_ppl=last.get("train_ppl"), resumed_from=resumed_from, device=result.get("device"),
+                    world_size=result.get("world_size"))
+
+
+def _json(line: str) -> dict | None:
+    if not line.startswith("{"):
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    """The per-epoch JSON lines of a run's metrics.jsonl."""
+    uri = storage.join(run_dir, "metrics.jsonl")
+    if not storage.exists(uri):
+        return []
+    lines = storage.read_bytes(uri).decode().splitlines()
+    return [e for e in (_json(ln) for ln in lines) if e and e.get("event") == "epoch"]
+
+
+# ------------------------------------------------------------------------------ evaluate
+
+
+def evaluate_identity(inputs: dict[str, Any]):
+    run = inputs["run"]
+    return VERSION["evaluate"], {"model_sha256": run["model_sha256"], "run": run["id"],
+                                 "dataset_id": inputs["dataset"]["dataset_id"],
+                                 "settings": {k: jsonable(inputs.get(k)) for k in ("prefixes", "num_tokens", "temperature", "batch_size", "num_steps")}}
+
+
+@task(name="evaluate_model", cache_policy=StagePolicy(stage="evaluate", identity=evaluate_identity), tags=["evaluate"])
+def evaluate_model(run: dict[str, Any], dataset: dict[str, Any], prefixes: tuple[str, ...] = ("time traveller",),
+                   num_tokens: int = 100, temperature: float = 0.7, batch_size: int = 32,
+                   num_steps: int = 35) -> dict[str, Any]:
+    """Validation and test perplexity, and one sampled continuation per prefix."""
+    import torch
+
+    from pipeline.evaluate import perplexity
+    from pipeline.generate import generate, join_tokens
+    from pipeline.models import build_model
+    from pipeline.shards import open_dataset
+    from pipeline.tokenizer import tokenize
+    from pipeline.config import TokenizerConfig
+
+    logger = get_run_logger()
+    eid = content_id("evaluate", *evaluate_identity({"run": run, "dataset": dataset, "prefixes": prefixes,
+                                                     "num_tokens": num_tokens, "temperature": temperature,
+                                                     "batch_size": batch_size, "num_steps": num_steps}))
+    cfg = storage.read_json(storage.join(run["run_dir"], "model_config.json"))
+    vocab_size = cfg.pop("vocab_size")
+    model = build_model(ModelConfig.model_validate(cfg), vocab_size)
+    try:
+        state = torch.load(io.BytesIO(storage.read_bytes(run["model_uri"])), weights_only=True, map_location="cpu")
+        model.load_state_dict(state)
+    except Exception as e:
+        raise CheckpointError(f"model {run['model_uri']} is unusable: {e}") from None
+    ds = open_dataset(dataset["uri"])
+    ppl = {}
+    for split in ("val", "test"):
+        ids = ds.split(split)
+        ppl[split] = perplexity(model, ids, batch_size=batch_size, num_steps=num_steps) if len(ids) >= 2 else None
+        logger.info("%s perplexity: %s", split, "n/a (split too short)" if ppl[split] is None else f"{ppl[split]:.3f}")
+    tok_cfg = TokenizerConfig.model_validate(ds.manifest["tokenizer"])
+    vocab_tokens = list(ds.vocab.tokens)
+    samples = []
+    for i, prefix in enumerate(prefixes):
+        tokens = tokenize(prefix, tok_cfg) or ["<unk>"]
+        g = generate(model, vocab_tokens, tokens, num_tokens, temperature=temperature, top_k=None, seed=i)
+        text = join_tokens(tokens, tok_cfg.level) + (" " if tok_cfg.level == "word" else "") + g.text(tok_cfg.level)
+        samples.append({"prefix": prefix, "text": text, "unknown": g.unknown})
+        logger.info("sample %d: %s", i + 1, text)
+    out = {"val_ppl": _finite(ppl["val"]), "test_ppl": _finite(ppl["test"]), "samples": samples}
+    uri = storage.join(run["run_dir"], f"evaluation-{eid}.json")
+    storage.write_json_atomic(uri, out)
+    return manifest(eid, [uri], uri=uri, **out)
+
+
+def _finite(x):
+    return x if x is not None and math.isfinite(x) else None
+
+
+# ----------------------------------------------------------------------------- SIGTERM
+
+
+def training_children() -> list[psutil.Process]:
+    """Training processes this process started (``python -m pipeline.train`` or torchrun)."""
+    found = []
+    try:
+        for p in psutil.Process().children(recursive=False):
+            try:
+                cmd = p.cmdline()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if "pipeline.train" in cmd:
+                found.append(p)
+    except psutil.NoSuchProcess:
+        pass
+    return found
+
+
+def terminate_children(grace_s: float) -> None:
+    """SIGTERM every training child (torchrun forwards it to its ranks), wait, then kill the trees."""
+    _terminating.set()
+    children = training_children()
+    trees = []
+    for p in children:
+        try:
+            trees.append([p, *p.children(recursive=True)])
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in children):
+        time.sleep(0.1)
+    for tree in trees:
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+class TerminationGuard:
+    """While active (in the main thread), SIGTERM stops training children first, then does what it did before."""
+
+    def __init__(self, grace_s: float):
+        self.grace_s = grace_s
+        self.previous = None
+        self.installed = False
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            self.installed = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.installed:
+            signal.signal(signal.SIGTERM, self.previous)
+        if exc[0] is not None and training_children():  # interrupted (Ctrl-C, crash): leave no orphans
+            terminate_children(self.grace_s)
+        return False
+
+    def _handle(self, signum, frame):
+        terminate_children(self.grace_s)
+        if callable(self.previous):
+            self.previous(signum, frame)
+        elif self.previous in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)

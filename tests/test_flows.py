@@ -1,0 +1,296 @@
+"""The Prefect flows end to end, against a real (temporary) Prefect server on SQLite.
+
+Tiny inputs: a ~3 KB corpus file cut in 1 KB chunks (so the map stages really map), a
+GRU of 16 units, 2 epochs. Task-run states are read back from the Prefect API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TEXT = (
+    "The Time Traveller (for so it will be convenient to speak of him) was expounding a\n"
+    "recondite matter to us. His grey eyes shone and twinkled, and his usually pale face\n"
+    "was flushed and animated. The fire burned brightly, and the soft radiance of the\n"
+    "incandescent lights in the lilies of silver caught the bubbles that flashed and passed\n"
+    "in our glasses.\n"
+) * 8
+
+DATA_STAGES = ("fetch_corpus", "count_tokens", "build_vocab", "encode_shards", "write_shards")
+TRAIN_STAGES = ("train_model", "evaluate_model")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server(tmp_path_factory):
+    """One temporary Prefect server (SQLite) for the module, PREFECT_HOME in a temp dir."""
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with temporary_settings(updates={PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+def corpus(tmp_path: Path, text: str = TEXT) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def run_config(path: Path, **train):
+    from pipeline.config import RunConfig
+
+    return RunConfig.model_validate({
+        "data": {"sources": [{"url": str(path)}], "tokenizer": {"level": "char"}, "chunk_bytes": 1024},
+        "model": {"cell": "gru", "hidden_size": 16, "embed_size": 8, "init": "default"},
+        "train": {"batch_size": 4, "num_steps": 8, "epochs": 2, "optimizer": "adam", "lr": 0.01, **train},
+    })
+
+
+def options(store: str, **kw):
+    from tasks.common import PipelineOptions
+
+    return PipelineOptions(root=store, sample_tokens=10, fetch_retry_delay_s=0.05, train_retry_delay_s=0, grace_s=5, **kw)
+
+
+def task_runs(flow_run_ids) -> dict[str, list]:
+    """Task runs of the given flow runs, by task name, from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(flow_run_ids))))
+    out: dict[str, list] = {}
+    for r in runs:
+        name = r.name.rsplit("-", 1)[0]
+        if name in DATA_STAGES + TRAIN_STAGES:  # not the placeholder task runs of subflows
+            out.setdefault(name, []).append(r)
+    return out
+
+
+def states(result) -> dict[str, list[str]]:
+    runs = task_runs([result["flow_run_id"], *result.get("subflow_run_ids", [])])
+    return {name: sorted(r.state_name for r in rs) for name, rs in runs.items()}
+
+
+def retrain(cfg, store, **kw):
+    from flows.retrain import retrain_flow
+
+    started = time.perf_counter()
+    result = retrain_flow(config=cfg, options=options(store, **kw))
+    result["test_wall_s"] = time.perf_counter() - started
+    return result
+
+
+# ------------------------------------------------------------------------------------ tests
+
+
+def test_retrain_completes_then_reruns_from_cache_and_invalidates_precisely(tmp_path, store):
+    from pipeline.prepare import prepare_dataset
+    from pipeline.shards import open_dataset
+
+    path = corpus(tmp_path)
+    cfg = run_config(path)
+
+    first = retrain(cfg, store)
+    s = states(first)
+    assert set(s) == set(DATA_STAGES + TRAIN_STAGES)
+    assert len(s["count_tokens"]) == len(s["encode_shards"]) >= 3  # the corpus really is mapped over chunks
+    assert all(n == "Completed" for names in s.values() for n in names), s
+    ds = first["dataset"]
+    assert ds["num_tokens"] > 1000 and first["run"]["epochs"] == 2
+    assert first["evaluation"]["val_ppl"] > 1 and first["evaluation"]["test_ppl"] > 1
+    assert len(first["evaluation"]["samples"]) == 2 and Path(first["run"]["model_uri"]).is_file()
+    # the chunked, mapped flow writes exactly what the one-process pipeline writes
+    direct = prepare_dataset(cfg.data, str(tmp_path / "direct"))
+    flowed = open_dataset(ds["uri"])
+    assert direct.dataset_id == ds["dataset_id"]
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(direct.split(split), flowed.split(split))
+
+    second = retrain(cfg, store)
+    print(f"\nfirst run {first['test_wall_s']:.1f} s, fully cached re-run {second['test_wall_s']:.1f} s")
+    s = states(second)
+    assert set(s) == set(DATA_STAGES + TRAIN_STAGES)
+    assert all(n == "Cached" for names in s.values() for n in names), s
+    assert second["evaluation"] == first["evaluation"] and second["run"]["run_dir"] == first["run"]["run_dir"]
+
+    # only a training setting changed: every data stage is reused, training and evaluation recompute
+    third = retrain(run_config(path, lr=0.02), store)
+    s = states(third)
+    assert all(n == "Cached" for st in DATA_STAGES for n in s[st]), s
+    assert s["train_model"] == ["Completed"] and s["evaluate_model"] == ["Completed"], s
+    assert third["run"]["run_dir"] != first["run"]["run_dir"]
+
+    # one byte of the corpus changed (same size): every stage recomputes
+    text = path.read_bytes()
+    i = text.index(b"grey")
+    path.write_bytes(text[:i] + b"G" + text[i + 1:])
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a coarse-mtime filesystem still sees it
+    fourth = retrain(cfg, store)
+    s = states(fourth)
+    assert all(n == "Completed" for names in s.values() for n in names), s
+    assert fourth["dataset"]["dataset_id"] != ds["dataset_id"]
+
+
+def test_deleted_dataset_is_recomputed_not_a_dangling_cache_hit(tmp_path, store):
+    import shutil
+
+    from flows.prepare_data import prepare_data_flow
+
+    cfg = run_config(corpus(tmp_path))
+    first = prepare_data_flow(data=cfg.data, options=options(store))
+    shutil.rmtree(first["uri"])
+    second = prepare_data_flow(data=cfg.data, options=options(store))
+    s = states(second)
+    assert s["write_shards"] == ["Completed"], s  # the stale record was dropped
+    assert all(n == "Cached" for st in DATA_STAGES[:-1] for n in s[st]), s
+    assert second["uri"] == first["uri"] and (Path(second["uri"]) / "manifest.json").is_file()
+
+    # an intermediate deleted: that chunk re-encodes, the rest stay cached
+    os.remove(_encoded_uris(store)[0])
+    third = prepare_data_flow(data=cfg.data, options=options(store))
+    assert sorted(states(third)["encode_shards"]).count("Completed") == 1
+
+
+def _encoded_uris(store: str) -> list[str]:
+    return sorted(str(p) for p in (Path(store) / "work" / "encoded").glob("*.parquet"))
+
+
+def test_two_identical_runs_started_together_compute_each_stage_once(tmp_path, store):
+    cfg = run_config(corpus(tmp_path))
+    results, errors = [], []
+
+    def go():
+        try:
+            results.append(retrain(cfg, store))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    assert len(results) == 2
+    a, b = states(results[0]), states(results[1])
+    for stage in DATA_STAGES + TRAIN_STAGES:
+        both = a[stage] + b[stage]
+        assert both.count("Completed") == len(a[stage]), (stage, a[stage], b[stage])  # computed once per item
+        assert both.count("Cached") == len(b[stage]), (stage, a[stage], b[stage])
+    assert results[0]["evaluation"] == results[1]["evaluation"]
+
+
+def test_killed_training_rank_is_retried_and_resumes_from_checkpoint(tmp_path, store):
+    cfg = run_config(corpus(tmp_path), epochs=3, checkpoint_every_steps=10)  # killed mid-epoch
+    killed: list[int] = []
+
+    def assassin():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            if list(Path(store).glob("runs/*/checkpoints/ckpt-*.pt")):
+                for p in psutil.Process().children(recursive=True):
+                    try:
+                        if "pipeline.train" in p.cmdline():
+                            p.send_signal(signal.SIGKILL)
+                            killed.append(p.pid)
+                    except psutil.NoSuchProcess:
+                        pass
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=assassin, daemon=True)
+    watcher.start()
+    result = retrain(cfg, store)
+    watcher.join(5)
+    assert killed, "the trainer finished before it could be killed"
+    run = result["run"]
+    assert run["resumed_from"] is not None and run["resumed_from"]["step"] >= 10, run  # from the checkpoint
+    assert run["epochs"] == 3 and run["finished"]
+    runs = task_runs(result["subflow_run_ids"])
+    assert [r.run_count for r in runs["train_model"]] == [2]
+    assert runs["train_model"][0].state_name == "Completed"
+
+
+def test_unreachable_source_is_retried_then_fails_clearly(tmp_path, store):
+    import socket
+
+    from flows.prepare_data import prepare_data_flow
+    from pipeline.config import DataConfig
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/corpus.txt"
+    data = DataConfig.model_validate({"sources": [{"url": url}]})
+    state = prepare_data_flow(data=data, options=options(store, fetch_retries=2), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception) as info:
+        state.result()
+    assert url in str(info.value) and "unreachable" in str(info.value)
+    runs = task_runs([state.state_details.flow_run_id])["fetch_corpus"]
+    assert [r.run_count for r in runs] == [3]  # 1 + 2 retries
+
+
+def test_checksum_mismatch_fails_at_once_naming_the_source(tmp_path, store):
+    from flows.prepare_data import prepare_data_flow
+    from pipeline.config import DataConfig
+
+    path = corpus(tmp_path)
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    data = DataConfig.model_validate({"sources": [{"url": str(path), "sha256": wrong}]})
+    state = prepare_data_flow(data=data, options=options(store, fetch_retries=3), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception) as info:
+        state.result()
+    assert str(path) in str(info.value) and "checksum mismatch" in str(info.value)
+    runs = task_runs([state.state_details.flow_run_id])["fetch_corpus"]
+    assert [r.run_count for r in runs] == [1]
+
+
+def test_map_stages_on_a_local_dask_cluster(tmp_path, store):
+    from flows.prepare_data import prepare_data_flow
+    from flows.runtime import task_runner_for
+    from pipeline.prepare import prepare_dataset
+
+    opts = options(store, dask="local-threads")
+    runner = task_runner_for(opts)
+    assert type(runner).__name__ == "DaskTaskRunner"
+    cfg = run_config(corpus(tmp_path))
+    result = prepare_data_flow.with_options(task_runner=runner)(data=cfg.data, options=opts)
+    s = states(result)
+    assert len(s["count_tokens"]) >= 3 and all(n == "Completed" for names in s.values() for n in names), s
+    assert result["dataset_id"] == prepare_dataset(cfg.data, str(tmp_path / "direct")).dataset_id
+
+
+def test_a_lock_left_by_a_dead_process_is_broken_not_waited_on(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from tasks.common import PipelineOptions, lock_manager
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    manager = lock_manager(PipelineOptions(locks=str(tmp_path / "locks")))
+    (tmp_path / "locks").mkdir()
+    stale = tmp_path / "locks" / "train-abc.lock"
+    stale.write_text(json.dumps({"holder": f"{socket.gethostname()}:{dead.pid}:1:MainThread", "expiration": None}))
+    assert not manager.is_locked("train-abc") and not stale.exists()
+    assert manager.acquire_lock("train-abc", holder="me", acquire_timeout=1)
+    assert manager.is_locked("train-abc")  # a live holder (this process) still blocks others
+    assert not manager.acquire_lock("train-abc", holder="someone-else", acquire_timeout=0.3)
