@@ -41,6 +41,33 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from pipeline import storage
+    from pipeline.launch import launch_training, run_directory
+    from pipeline.lm import write_lm_metadata
+    from pipeline.prepare import prepare_dataset
+
+    cfg = load_run_config(args.config, args.overrides)
+    root = storage.storage_root(args.root)
+    dataset = prepare_dataset(cfg.data, root)
+    run_dir = run_directory(root, dataset.dataset_id, cfg.model, cfg.train)
+    print(f"training in {run_dir} on dataset {dataset.uri} with {args.nproc} process(es)", flush=True)
+    result = launch_training(run_dir, dataset.uri, cfg, nproc=args.nproc, on_line=lambda line: print(line, flush=True))
+    write_lm_metadata(run_dir, dataset)
+    print(json.dumps({"run_dir": run_dir, **(result.result or {})}, indent=2))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from pipeline.registry import generate_from_uri
+
+    target = args.run or args.model
+    text = generate_from_uri(target, args.prefix, num_tokens=args.num_tokens, temperature=args.temperature,
+                             top_k=args.top_k, seed=args.seed, root=args.root)
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rnnlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -52,6 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="fetch, tokenize and shard a corpus")
     _add_config_args(p)
     p.set_defaults(fn=cmd_prepare)
+
+    p = sub.add_parser("train", help="prepare the data and train (DDP with --nproc > 1)")
+    _add_config_args(p)
+    p.add_argument("--nproc", type=int, default=1, help="training processes on this machine (torchrun); default 1")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("generate", help="generate text from a trained run or a registered model")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--run", help="a run directory (rnnlm train prints it)")
+    where.add_argument("--model", help="an MLflow model URI, e.g. models:/rnnlm-timemachine-char@champion")
+    p.add_argument("--prefix", required=True, help="text to warm up on; the output continues it")
+    p.add_argument("--num-tokens", type=int, default=50, help="tokens to generate (default 50)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k likeliest tokens")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--root", default=None, help="storage root holding the default MLflow database")
+    p.set_defaults(fn=cmd_generate)
     return parser
 
 

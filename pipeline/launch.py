@@ -35,7 +35,7 @@ import psutil
 import yaml
 
 from pipeline import storage
-from pipeline.config import RunConfig
+from pipeline.config import ModelConfig, RunConfig, TrainConfig
 from pipeline.errors import (CheckpointError, ConfigError, DatasetError, NonFiniteLossError,
                              PipelineError)
 
@@ -43,6 +43,25 @@ log = logging.getLogger(__name__)
 
 NON_RETRYABLE = {"non_finite_loss": NonFiniteLossError, "bad_config": ConfigError,
                  "bad_dataset": DatasetError, "bad_checkpoint": CheckpointError}
+
+
+# Bump when the trainer's outputs change meaning: it is part of every run's address.
+TRAIN_FORMAT_VERSION = 1
+
+
+def run_id(dataset_id: str, model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
+    """The content address of a training run: which data, which model, which loop.
+
+    A retried or repeated run with the same inputs lands in the same directory and
+    resumes from its checkpoints instead of starting over.
+    """
+    return storage.stable_hash({"version": TRAIN_FORMAT_VERSION, "dataset_id": dataset_id,
+                                "model": model_cfg.model_dump(mode="json"),
+                                "train": train_cfg.model_dump(mode="json")}, 24)
+
+
+def run_directory(root: str, dataset_id: str, model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
+    return storage.join(root, "runs", run_id(dataset_id, model_cfg, train_cfg))
 
 
 class TrainingFailedError(PipelineError):
