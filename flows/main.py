@@ -104,7 +104,15 @@ def print_report(s: dict[str, Any], file=sys.stdout) -> None:
         p(f"  sample {i}          {text!r}")
     p(f"  wall time         {s['wall_s']:.1f} s")
     p(f"  Prefect UI        {s['prefect_ui']}")
-    p("  MLflow UI         (not wired yet: registration is a hook in tasks/register.py)")
+    reg = s.get("registered")
+    if reg and reg.get("registered"):
+        gate = reg["gate"]
+        p(f"  registered        {reg['name']} version {reg['version']} "
+          f"({'champion' if gate['promoted'] else 'challenger; champion stays version ' + str(gate['champion_version'])})")
+        p(f"  gate              {gate['reason']}")
+        p(f"  MLflow UI         mlflow ui --backend-store-uri {reg['tracking_uri']} --host 127.0.0.1 --port 5000"
+          if reg["tracking_uri"].startswith("sqlite") else f"  MLflow UI         open {reg['tracking_uri']}")
+        p(f"  consume           mlflow.pyfunc.load_model('models:/{reg['name']}@champion')")
     p("=" * 72)
 
 

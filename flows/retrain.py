@@ -1,4 +1,4 @@
-"""The ``retrain`` flow: the whole chain, prepare-data -> train -> (register)."""
+"""The ``retrain`` flow: the whole chain, prepare-data -> train -> register (MLflow + gate)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, Optional
 from prefect import flow
 
 from flows.prepare_data import prepare_data_flow
-from flows.runtime import flow_run_id, resolve_config, task_runner_for
+from flows.runtime import flow_run_id, flow_run_url, registry_preset, resolve_config, task_runner_for
 from flows.train import train_flow
 from pipeline.config import RunConfig
 from tasks.common import PipelineOptions, bind
@@ -19,10 +19,11 @@ from tasks.register import register_model
 def retrain_flow(config: Optional[RunConfig] = None, preset: Optional[str] = None,
                  overrides: Optional[list[str]] = None,
                  options: PipelineOptions = PipelineOptions()) -> dict[str, Any]:
-    """Raw text to an evaluated (and, once wired, registered) model.
+    """Raw text to an evaluated model, registered in MLflow as ``rnnlm-<preset>``.
 
     ``config`` (a RunConfig) wins; else ``preset`` (a preset name or a YAML path, default
     ``timemachine-char``); ``overrides`` are ``section.key=value`` strings on top.
+    A failed or diverged training raises before registration, so it never registers.
     """
     started = time.perf_counter()
     cfg = resolve_config(config, preset, overrides)
@@ -31,9 +32,11 @@ def retrain_flow(config: Optional[RunConfig] = None, preset: Optional[str] = Non
     trained = train_flow(dataset=dataset, model=cfg.model, training=cfg.train, options=options)
 
     registered = None
-    if options.register_model:  # the MLflow hook (tasks/register.py)
-        registered = bind(register_model, options)(trained["run"], trained["evaluation"], dataset,
-                                                    cfg.model_dump(mode="json"))
+    if options.register_model:
+        registered = bind(register_model, options)(
+            trained["run"], trained["evaluation"], dataset, cfg.model_dump(mode="json"),
+            preset=registry_preset(config, preset), root=options.store_root(),
+            flow_run_id=flow_run_id(), flow_run_url=flow_run_url())
     stages = {**dataset.pop("stages"), **trained["stages"]}
     return {"flow_run_id": flow_run_id(), "subflow_run_ids": [dataset.pop("flow_run_id"), trained["flow_run_id"]],
             "config": cfg.model_dump(mode="json"), "dataset": dataset, "run": trained["run"],

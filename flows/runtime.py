@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipeline.config import DEFAULT_PRESET, RunConfig, load_run_config
+from pipeline.config import DEFAULT_PRESET, RunConfig, load_run_config, preset_names
 from tasks.common import ENV_DASK, PipelineOptions
 
 
@@ -64,6 +64,21 @@ def flow_run_id() -> str | None:
     from prefect.runtime import flow_run
 
     return flow_run.get_id()
+
+
+def flow_run_url() -> str | None:
+    """The flow run's page in the Prefect UI (None when the UI address is unknown)."""
+    from prefect.runtime import flow_run
+
+    return flow_run.get_flow_run_ui_url()
+
+
+def registry_preset(config: Optional[RunConfig], preset: Optional[str]) -> str:
+    """The name models are registered under (``rnnlm-<this>``): the preset, a YAML file's stem, or ``custom``."""
+    if config is not None:
+        return "custom"
+    name = str(preset or DEFAULT_PRESET)
+    return name if name in preset_names() else os.path.splitext(os.path.basename(name))[0] or "custom"
 
 
 def epochs_table(epochs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -32,6 +32,16 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from flows.main import run_main
+
+    options = {"nproc": args.nproc, "register_model": not args.no_register}
+    if args.dask:
+        options["dask"] = args.dask
+    run_main(args.config, args.root, args.overrides, options=options)
+    return 0
+
+
 def cmd_prepare(args) -> int:
     from pipeline.prepare import prepare_dataset, summary
 
@@ -76,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the bundled presets")
     p.set_defaults(fn=cmd_presets)
 
+    p = sub.add_parser("run", help="the main job: the retrain flow (prepare, train, evaluate, register)")
+    _add_config_args(p)
+    p.add_argument("--nproc", type=int, default=1, help="training processes on this machine (torchrun); default 1")
+    p.add_argument("--dask", default=None, help="map data stages on Dask: 'local', 'local-threads' or a scheduler address")
+    p.add_argument("--no-register", action="store_true", help="skip MLflow registration and the champion gate")
+    p.set_defaults(fn=cmd_run)
+
     p = sub.add_parser("prepare", help="fetch, tokenize and shard a corpus")
     _add_config_args(p)
     p.set_defaults(fn=cmd_prepare)
@@ -102,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     try:
         return args.fn(args)
     except PipelineError as e:

@@ -81,7 +81,7 @@ class PipelineOptions(BaseModel):
     sample_prefixes: tuple[str, ...] = ("time traveller", "the time machine")
     sample_tokens: int = Field(default=100, ge=1)
     sample_temperature: float = Field(default=0.7, ge=0)
-    register_model: bool = Field(default=False, description="run the model-registration step (MLflow; not wired yet)")
+    register_model: bool = Field(default=True, description="register the model in MLflow and run the champion gate")
 
     def store_root(self) -> str:
         return storage.storage_root(self.root)

@@ -1,12 +1,10 @@
-"""The model-registration step: the hook where MLflow registration goes.
+"""Register a trained model in MLflow and run the champion/challenger gate.
 
-``retrain`` calls :func:`register_model` after evaluation when ``options.register_model`` is
-true. It is a no-op for now: it logs what it would register and returns
-``{"registered": False, ...}``. To wire MLflow, replace the body (log params/metrics
-from ``run`` and ``evaluation``, ``mlflow.pytorch.log_model`` or an artifact upload of
-``run["run_dir"]``, ``register_model``) and return the model URI and version; keep it
-uncached (registration is a side effect; make it idempotent by tagging the MLflow run
-with ``run["id"]``).
+Not cached: registration is a side effect. It is idempotent instead: the MLflow run is
+keyed by the run directory and a run that is already registered returns its version, so a
+retried task does not create duplicates. Gate decisions are serialized across every flow
+run and host by a Prefect global concurrency limit of one slot (alias moves are
+last-writer-wins), on top of ``pipeline.registry``'s file lock for local stores.
 """
 
 from __future__ import annotations
@@ -14,12 +12,46 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.concurrency.sync import concurrency
+
+GATE_LIMIT = "rnnlm-gate"
+
+
+def ensure_gate_limit(name: str = GATE_LIMIT) -> None:
+    """Create the one-slot global concurrency limit the gate runs under, if missing."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:  # another run created it first
+                pass
 
 
 @task(name="register_model", cache_policy=None, persist_result=False, tags=["register"])
 def register_model(run: dict[str, Any], evaluation: dict[str, Any], dataset: dict[str, Any],
-                   config: dict[str, Any]) -> dict[str, Any]:
+                   config: dict[str, Any], preset: str, root: str | None = None,
+                   flow_run_id: str | None = None, flow_run_url: str | None = None) -> dict[str, Any]:
+    """Log the run, register a new version of ``rnnlm-<preset>`` (alias challenger), gate it."""
+    from pipeline import registry
+    from pipeline.config import RunConfig
+    from pipeline.shards import open_dataset
+
     logger = get_run_logger()
-    logger.info("model registration is not configured yet (MLflow hook): would register %s "
-                "(val ppl %s, test ppl %s)", run["model_uri"], evaluation.get("val_ppl"), evaluation.get("test_ppl"))
-    return {"registered": False, "reason": "registration not implemented", "model_uri": run["model_uri"]}
+    ds = open_dataset(dataset["uri"])
+    mlflow_run = registry.log_training_run(
+        run["run_dir"], ds, preset=preset, config=RunConfig.model_validate(config), root=root,
+        flow_run_id=flow_run_id, flow_run_url=flow_run_url, samples=[s["text"] for s in evaluation["samples"]])
+    version = registry.register_model(mlflow_run, run["run_dir"], preset=preset, flow_run_id=flow_run_id, root=root)
+    logger.info("registered %s version %s (challenger), MLflow run %s", version.name, version.version, mlflow_run)
+    ensure_gate_limit()
+    with concurrency(GATE_LIMIT, occupy=1, strict=True):
+        decision = registry.promote_if_better(version.name, version.version, ds, root=root)
+    logger.info("gate: %s", decision.reason)
+    return {"registered": True, "name": version.name, "version": version.version, "model_uri": version.model_uri,
+            "mlflow_run_id": mlflow_run, "tracking_uri": registry.tracking_uri(root), "gate": decision.to_dict()}

@@ -22,7 +22,6 @@ sampling settings.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import signal
@@ -35,17 +34,18 @@ from prefect import get_run_logger, task
 
 from pipeline import storage
 from pipeline.config import ModelConfig, RunConfig, TrainConfig
-from pipeline.errors import CheckpointError
 from tasks.common import StagePolicy, _terminating, content_id, jsonable, manifest
 
 VERSION = {"train": 1, "evaluate": 1}
-RUN_FILES = ("model.pt", "model_config.json", "result.json")
+RUN_FILES = ("model.pt", "model_config.json", "result.json", "lm.json")
 
 
 def run_id(dataset: dict[str, Any], model_config: ModelConfig | dict, train_config: TrainConfig | dict) -> str:
-    """The content address of a training run: which data, which model, which loop."""
-    return content_id("train", VERSION["train"], {"dataset_id": dataset["dataset_id"], "model": jsonable(model_config),
-                                                  "train": jsonable(train_config)})
+    """The content address of a training run (the same one ``rnnlm train`` uses)."""
+    from pipeline.launch import run_id as pipeline_run_id
+
+    return pipeline_run_id(dataset["dataset_id"], ModelConfig.model_validate(jsonable(model_config)),
+                           TrainConfig.model_validate(jsonable(train_config)))
 
 
 def train_identity(inputs: dict[str, Any]):
@@ -72,7 +72,7 @@ def train_model(dataset: dict[str, Any], model_config: ModelConfig, train_config
     rid = run_id(dataset, model_config, train_config)
     run_dir = storage.join(root, "runs", rid)
     resumed_from = None
-    if all(storage.exists(storage.join(run_dir, f)) for f in RUN_FILES):
+    if all(storage.exists(storage.join(run_dir, f)) for f in RUN_FILES[:-1]):
         logger.info("run %s already finished in %s: not training again", rid, run_dir)
         events = read_metrics(run_dir)
     else:
@@ -102,6 +102,10 @@ def train_model(dataset: dict[str, Any], model_config: ModelConfig, train_config
         cfg = RunConfig(model=model_config, train=train_config)
         launched = launch_training(run_dir, dataset["uri"], cfg, nproc=nproc, on_line=on_line, grace_s=grace_s)
         events = [e for e in launched.metrics if e.get("event") == "epoch"] or read_metrics(run_dir)
+    from pipeline.lm import write_lm_metadata
+    from pipeline.shards import open_dataset
+
+    write_lm_metadata(run_dir, open_dataset(dataset["uri"]))  # vocabulary + tokenizer: the run dir generates alone
     result = storage.read_json(storage.join(run_dir, "result.json"))
     model_uri = storage.join(run_dir, "model.pt")
     last = events[-1] if events else {}
@@ -147,42 +151,25 @@ def evaluate_model(run: dict[str, Any], dataset: dict[str, Any], prefixes: tuple
                    num_tokens: int = 100, temperature: float = 0.7, batch_size: int = 32,
                    num_steps: int = 35) -> dict[str, Any]:
     """Validation and test perplexity, and one sampled continuation per prefix."""
-    import torch
-
-    from pipeline.evaluate import perplexity
-    from pipeline.generate import generate, join_tokens
-    from pipeline.models import build_model
+    from pipeline.lm import LanguageModel
     from pipeline.shards import open_dataset
-    from pipeline.tokenizer import tokenize
-    from pipeline.config import TokenizerConfig
 
     logger = get_run_logger()
     eid = content_id("evaluate", *evaluate_identity({"run": run, "dataset": dataset, "prefixes": prefixes,
                                                      "num_tokens": num_tokens, "temperature": temperature,
                                                      "batch_size": batch_size, "num_steps": num_steps}))
-    cfg = storage.read_json(storage.join(run["run_dir"], "model_config.json"))
-    vocab_size = cfg.pop("vocab_size")
-    model = build_model(ModelConfig.model_validate(cfg), vocab_size)
-    try:
-        state = torch.load(io.BytesIO(storage.read_bytes(run["model_uri"])), weights_only=True, map_location="cpu")
-        model.load_state_dict(state)
-    except Exception as e:
-        raise CheckpointError(f"model {run['model_uri']} is unusable: {e}") from None
+    lm = LanguageModel.from_dir(run["run_dir"])
     ds = open_dataset(dataset["uri"])
     ppl = {}
     for split in ("val", "test"):
         ids = ds.split(split)
-        ppl[split] = perplexity(model, ids, batch_size=batch_size, num_steps=num_steps) if len(ids) >= 2 else None
+        ppl[split] = lm.perplexity(ids, batch_size=batch_size, num_steps=num_steps) if len(ids) >= 2 else None
         logger.info("%s perplexity: %s", split, "n/a (split too short)" if ppl[split] is None else f"{ppl[split]:.3f}")
-    tok_cfg = TokenizerConfig.model_validate(ds.manifest["tokenizer"])
-    vocab_tokens = list(ds.vocab.tokens)
     samples = []
     for i, prefix in enumerate(prefixes):
-        tokens = tokenize(prefix, tok_cfg) or ["<unk>"]
-        g = generate(model, vocab_tokens, tokens, num_tokens, temperature=temperature, top_k=None, seed=i)
-        text = join_tokens(tokens, tok_cfg.level) + (" " if tok_cfg.level == "word" else "") + g.text(tok_cfg.level)
-        samples.append({"prefix": prefix, "text": text, "unknown": g.unknown})
-        logger.info("sample %d: %s", i + 1, text)
+        g = lm.generate_with_info(prefix, num_tokens, temperature=temperature, seed=i)
+        samples.append({"prefix": prefix, "text": g.text, "unknown": g.unknown})
+        logger.info("sample %d: %s", i + 1, g.text)
     out = {"val_ppl": _finite(ppl["val"]), "test_ppl": _finite(ppl["test"]), "samples": samples}
     uri = storage.join(run["run_dir"], f"evaluation-{eid}.json")
     storage.write_json_atomic(uri, out)

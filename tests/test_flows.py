@@ -62,6 +62,7 @@ def run_config(path: Path, **train):
 def options(store: str, **kw):
     from tasks.common import PipelineOptions
 
+    kw.setdefault("register_model", False)  # registration has its own test below and in tests/test_registry.py
     return PipelineOptions(root=store, sample_tokens=10, fetch_retry_delay_s=0.05, train_retry_delay_s=0, grace_s=5, **kw)
 
 
@@ -294,3 +295,22 @@ def test_a_lock_left_by_a_dead_process_is_broken_not_waited_on(tmp_path):
     assert manager.acquire_lock("train-abc", holder="me", acquire_timeout=1)
     assert manager.is_locked("train-abc")  # a live holder (this process) still blocks others
     assert not manager.acquire_lock("train-abc", holder="someone-else", acquire_timeout=0.3)
+
+
+def test_retrain_registers_a_champion_with_lineage(tmp_path, store):
+    """The whole chain ends in the registry: a version with lineage tags, alias champion."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import registry
+
+    cfg = run_config(corpus(tmp_path))
+    result = retrain(cfg, store, register_model=True)
+    reg = result["registered"]
+    assert reg["registered"] and reg["name"] == "rnnlm-custom" and reg["gate"]["promoted"]
+    client = MlflowClient(registry.tracking_uri(store))
+    champion = client.get_model_version_by_alias("rnnlm-custom", "champion")
+    assert str(champion.version) == reg["version"]
+    run = client.get_run(champion.run_id)
+    assert run.data.tags["prefect.flow_run_id"] == result["flow_run_id"]
+    assert run.data.tags["data.dataset_id"] == result["dataset"]["dataset_id"]
+    assert float(champion.tags["test_ppl"]) > 1
