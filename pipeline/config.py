@@ -153,6 +153,7 @@ class TrainConfig(Strict):
     lr_decay_after: int = Field(default=0, ge=0)  # "decay": epochs at full lr
     lr_patience: int = Field(default=0, ge=0)  # "plateau": epochs without improvement
     seed: int = 0
+    keep_best: bool = True  # ship the weights of the epoch with the lowest validation perplexity
     checkpoint_every_steps: int | None = Field(default=None, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -314,6 +314,7 @@ def _train(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d:
     # Resume from the newest valid checkpoint; rank 0 chooses so that all ranks agree.
     epoch, step, elapsed_before = 0, 0, 0.0
     hidden, stats = None, {"loss_sum": 0.0, "norm_sum": 0.0}
+    best = {"val_ppl": math.inf, "epoch": 0, "model": None}  # rank 0: the lowest-val-ppl weights so far
     found = latest_valid(ckpt_dir) if d.is_main else None
     uri = _broadcast_object(found[1] if found else None, d)
     if uri is not None:
@@ -326,6 +327,7 @@ def _train(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d:
         schedule.load_state_dict(ckpt["scheduler"])
         epoch, step, elapsed_before = ckpt["epoch"], ckpt["step"], ckpt["elapsed_s"]
         hidden, stats = ckpt.get("hidden"), ckpt["epoch_stats"]
+        best = ckpt.get("best") or best
         if d.is_main:
             log.info("resuming from epoch %d step %d (%s)", epoch, step, uri)
             print(json.dumps({"event": "resume", "epoch": epoch, "step": step, "checkpoint": uri}), flush=True)
@@ -342,7 +344,7 @@ def _train(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d:
     def checkpoint(epoch_stats, hidden_parts):
         payload = {"epoch": epoch, "step": step, "model": model.state_dict(),
                    "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
-                   "hidden": hidden_parts, "epoch_stats": epoch_stats,
+                   "hidden": hidden_parts, "epoch_stats": epoch_stats, "best": best,
                    "elapsed_s": elapsed_before + time.perf_counter() - t_start,
                    "model_config": model_cfg.model_dump(mode="json"),
                    "train_config": cfg.model_dump(mode="json"), "vocab_size": vocab_size,
@@ -420,6 +422,9 @@ def _train(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d:
         val_ppl = _validate(model, val_ids, cfg, d) if d.is_main else 0.0
         over_time = cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60
         val_ppl, stop = broadcast_from_main([val_ppl, float(over_time)], d)
+        if d.is_main and cfg.keep_best and val_ppl < best["val_ppl"]:
+            best = {"val_ppl": val_ppl, "epoch": epoch,
+                    "model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
         lr = schedule.lr
         schedule.step(epoch, val_ppl if math.isfinite(val_ppl) else _exp(train_loss))
         if d.is_main:
@@ -441,6 +446,13 @@ def _train(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d:
               "device": str(d.device) if d.device.type == "cpu" else torch.cuda.get_device_name(d.device),
               "finished": epoch >= cfg.epochs}
     if d.is_main:
+        if cfg.keep_best and best["model"] is not None and best["val_ppl"] < (val_ppl if val_ppl is not None else math.inf):
+            # Early stopping's choice: ship the epoch that generalised best, not the last one.
+            model.load_state_dict(best["model"])
+            log.info("keeping the weights of epoch %d (val ppl %.4f; last epoch %.4f)", best["epoch"],
+                     best["val_ppl"], val_ppl)
+            result["val_ppl"] = best["val_ppl"]
+        result["best_epoch"] = best["epoch"] if best["model"] is not None else epoch
         write_outputs(run_dir, model, model_cfg, cfg, vocab_size, result)
     if d.distributed:
         dist.barrier()  # nobody exits (tearing down the group) while rank 0 still writes

@@ -336,3 +336,29 @@ def test_mid_epoch_resume_is_bit_exact(tmp_path, cell):
     assert all(torch.equal(a[k], b[k]) for k in a)
     ref_ppl, run_ppl = epochs_of(tmp_path / "ref")[-1]["train_ppl"], epochs_of(tmp_path / "run")[-1]["train_ppl"]
     assert run_ppl == pytest.approx(ref_ppl, rel=1e-6)  # the epoch's loss sums survived too
+
+
+# ------------------------------------------------------------------------ best weights
+
+
+def test_keep_best_ships_the_epoch_with_the_lowest_val_ppl(tmp_path):
+    """A tiny training set overfits within a few epochs: validation bottoms out, then rises."""
+    from pipeline.evaluate import perplexity
+    from pipeline.models import build_model
+
+    tr, va, vocab = corpus(3000, val_tokens=2000)
+    model_cfg = ModelConfig(cell="gru", hidden_size=128, embed_size=16)
+    runs = {}
+    for keep_best in (True, False):
+        cfg = TrainConfig(epochs=12, optimizer="adam", lr=0.02, batch_size=8, num_steps=20, keep_best=keep_best)
+        runs[keep_best] = (train(tr, va, vocab, model_cfg, cfg, str(tmp_path / str(keep_best))), tmp_path / str(keep_best))
+    events = epochs_of(runs[True][1])
+    vals = [e["val_ppl"] for e in events]
+    best_epoch = int(np.argmin(vals)) + 1
+    assert best_epoch < len(vals), vals  # it did overfit: the best epoch is not the last
+    kept, last = runs[True][0], runs[False][0]
+    assert kept["best_epoch"] == best_epoch and kept["val_ppl"] == pytest.approx(min(vals), rel=1e-9)
+    assert last["val_ppl"] == pytest.approx(vals[-1], rel=1e-9) and last["val_ppl"] > kept["val_ppl"]
+    model = build_model(model_cfg, vocab)
+    model.load_state_dict(weights(runs[True][1]))
+    assert perplexity(model, va, batch_size=8, num_steps=20) == pytest.approx(min(vals), rel=1e-6)
