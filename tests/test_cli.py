@@ -1,0 +1,115 @@
+"""The `rnnlm` command as users run it: subprocesses in an empty directory, no storage env.
+
+The main job runs on a small slice (hidden 32, one epoch) so it takes seconds of training,
+but everything else is the real thing: Prefect's own local server, MLflow on SQLite under
+`./.rnnlm/`, or a real `mlflow server` on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.test_registry import MLFLOW, free_port, start_server, stop_server
+
+RNNLM = str(Path(sys.executable).with_name("rnnlm"))
+SMALL = ["--set", "data.splits.max_tokens=20000", "--set", "model.hidden_size=32", "--set", "model.embed_size=16",
+         "--set", "train.epochs=1", "--set", "train.max_minutes=null"]
+
+
+def env(**extra) -> dict[str, str]:
+    """The user's environment: no storage root, no tracking server, no Prefect server."""
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("RNNLM_STORAGE", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME", "PYTHONPATH")}
+    e.update(RNNLM_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return e
+
+
+def rnnlm(*args: str, cwd: Path, check: bool = True, **extra) -> subprocess.CompletedProcess:
+    proc = subprocess.run([RNNLM, *args], cwd=cwd, env=env(**extra), capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rnnlm {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def test_prepare_prints_the_d2l_numbers(tmp_path):
+    out = rnnlm("prepare", cwd=tmp_path).stdout
+    summary = json.loads(out[out.index("{"):])
+    assert summary["num_tokens"] == 170_580 and summary["vocab_size"] == 28
+    assert sum(summary["splits"].values()) == 170_580
+    assert (tmp_path / ".rnnlm" / "datasets" / summary["dataset_id"] / "manifest.json").is_file()
+
+
+def test_bad_input_exits_do_not_retry_naming_the_problem(tmp_path):
+    missing = rnnlm("prepare", "--set", "data.sources=[{url: /no/such/corpus.txt}]", cwd=tmp_path, check=False)
+    assert missing.returncode == 3 and "/no/such/corpus.txt" in missing.stderr and "not found" in missing.stderr
+    typo = rnnlm("prepare", "--set", "train.learning_rate=0.1", cwd=tmp_path, check=False)
+    assert typo.returncode == 3 and "learning_rate" in typo.stderr
+    preset = rnnlm("prepare", "--config", "no-such-preset", cwd=tmp_path, check=False)
+    assert preset.returncode == 3 and "timemachine-char" in preset.stderr  # lists the real presets
+
+
+def test_train_then_generate_from_the_run_directory(tmp_path):
+    out = rnnlm("train", *SMALL, cwd=tmp_path).stdout
+    run_dir = json.loads(out[out.rindex("{\n"):])["run_dir"]
+    assert Path(run_dir).parent == tmp_path / ".rnnlm" / "runs"
+    text = rnnlm("generate", "--run", run_dir, "--prefix", "Time Traveller", "--num-tokens", "30", cwd=tmp_path).stdout
+    text = text.rstrip("\n")  # generated text may end in spaces: only print's newline goes
+    assert text.startswith("Time Traveller") and len(text) == len("Time Traveller") + 30
+
+
+@pytest.mark.slow
+def test_run_in_an_empty_directory_registers_a_champion_and_reruns_from_cache(tmp_path):
+    first = rnnlm("run", *SMALL, cwd=tmp_path).stdout
+    assert "registered        rnnlm-timemachine-char version 1 (champion)" in first, first
+    assert re.search(r"perplexity\s+validation \d+\.\d+, test \d+\.\d+", first)
+    db = tmp_path / ".rnnlm" / "mlflow.db"
+    assert db.is_file() and (tmp_path / ".rnnlm" / "prefect").is_dir()
+
+    second = rnnlm("run", *SMALL, cwd=tmp_path).stdout
+    cached = re.search(r"\((\d+)/(\d+) stages from cache\)", second)
+    assert cached and cached.group(1) == cached.group(2), second
+
+    # A consumer with only mlflow (and torch) loads the champion from the SQLite registry.
+    consumer = textwrap.dedent(f"""
+        import mlflow
+        mlflow.set_tracking_uri("sqlite:///{db}")
+        model = mlflow.pyfunc.load_model("models:/rnnlm-timemachine-char@champion")
+        print(repr(model.predict(["time traveller"], params={{"num_tokens": 50, "seed": 0}})[0]))
+    """)
+    out = subprocess.run([sys.executable, "-c", consumer], cwd=tmp_path / "..", env=env(), capture_output=True,
+                         text=True, timeout=300, check=True).stdout
+    text = eval(out.strip().splitlines()[-1])  # noqa: S307 - our own repr
+    assert text.startswith("time traveller") and len(text) == len("time traveller") + 50
+
+
+@pytest.mark.slow
+def test_run_against_a_real_mlflow_server(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server_dir = tmp_path / "server"
+    server_dir.mkdir()
+    proc, log_file = start_server(
+        [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{server_dir / 'mlflow.db'}",
+         "--artifacts-destination", str(server_dir / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), server_dir, tmp_path / "server.log", f"{url}/health")
+    try:
+        work = tmp_path / "work"
+        work.mkdir()
+        out = rnnlm("run", *SMALL, cwd=work, MLFLOW_TRACKING_URI=url).stdout
+        assert "registered        rnnlm-timemachine-char version 1 (champion)" in out, out
+        assert not (work / ".rnnlm" / "mlflow.db").exists()  # the server holds the registry
+        assert list((server_dir / "artifacts").rglob("MLmodel"))
+        text = rnnlm("generate", "--model", "models:/rnnlm-timemachine-char@champion", "--prefix", "time traveller",
+                     "--num-tokens", "20", cwd=work, MLFLOW_TRACKING_URI=url).stdout.rstrip("\n").splitlines()[-1]
+        assert text.startswith("time traveller") and len(text) == len("time traveller") + 20
+    finally:
+        stop_server(proc, log_file)
