@@ -4,7 +4,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench clean server deploy worker nightly test-deployments
+
+# Deployments (deployments/README.md): a Prefect server on 127.0.0.1, the work pools and
+# deployments of deployments/prefect.yaml, a worker per pool. PREFECT_API_URL wins if set.
+PREFECT_PORT ?= 4200
+POOL         ?= cpu
+API_URL      := $${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api}
 
 setup: $(STAMP)
 
@@ -27,6 +33,21 @@ bench: setup
 	$(BIN)/python bench/data_throughput.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/flow_overhead.py
+
+server: setup
+	$(BIN)/rnnlm server --port $(PREFECT_PORT)
+
+deploy: setup
+	$(BIN)/rnnlm deploy --api-url $(API_URL)
+
+worker: setup
+	$(BIN)/rnnlm worker --pool $(POOL) --api-url $(API_URL)
+
+nightly: setup
+	PREFECT_API_URL=$(API_URL) $(BIN)/prefect deployment run retrain/nightly
+
+test-deployments: setup
+	$(BIN)/python -m pytest -q tests/test_deployments.py
 
 clean:
 	rm -rf $(VENV) .rnnlm

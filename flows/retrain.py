@@ -8,7 +8,7 @@ from typing import Any, Optional
 from prefect import flow
 
 from flows.prepare_data import prepare_data_flow
-from flows.runtime import flow_run_id, flow_run_url, registry_preset, resolve_config, task_runner_for
+from flows.runtime import dispatch_stages, flow_run_id, flow_run_url, registry_preset, resolve_config, task_runner_for
 from flows.train import train_flow
 from pipeline.config import RunConfig
 from tasks.common import PipelineOptions, bind
@@ -24,12 +24,22 @@ def retrain_flow(config: Optional[RunConfig] = None, preset: Optional[str] = Non
     ``config`` (a RunConfig) wins; else ``preset`` (a preset name or a YAML path, default
     ``timemachine-char``); ``overrides`` are ``section.key=value`` strings on top.
     A failed or diverged training raises before registration, so it never registers.
+
+    ``options.dispatch``: ``"local"`` (default) runs both stages as subflows in this
+    process; ``"deployments"`` runs each as a flow run of its deployment
+    (``options.prepare_deployment`` / ``options.train_deployment``) on that deployment's
+    work pool and waits for it (``flows.runtime.dispatch_stages``); registration stays here.
     """
     started = time.perf_counter()
     cfg = resolve_config(config, preset, overrides)
 
-    dataset = prepare_data_flow.with_options(task_runner=task_runner_for(options))(data=cfg.data, options=options)
-    trained = train_flow(dataset=dataset, model=cfg.model, training=cfg.train, options=options)
+    if options.dispatch == "deployments":
+        dataset, trained = dispatch_stages(cfg, options)
+    else:
+        dataset = prepare_data_flow.with_options(task_runner=task_runner_for(options))(data=cfg.data, options=options)
+        trained = train_flow(dataset=dataset, model=cfg.model, training=cfg.train, options=options)
+    placement = {name: {k: part.pop(k) for k in ("deployment", "work_pool_name") if k in part}
+                 for name, part in (("prepare-data", dataset), ("train", trained))}
 
     registered = None
     if options.register_model:
@@ -41,4 +51,4 @@ def retrain_flow(config: Optional[RunConfig] = None, preset: Optional[str] = Non
     return {"flow_run_id": flow_run_id(), "subflow_run_ids": [dataset.pop("flow_run_id"), trained["flow_run_id"]],
             "config": cfg.model_dump(mode="json"), "dataset": dataset, "run": trained["run"],
             "evaluation": trained["evaluation"], "registered": registered, "stages": stages,
-            "wall_s": time.perf_counter() - started}
+            "dispatch": options.dispatch, "placement": placement, "wall_s": time.perf_counter() - started}

@@ -4,6 +4,9 @@
     rnnlm prepare [--config X]     fetch, tokenize and shard a corpus; print the manifest summary
     rnnlm train --config X [--nproc N]
     rnnlm generate --run DIR | --model models:/NAME@ALIAS --prefix "time traveller"
+    rnnlm server [--port 4200]     a Prefect server on 127.0.0.1 (SQLite under <root>/prefect)
+    rnnlm deploy                   create the work pools and deploy deployments/prefect.yaml
+    rnnlm worker --pool cpu        a process worker for one work pool (control, cpu, gpu)
 
 ``--config`` takes a preset name (``rnnlm presets`` lists them) or a YAML file;
 ``--set section.key=value`` overrides single values.
@@ -78,6 +81,47 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_server(args) -> int:
+    from flows import ops
+
+    env = ops.server_env(home=args.home, database_url=args.database_url, root=args.root)
+    print(f"Prefect server on http://{args.host}:{args.port} (PREFECT_HOME={env.get('PREFECT_HOME', '~/.prefect')}"
+          f"{', database from PREFECT_API_DATABASE_CONNECTION_URL' if env.get('PREFECT_API_DATABASE_CONNECTION_URL') else ''})",
+          flush=True)
+    ops.exec_(ops.server_command(args.host, args.port), env)
+    return 0  # not reached
+
+
+def cmd_deploy(args) -> int:
+    from flows import ops
+
+    limits = {}
+    for item in args.pool_limit:
+        name, _, value = item.partition("=")
+        if not value.isdigit():
+            from pipeline.errors import ConfigError
+
+            raise ConfigError(f"--pool-limit {item!r}: expected POOL=N, e.g. gpu=1")
+        limits[name] = int(value)
+    if limits:
+        ops.ensure_pools(limits=limits, url=args.api_url)
+    return ops.deploy(args.prefect_file, tuple(args.name), url=args.api_url, pools=not args.no_pools)
+
+
+def cmd_worker(args) -> int:
+    from flows import ops
+    from pipeline import storage
+
+    root = storage.storage_root(args.root)
+    block = None if storage.is_local(root) else ops.results_block_for(root, args.api_url)
+    env = ops.worker_env(root=root, repo_dir=args.repo_dir, url=args.api_url, results_block=block)
+    ops.prepare_tracking_db(env)
+    print(f"worker for pool {args.pool}: API {env['PREFECT_API_URL']}, storage {root}, repo {env[ops.ENV_REPO_DIR]}",
+          flush=True)
+    ops.exec_(ops.worker_command(args.pool, args.name, args.limit), env)
+    return 0  # not reached
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rnnlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -113,6 +157,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--root", default=None, help="storage root holding the default MLflow database")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("server", help="start a Prefect server (SQLite by default; see deployments/README.md)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=4200, help="port (default 4200)")
+    p.add_argument("--home", default=None, help="PREFECT_HOME (default $PREFECT_HOME, else <root>/prefect)")
+    p.add_argument("--database-url", default=None,
+                   help="PREFECT_API_DATABASE_CONNECTION_URL, e.g. postgresql+asyncpg://user:pass@host:5432/prefect")
+    p.add_argument("--root", default=None, help="artifact storage root (default $RNNLM_STORAGE or ./.rnnlm)")
+    p.set_defaults(fn=cmd_server)
+
+    p = sub.add_parser("deploy", help="create the work pools and deploy deployments/prefect.yaml")
+    p.add_argument("--prefect-file", default=None, help="default deployments/prefect.yaml")
+    p.add_argument("--name", action="append", default=[], metavar="FLOW/DEPLOYMENT", help="only these (default all)")
+    p.add_argument("--pool-limit", action="append", default=[], metavar="POOL=N", help="set a work pool's concurrency limit")
+    p.add_argument("--no-pools", action="store_true", help="do not create missing work pools")
+    p.add_argument("--api-url", default=None, help="default $PREFECT_API_URL, else http://127.0.0.1:4200/api")
+    p.set_defaults(fn=cmd_deploy)
+
+    p = sub.add_parser("worker", help="start a process worker for a work pool")
+    p.add_argument("--pool", required=True, help="work pool: control, cpu or gpu")
+    p.add_argument("--name", default=None, help="worker name (default: Prefect's)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many flow runs at once on this worker")
+    p.add_argument("--root", default=None, help="shared artifact root (default $RNNLM_STORAGE or ./.rnnlm)")
+    p.add_argument("--repo-dir", default=None, help="this repository on this host (default $RNNLM_REPO_DIR, else this checkout)")
+    p.add_argument("--api-url", default=None, help="default $PREFECT_API_URL, else http://127.0.0.1:4200/api")
+    p.set_defaults(fn=cmd_worker)
     return parser
 
 

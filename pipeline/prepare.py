@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -191,5 +191,3 @@ def summary(dataset: Dataset) -> dict:
         "splits": {k: v["num_tokens"] for k, v in m["splits"].items()},
     }
 
-
-__all__ = ["Chunk", "dataset_id", "plan_chunks", "count_chunk", "encode_chunk", "prepare_dataset", "write_dataset", "summary", "asdict"]

@@ -44,7 +44,7 @@ import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 import psutil
 from prefect.cache_policies import CachePolicy
@@ -82,6 +82,14 @@ class PipelineOptions(BaseModel):
     sample_tokens: int = Field(default=100, ge=1)
     sample_temperature: float = Field(default=0.7, ge=0)
     register_model: bool = Field(default=True, description="register the model in MLflow and run the champion gate")
+    # distributed mode (see flows/retrain.py and deployments/README.md)
+    dispatch: Literal["local", "deployments"] = Field(
+        default="local", description="'local': stages run as subflows in this process; 'deployments': each stage "
+                                     "is a flow run of its deployment (run_deployment), on that deployment's work pool")
+    prepare_deployment: str = Field(default="prepare-data/cpu", description="'flow/deployment' of the data stage (dispatch=deployments)")
+    train_deployment: str = Field(default="train/gpu", description="'flow/deployment' of the training stage (dispatch=deployments)")
+    dispatch_timeout_s: float = Field(default=6 * 3600.0, gt=0, description="how long the parent waits for one dispatched stage; then it is cancelled")
+    dispatch_poll_s: float = Field(default=5.0, gt=0, description="how often the parent polls a dispatched stage's state")
 
     def store_root(self) -> str:
         return storage.storage_root(self.root)

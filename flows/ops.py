@@ -1,0 +1,228 @@
+"""Operating the distributed pipeline: a Prefect server, work pools, deployments, workers.
+
+    rnnlm server [--port 4200]          prefect server start on 127.0.0.1 (SQLite, or Postgres via
+                                        PREFECT_API_DATABASE_CONNECTION_URL / --database-url)
+    rnnlm deploy                        create the work pools, then `prefect deploy --all` from
+                                        deployments/prefect.yaml (run from the repository root)
+    rnnlm worker --pool cpu             a process worker for one pool, with the environment the
+                                        flow runs need (shared storage, persisted results)
+
+Each helper builds an argv and an environment (``*_command`` / ``*_env``), so tests and
+supervisors (systemd, a Kubernetes manifest) can start the same thing themselves; the
+CLI ``exec``s them, so the server or worker *is* the process a supervisor started.
+See deployments/README.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Mapping, Optional
+
+from pipeline import storage
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+PREFECT_FILE = REPO_DIR / "deployments" / "prefect.yaml"
+DEFAULT_API_URL = "http://127.0.0.1:4200/api"
+ENV_REPO_DIR = "RNNLM_REPO_DIR"  # where the worker's host has this repository (the pull step's working dir)
+
+# The pools deployments/prefect.yaml uses: retrain waits on its own pool so that it never
+# holds a slot the stages it waits for need.
+POOLS = {
+    "control": "orchestration: the retrain parent (waits on its stages, registers the model)",
+    "cpu": "data preparation (prepare-data)",
+    "gpu": "training and evaluation (train)",
+}
+
+
+def prefect_executable() -> str:
+    """The ``prefect`` next to this interpreter (the venv's), else the one on PATH."""
+    local = Path(sys.executable).with_name("prefect")
+    return str(local) if local.exists() else (shutil.which("prefect") or "prefect")
+
+
+def api_url(url: Optional[str] = None) -> str:
+    return url or os.environ.get("PREFECT_API_URL") or DEFAULT_API_URL
+
+
+# ----------------------------------------------------------------------------------- server
+
+
+def server_command(host: str = "127.0.0.1", port: int = 4200) -> list[str]:
+    return [prefect_executable(), "server", "start", "--host", host, "--port", str(port)]
+
+
+def server_env(home: Optional[str] = None, database_url: Optional[str] = None, root: Optional[str] = None,
+               base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """The server's environment: ``PREFECT_HOME`` (default ``<root>/prefect`` for a local storage
+    root, which holds the SQLite database), analytics off, and the database URL if given
+    (``postgresql+asyncpg://user:pass@host:5432/prefect``)."""
+    env = dict(os.environ if base is None else base)
+    env.pop("PREFECT_API_URL", None)  # the server is the API; a client setting would only confuse it
+    if home is None and "PREFECT_HOME" not in env:
+        store = storage.storage_root(root or env.get(storage.ENV_STORAGE))
+        if storage.is_local(store):
+            home = os.path.join(storage.local_path(store), "prefect")
+    if home:
+        os.makedirs(home, exist_ok=True)
+        env["PREFECT_HOME"] = str(home)
+    # analytics' heartbeat races the first migrations on a fresh SQLite file ("database is locked")
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    if database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+    return env
+
+
+# ------------------------------------------------------------------------------------ pools
+
+
+def ensure_pools(names=tuple(POOLS), limits: Optional[Mapping[str, int]] = None,
+                 url: Optional[str] = None) -> dict[str, str]:
+    """Create the ``process`` work pools that do not exist yet (existing ones are left as they
+    are, their limits included); set the given concurrency limits. Returns name -> created/exists."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.workers.process import ProcessWorker
+
+    limits = dict(limits or {})
+    out = {}
+    with temporary_settings(updates={PREFECT_API_URL: api_url(url)}), get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                client.read_work_pool(name)
+                out[name] = "exists"
+            except ObjectNotFound:
+                try:
+                    client.create_work_pool(WorkPoolCreate(
+                        name=name, type="process", description=POOLS.get(name),
+                        base_job_template=ProcessWorker.get_default_base_job_template()))
+                    out[name] = "created"
+                except ObjectAlreadyExists:
+                    out[name] = "exists"
+            if name in limits:
+                client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=limits[name]))
+    return out
+
+
+# ------------------------------------------------------------------------------ deployments
+
+
+def deploy_command(prefect_file: Optional[str] = None, names: tuple[str, ...] = ()) -> list[str]:
+    """``prefect deploy`` for every deployment in the file (or the ``flow/deployment`` names given)."""
+    cmd = [prefect_executable(), "--no-prompt", "deploy", "--prefect-file", str(prefect_file or PREFECT_FILE)]
+    return cmd + ([a for n in names for a in ("--name", n)] if names else ["--all"])
+
+
+def pull_step_env_vars(prefect_file: Optional[str] = None) -> set[str]:
+    """The ``{{ $VAR }}`` names used in the file's pull steps (top level and per deployment)."""
+    import yaml
+
+    spec = yaml.safe_load(Path(prefect_file or PREFECT_FILE).read_text()) or {}
+    pulls = [spec.get("pull")] + [d.get("pull") for d in spec.get("deployments") or []]
+    return set(re.findall(r"\{\{\s*\$([A-Za-z_][A-Za-z0-9_]*)\s*\}\}", repr(pulls)))
+
+
+def deploy(prefect_file: Optional[str] = None, names: tuple[str, ...] = (), url: Optional[str] = None,
+           pools: bool = True, env: Optional[Mapping[str, str]] = None) -> int:
+    """Create the pools, then run ``prefect deploy`` from the repository root (entrypoints in
+    prefect.yaml are relative to it, whatever the caller's working directory).
+
+    ``prefect deploy`` (3.8) fills ``{{ $VAR }}`` in pull steps from the *deploying* shell
+    when the variable is set there, and stores the placeholder as written when it is not;
+    the worker then fills it from its own environment when a run starts. So the variables
+    the pull steps use are removed from the deploy's environment: a deployer's own
+    ``RNNLM_REPO_DIR`` must never become every worker's working directory.
+    """
+    if pools:
+        for name, what in ensure_pools(url=url).items():
+            print(f"work pool {name}: {what}", flush=True)
+    run_env = {**(os.environ if env is None else env), "PREFECT_API_URL": api_url(url)}
+    for var in pull_step_env_vars(prefect_file):
+        run_env.pop(var, None)
+    return subprocess.call(deploy_command(prefect_file, names), cwd=REPO_DIR, env=run_env)
+
+
+# ---------------------------------------------------------------------------------- workers
+
+
+def worker_command(pool: str, name: Optional[str] = None, limit: Optional[int] = None) -> list[str]:
+    cmd = [prefect_executable(), "worker", "start", "--pool", pool, "--type", "process"]
+    if name:
+        cmd += ["--name", name]
+    if limit:
+        cmd += ["--limit", str(limit)]
+    return cmd
+
+
+def worker_env(root: Optional[str] = None, repo_dir: Optional[str] = None, url: Optional[str] = None,
+               results_block: Optional[str] = None, base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """What a worker (and so every flow run it starts) needs.
+
+    * ``PREFECT_API_URL``;
+    * ``RNNLM_STORAGE``: the shared artifact root (the same URL on every host; a local path
+      only works when all workers share the directory, as in tests);
+    * ``RNNLM_REPO_DIR``: where this host has the repository: the deployments' pull step
+      changes into it before loading the flow;
+    * persisted flow results on the shared root: ``PREFECT_RESULTS_PERSIST_BY_DEFAULT``, JSON,
+      ``PREFECT_RESULTS_LOCAL_STORAGE_PATH=<root>/prefect-results/flow-runs`` for a local
+      root, or ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK`` (a saved remote-file-system block,
+      see :func:`results_block_for`) for s3:// / gs://. The retrain parent reads its
+      children's results from there.
+    """
+    env = dict(os.environ if base is None else base)
+    store = storage.storage_root(root or env.get(storage.ENV_STORAGE))
+    env[storage.ENV_STORAGE] = store
+    env["PREFECT_API_URL"] = api_url(url or env.get("PREFECT_API_URL"))
+    env[ENV_REPO_DIR] = str(repo_dir or env.get(ENV_REPO_DIR) or REPO_DIR)
+    env["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] = "true"
+    env.setdefault("PREFECT_RESULTS_DEFAULT_SERIALIZER", "json")
+    if storage.is_local(store):
+        path = os.path.join(storage.local_path(store), "prefect-results", "flow-runs")
+        os.makedirs(path, exist_ok=True)
+        env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = path
+    elif results_block:
+        env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = results_block
+    return env
+
+
+def results_block_for(root: str, url: Optional[str] = None) -> str:
+    """Save (idempotently) a remote-file-system block at ``<root>/prefect-results/flow-runs``; its slug."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.common import result_storage_block
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url(url)}):
+        return result_storage_block(storage.join(root, "prefect-results", "flow-runs"))
+
+
+def prepare_tracking_db(env: Mapping[str, str]) -> Optional[str]:
+    """Create a SQLite MLflow database once before workers use it concurrently (no-op otherwise)."""
+    from pipeline import registry
+
+    uri = env.get(registry.ENV_TRACKING_URI)
+    if not uri:
+        store = env.get(storage.ENV_STORAGE)
+        if not store or not storage.is_local(store):
+            return None
+        uri = "sqlite:///" + os.path.join(storage.local_path(store), registry.DB_FILE)
+    if not uri.startswith("sqlite:///"):
+        return uri
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    if path and not os.path.exists(path):
+        registry.ensure_tracking_db(uri)
+    return uri
+
+
+def exec_(cmd: list[str], env: Mapping[str, str], cwd: Optional[Path] = None) -> None:
+    """Replace this process with ``cmd`` (signals from a supervisor reach the server/worker itself)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if cwd:
+        os.chdir(cwd)
+    os.execvpe(cmd[0], cmd, dict(env))

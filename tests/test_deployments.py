@@ -1,0 +1,365 @@
+"""Deployments: deployments/prefect.yaml, the ops helpers, and the distributed retrain end to end.
+
+The end-to-end test uses real components on loopback only: ``prefect server start`` (SQLite,
+temp ``PREFECT_HOME``) on a free 127.0.0.1 port, ``rnnlm deploy`` run from elsewhere than the
+repository root, one ``rnnlm worker`` per pool (control, cpu, gpu) polling every second, a
+shared storage root and a SQLite MLflow database in a temp dir, and ``prefect deployment run
+retrain/nightly`` with a tiny configuration. Every process is started in its own process
+group and stopped by PID (group, then any stray descendant) in a finalizer, pass or fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
+
+TINY = ["data.splits.max_tokens=4000", "model.hidden_size=16", "model.embed_size=8", "train.epochs=1",
+        "train.batch_size=8", "train.num_steps=16"]
+
+
+# ------------------------------------------------------------------------- quick checks
+
+
+def deployments_by_name() -> dict[str, dict]:
+    spec = yaml.safe_load(PREFECT_FILE.read_text())
+    return {d["name"]: d for d in spec["deployments"]}, spec
+
+
+def test_prefect_yaml_deployments_pools_schedule_and_pull_step():
+    import importlib
+
+    from tasks.common import PipelineOptions
+
+    deps, spec = deployments_by_name()
+    assert set(deps) == {"nightly", "cpu", "gpu"}
+    expected = {"nightly": ("retrain", "control"), "cpu": ("prepare-data", "cpu"), "gpu": ("train", "gpu")}
+    for name, (flow_name, pool) in expected.items():
+        module, fn = deps[name]["entrypoint"].split(":")
+        assert (REPO / module).is_file()
+        flow = getattr(importlib.import_module(module[:-3].replace("/", ".")), fn)
+        assert flow.name == flow_name  # so the deployment is <flow_name>/<name>
+        assert deps[name]["work_pool"]["name"] == pool
+    # the working directory comes from the worker's environment, resolved when a run starts
+    assert spec["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $RNNLM_REPO_DIR }}"}}]
+    assert deps["nightly"]["schedules"] == [{"cron": "0 3 * * *", "timezone": "UTC", "active": True}]
+    opts = PipelineOptions.model_validate(deps["nightly"]["parameters"]["options"])
+    assert opts.dispatch == "deployments" and opts.root is None  # each host resolves $RNNLM_STORAGE itself
+    assert (opts.prepare_deployment, opts.train_deployment) == ("prepare-data/cpu", "train/gpu")
+
+
+def test_worker_env_persists_results_on_the_shared_root(tmp_path):
+    from flows import ops
+
+    env = ops.worker_env(root=str(tmp_path / "store"), repo_dir="/srv/rnnlm", url="http://127.0.0.1:1/api", base={})
+    assert env["RNNLM_STORAGE"] == str(tmp_path / "store") and env["RNNLM_REPO_DIR"] == "/srv/rnnlm"
+    assert env["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] == "true"
+    assert env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] == str(tmp_path / "store" / "prefect-results" / "flow-runs")
+    assert env["PREFECT_API_URL"] == "http://127.0.0.1:1/api"
+    remote = ops.worker_env(root="s3://bucket/rnnlm", results_block="remote-file-system/x", base={})
+    assert remote["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] == "remote-file-system/x"
+    assert "PREFECT_RESULTS_LOCAL_STORAGE_PATH" not in remote
+    assert ops.worker_command("gpu", limit=1)[-6:] == ["--pool", "gpu", "--type", "process", "--limit", "1"]
+    assert ops.pull_step_env_vars() == {"RNNLM_REPO_DIR"}  # kept out of `prefect deploy`'s environment
+    assert ops.deploy_command()[-3:] == ["--prefect-file", str(PREFECT_FILE), "--all"]
+    server = ops.server_env(root=str(tmp_path / "store"), database_url="postgresql+asyncpg://u:p@db/prefect", base={})
+    assert server["PREFECT_HOME"] == str(tmp_path / "store" / "prefect")
+    assert server["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
+
+
+def test_dispatch_option_is_validated():
+    from pydantic import ValidationError
+
+    from tasks.common import PipelineOptions
+
+    assert PipelineOptions().dispatch == "local"
+    with pytest.raises(ValidationError):
+        PipelineOptions(dispatch="remote")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Processes:
+    """Subprocesses in their own process groups, logs to files, all stopped by PID at the end."""
+
+    def __init__(self, logs: Path):
+        self.logs = logs
+        self.procs: list[tuple[str, subprocess.Popen, object]] = []
+
+    def start(self, name: str, cmd: list[str], env: dict, cwd=None) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "wb")
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append((name, proc, log))
+        return proc
+
+    def log(self, name: str, tail: int = 3000) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace")[-tail:] if path.exists() else ""
+
+    def all_logs(self) -> str:
+        return "\n".join(f"----- {name} -----\n{self.log(name)}" for name, _, _ in self.procs)
+
+    def stop_all(self) -> None:
+        import psutil
+
+        for name, proc, log in reversed(self.procs):  # workers first, the server last
+            try:
+                descendants = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                descendants = []
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(timeout=10)
+            for d in descendants:  # flow-run processes that left the group
+                try:
+                    d.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            log.close()
+
+
+def wait_http(url: str, proc: subprocess.Popen, procs: Processes, name: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"{name} exited with {proc.returncode}:\n{procs.log(name)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} not ready after {timeout}s:\n{procs.log(name)}")
+        time.sleep(0.5)
+
+
+def clean_env(**extra) -> dict:
+    """This environment minus anything that would point a child at another server or store."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RNNLM_"))}
+    return {**env, **extra}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, request):
+    """Server + deployments + one worker per pool; yields a dict of what the test needs."""
+    from flows import ops
+    from pipeline import registry
+
+    base = tmp_path_factory.mktemp("deployments")
+    (base / "logs").mkdir()
+    procs = Processes(base / "logs")
+    request.addfinalizer(procs.stop_all)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    server_env = ops.server_env(home=str(base / "server-home"), base=clean_env(
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="10", PREFECT_LOGGING_LEVEL="WARNING"))
+    server = procs.start("server", ops.server_command("127.0.0.1", port), server_env)
+    wait_http(f"{api}/health", server, procs, "server")
+    timings["server_ready_s"] = time.perf_counter() - t0
+
+    store = base / "store"
+    tracking = "sqlite:///" + str(base / "mlflow.db")
+    registry.ensure_tracking_db(tracking)  # created once, before workers use it concurrently
+    client_home = str(base / "client-home")
+
+    # deploy from somewhere else than the repo root, with a deployer-side RNNLM_REPO_DIR that
+    # must NOT end up in the deployments (the workers' value is used at run time)
+    t = time.perf_counter()
+    deployed = subprocess.run([str(BIN / "rnnlm"), "deploy", "--api-url", api], cwd=base, capture_output=True,
+                              text=True, timeout=180,
+                              env=clean_env(PREFECT_HOME=client_home, RNNLM_REPO_DIR="/nonexistent/deployer/checkout"))
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    timings["deploy_s"] = time.perf_counter() - t
+
+    worker_env = clean_env(PREFECT_HOME=client_home, PREFECT_WORKER_QUERY_SECONDS="1", RNNLM_STORAGE=str(store),
+                           MLFLOW_TRACKING_URI=tracking, RNNLM_REPO_DIR=str(REPO), RNNLM_NUM_THREADS="1")
+    workers = {}
+    for pool in ops.POOLS:
+        workers[pool] = procs.start(f"worker-{pool}", [str(BIN / "rnnlm"), "worker", "--pool", pool,
+                                                        "--name", f"test-{pool}", "--api-url", api], worker_env)
+    yield {"api": api, "store": store, "tracking": tracking, "procs": procs, "workers": workers,
+           "client_env": clean_env(PREFECT_HOME=client_home, PREFECT_API_URL=api), "timings": timings,
+           "deploy_output": deployed.stdout}
+
+
+def prefect_client(api: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    class _Client:
+        def __enter__(self):
+            self._settings = temporary_settings(updates={PREFECT_API_URL: api})
+            self._settings.__enter__()
+            self._client = get_client(sync_client=True)
+            return self._client.__enter__()
+
+        def __exit__(self, *exc):
+            self._client.__exit__(*exc)
+            self._settings.__exit__(*exc)
+
+    return _Client()
+
+
+@pytest.mark.slow
+def test_nightly_retrain_dispatches_stages_to_their_pools_and_registers(stack):
+    from importlib.metadata import version
+
+    from mlflow.tracking import MlflowClient
+    from packaging.version import Version
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
+                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+
+    assert Version(version("sqlalchemy")) < Version("2.1"), "sqlalchemy 2.1 breaks prefect 3.8's scheduler"
+    procs, api, timings = stack["procs"], stack["api"], stack["timings"]
+    params = {"preset": "timemachine-char", "overrides": TINY,
+              "options": {"dispatch": "deployments", "dispatch_poll_s": 1, "dispatch_timeout_s": 240,
+                          "sample_tokens": 10, "fetch_retry_delay_s": 0.05, "train_retry_delay_s": 0, "grace_s": 5}}
+    t = time.perf_counter()
+    started = subprocess.run([str(BIN / "prefect"), "deployment", "run", "retrain/nightly", "--params", json.dumps(params)],
+                             cwd=REPO, env=stack["client_env"], capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    match = re.search(r"UUID:\s*([0-9a-f-]{36})", started.stdout)
+    assert match, started.stdout
+    parent_id = match.group(1)
+
+    deadline = time.monotonic() + 240
+    with prefect_client(api) as client:
+        while True:
+            parent = client.read_flow_run(parent_id)
+            if parent.state and parent.state.is_final():
+                break
+            for name, w in stack["workers"].items():
+                assert w.poll() is None, f"worker {name} died:\n{procs.log('worker-' + name)}"
+            if time.monotonic() > deadline:
+                raise AssertionError(f"retrain still {parent.state_name} after 240 s\n{procs.all_logs()}")
+            time.sleep(1)
+        timings["nightly_run_s"] = time.perf_counter() - t
+        assert parent.state.is_completed(), f"{parent.state_name}: {parent.state.message}\n{procs.all_logs()}"
+        assert parent.work_pool_name == "control"
+
+        deployments = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
+        assert set(deployments) == {"retrain/nightly", "prepare-data/cpu", "train/gpu"}
+        # pull steps stored as written: resolved on the worker, not from the deploying shell
+        for d in deployments.values():
+            assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory":
+                                     {"directory": "{{ $RNNLM_REPO_DIR }}"}}], d.pull_steps
+
+        children = {}
+        for name, pool in (("prepare-data/cpu", "cpu"), ("train/gpu", "gpu")):
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployments[name].id])))
+            assert len(runs) == 1, [(r.name, r.state_name) for r in runs]
+            child = runs[0]
+            assert child.state.is_completed() and child.work_pool_name == pool, (name, child.state_name, child.work_pool_name)
+            # linked to the parent as a subflow (run_deployment(as_subflow=True))
+            assert str(client.read_task_run(child.parent_task_run_id).flow_run_id) == parent_id
+            children[name] = child
+        result = parent.state.result()  # persisted on the shared root by the control worker
+        dataset_result = children["prepare-data/cpu"].state.result()
+
+        # the cron schedule has put upcoming runs on the calendar (the scheduler service is on)
+        scheduled = []
+        nightly = deployments["retrain/nightly"]
+        while True:
+            scheduled = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[nightly.id])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))))
+            if scheduled or time.monotonic() > deadline + 60:
+                break
+            time.sleep(1)
+    assert scheduled, "no scheduled runs of retrain/nightly"
+    for run in scheduled:
+        when = run.expected_start_time
+        assert (when.hour, when.minute) == (3, 0) and when.utcoffset().total_seconds() == 0, when
+        assert when.timestamp() > time.time()
+
+    assert result["dispatch"] == "deployments"
+    assert result["placement"] == {"prepare-data": {"deployment": "prepare-data/cpu", "work_pool_name": "cpu"},
+                                   "train": {"deployment": "train/gpu", "work_pool_name": "gpu"}}
+    assert result["subflow_run_ids"] == [str(children["prepare-data/cpu"].id), str(children["train/gpu"].id)]
+    ds = result["dataset"]
+    assert ds["dataset_id"] == dataset_result["dataset_id"] and ds["num_tokens"] == 4000
+    assert Path(ds["uri"]).is_relative_to(stack["store"]) and (Path(ds["uri"]) / "manifest.json").is_file()
+    assert Path(result["run"]["model_uri"]).is_relative_to(stack["store"]) and result["run"]["epochs"] == 1
+
+    # MLflow: a new version with lineage pointing at this very flow run
+    reg = result["registered"]
+    assert reg["registered"] and reg["name"] == "rnnlm-timemachine-char" and reg["tracking_uri"] == stack["tracking"]
+    mlflow = MlflowClient(stack["tracking"], registry_uri=stack["tracking"])
+    versions = mlflow.search_model_versions("name='rnnlm-timemachine-char'")
+    assert [str(v.version) for v in versions] == [str(reg["version"])]
+    tags = mlflow.get_run(versions[0].run_id).data.tags
+    assert tags["prefect.flow_run_id"] == parent_id
+    assert tags["data.dataset_id"] == ds["dataset_id"]
+    assert parent_id in tags["prefect.flow_run_url"]
+    print(f"\ntimings: {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, control_limit, expected", [
+    ("prepare-data/missing", None, "deployment prepare-data/missing not found"),
+    # a child on the parent's own pool, whose limit of 1 the parent holds: refused, not a deadlock
+    ("retrain/nightly", 1, "concurrency limit is 1"),
+])
+def test_bad_dispatch_targets_fail_at_once_and_clearly(stack, target, control_limit, expected):
+    from prefect.client.schemas.actions import WorkPoolUpdate
+
+    procs, api = stack["procs"], stack["api"]
+    params = {"preset": "timemachine-char", "overrides": TINY,
+              "options": {"dispatch": "deployments", "prepare_deployment": target, "dispatch_poll_s": 1}}
+    with prefect_client(api) as client:
+        client.update_work_pool("control", WorkPoolUpdate(concurrency_limit=control_limit))
+    try:
+        started = subprocess.run([str(BIN / "prefect"), "deployment", "run", "retrain/nightly", "--params",
+                                  json.dumps(params)], cwd=REPO, env=stack["client_env"], capture_output=True,
+                                 text=True, timeout=120)
+        parent_id = re.search(r"UUID:\s*([0-9a-f-]{36})", started.stdout).group(1)
+        deadline = time.monotonic() + 120
+        with prefect_client(api) as client:
+            while not (run := client.read_flow_run(parent_id)).state.is_final():
+                assert time.monotonic() < deadline, procs.all_logs()
+                time.sleep(1)
+            children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+    finally:
+        with prefect_client(api) as client:
+            client.update_work_pool("control", WorkPoolUpdate(concurrency_limit=None))
+    assert run.state.is_failed(), run.state
+    assert expected in str(run.state.result(raise_on_failure=False)), run.state.message
+    assert not children  # nothing was dispatched
