@@ -16,12 +16,16 @@ finished dataset is reused.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 
 from pipeline import storage
 from pipeline.config import DataConfig, TokenizerConfig
@@ -29,7 +33,7 @@ from pipeline.corpus import Document, fetch_corpus
 from pipeline.errors import CorpusError
 from pipeline.shards import Dataset, DatasetWriter, is_complete, open_dataset, split_sizes
 from pipeline.tokenizer import char_codes, word_tokens
-from pipeline.vocab import TokenCounts, Vocab, count_values, merge_counts
+from pipeline.vocab import TokenCounts, Vocab, count_codes, count_values, merge_counts
 
 log = logging.getLogger(__name__)
 
@@ -90,21 +94,44 @@ def _next_line_end(f, pos: int, size: int) -> int:
 
 def count_chunk(chunk: Chunk, cfg: TokenizerConfig) -> TokenCounts:
     """Token counts of one chunk, in first-occurrence order."""
-    return count_values(_tokens(chunk.read(), cfg))
+    data = chunk.read()
+    if cfg.level == "char":
+        return count_codes(char_codes(data, cfg))
+    return count_values(word_tokens(data, cfg))
 
 
 def encode_chunk(chunk: Chunk, cfg: TokenizerConfig, vocab: Vocab) -> np.ndarray:
     """Token ids of one chunk (unknown tokens -> 0)."""
-    tokens = _tokens(chunk.read(), cfg)
+    data = chunk.read()
     if cfg.level == "char":
-        return vocab.encode_codes(tokens.to_numpy(zero_copy_only=False))
-    return vocab.encode_words(tokens)
+        return vocab.encode_codes(char_codes(data, cfg))
+    return vocab.encode_words(word_tokens(data, cfg))
 
 
-def _tokens(data: bytes, cfg: TokenizerConfig) -> pa.Array:
-    if cfg.level == "char":
-        return pa.array(char_codes(data, cfg))
-    return word_tokens(data, cfg)
+class CodeSpill:
+    """Char level, one process: keep each chunk's code points on local disk between the passes.
+
+    Normalizing is most of the work of a char-level chunk, and the encode pass would
+    repeat it; reading the counted codes back (one byte a token for ASCII text) is
+    nearly free, and memory stays at one chunk. ``count``/``encode`` give exactly what
+    ``count_chunk``/``encode_chunk`` give.
+    """
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def _path(self, i: int) -> str:
+        return os.path.join(self.directory, f"{i:06d}.npy")
+
+    def count(self, i: int, chunk: Chunk, cfg: TokenizerConfig) -> TokenCounts:
+        codes = char_codes(chunk.read(), cfg)
+        np.save(self._path(i), codes)
+        return count_codes(codes)
+
+    def encode(self, i: int, vocab: Vocab) -> np.ndarray:
+        codes = np.load(self._path(i))
+        os.remove(self._path(i))
+        return vocab.encode_codes(codes)
 
 
 def prepare_dataset(cfg: DataConfig, root: str | None = None) -> Dataset:
@@ -120,16 +147,23 @@ def prepare_dataset(cfg: DataConfig, root: str | None = None) -> Dataset:
 
     chunks = plan_chunks(documents, cfg.chunk_bytes)
     log.info("counting %d chunk(s) of %d document(s)", len(chunks), len(documents))
-    counts = merge_counts(_logged(chunks, "count", lambda c: count_chunk(c, cfg.tokenizer)))
-    vocab = Vocab.build(counts, cfg.vocab)
-    num_tokens = sum(counts.values())
-    if num_tokens == 0:
-        raise CorpusError(", ".join(s.url for s in cfg.sources), "no tokens after normalization")
-    log.info("vocabulary: %d tokens from %d distinct; %d tokens in the corpus", len(vocab), len(counts), num_tokens)
+    with tempfile.TemporaryDirectory(prefix="rnnlm-codes-") as spill_dir:
+        spill = CodeSpill(spill_dir) if cfg.tokenizer.level == "char" else None
+        if spill:
+            counts = merge_counts(_logged(list(enumerate(chunks)), "count", lambda ic: spill.count(*ic, cfg.tokenizer)))
+        else:
+            counts = merge_counts(_logged(chunks, "count", lambda c: count_chunk(c, cfg.tokenizer)))
+        vocab = Vocab.build(counts, cfg.vocab)
+        num_tokens = sum(counts.values())
+        if num_tokens == 0:
+            raise CorpusError(", ".join(s.url for s in cfg.sources), "no tokens after normalization")
+        log.info("vocabulary: %d tokens from %d distinct; %d tokens in the corpus", len(vocab), len(counts), num_tokens)
 
-    manifest = write_dataset(
-        uri, documents, cfg, vocab, num_tokens, _logged(chunks, "encode", lambda c: encode_chunk(c, cfg.tokenizer, vocab))
-    )
+        if spill:
+            encoded = _logged(list(range(len(chunks))), "encode", lambda i: spill.encode(i, vocab))
+        else:
+            encoded = _logged(chunks, "encode", lambda c: encode_chunk(c, cfg.tokenizer, vocab))
+        manifest = write_dataset(uri, documents, cfg, vocab, num_tokens, encoded)
     log.info(
         "dataset %s: %d tokens (train %d, val %d, test %d), vocab %d, %.1f s",
         did, manifest["num_tokens"], *(manifest["splits"][s]["num_tokens"] for s in ("train", "val", "test")),
@@ -160,6 +194,8 @@ def write_dataset(uri, documents, cfg: DataConfig, vocab: Vocab, num_tokens: int
             }
         )
     except BaseException:
+        with contextlib.suppress(Exception):  # the original error is the one to report
+            writer.close()  # and no write may land in the staging dir after it is removed
         fs, path = storage.filesystem(staging)
         if fs.exists(path):
             fs.rm(path, recursive=True)
@@ -168,14 +204,25 @@ def write_dataset(uri, documents, cfg: DataConfig, vocab: Vocab, num_tokens: int
     return manifest
 
 
-def _logged(chunks: list[Chunk], verb: str, fn):
-    """Apply ``fn`` to each chunk in order, logging progress on long corpora."""
+def _logged(chunks: list, verb: str, fn, workers: int = 2):
+    """Yield ``fn(chunk)`` for each chunk, in order, computed on ``workers`` threads.
+
+    Most of a chunk's work (numpy, pyarrow, hashing, file I/O) runs without the GIL,
+    so two chunks in flight use two cores; memory stays at ``workers`` chunks.
+    Progress is logged every few seconds on long corpora.
+    """
     last = time.perf_counter()
-    for i, chunk in enumerate(chunks):
-        yield fn(chunk)
-        if time.perf_counter() - last > 5:
-            log.info("%s: %d/%d chunks", verb, i + 1, len(chunks))
-            last = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=verb) as pool:
+        in_flight: deque = deque()
+        for i, chunk in enumerate(chunks):
+            in_flight.append(pool.submit(fn, chunk))
+            if len(in_flight) >= workers:
+                yield in_flight.popleft().result()
+            if time.perf_counter() - last > 5:
+                log.info("%s: %d/%d chunks", verb, i + 1, len(chunks))
+                last = time.perf_counter()
+        while in_flight:
+            yield in_flight.popleft().result()
 
 
 def summary(dataset: Dataset) -> dict:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import io
 import logging
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -54,22 +56,28 @@ def _shard_bytes(ids: np.ndarray) -> bytes:
     """A shard file. Parquet has no 8- or 16-bit physical type, so ids are stored as
     INT32; byte-stream-split plus LZ4 squeezes the always-zero high bytes out, making a
     shard about one byte per uint8 token instead of four (cheaper to write, hash and
-    read back). Needs pyarrow >= 17 to read."""
-    sink = io.BytesIO()
+    read back). Needs pyarrow >= 17 to read. Written to an Arrow buffer, not a Python
+    file object, so the whole encode runs without the GIL."""
+    sink = pa.BufferOutputStream()
     pq.write_table(
         pa.table({"ids": ids}), sink, compression="lz4", use_dictionary=False, column_encoding={"ids": "BYTE_STREAM_SPLIT"}
     )
-    return sink.getvalue()
+    return memoryview(sink.getvalue())
 
 
 class DatasetWriter:
     """Routes a stream of token ids into contiguous train/val/test shards.
 
-    Feed ``add`` the ids of consecutive chunks; memory stays at one shard.
-    ``sizes`` are known up front (from counting), so the split a token falls
-    in is decided by its position alone. Tokens past the total are dropped
-    (the ``max_tokens`` cap).
+    Feed ``add`` the ids of consecutive chunks. ``sizes`` are known up front
+    (from counting), so the split a token falls in is decided by its position
+    alone. Tokens past the total are dropped (the ``max_tokens`` cap).
+
+    Shards are encoded, hashed and written on two background threads (pyarrow,
+    hashlib and file I/O release the GIL), overlapping the tokenizing of the next
+    chunk; at most ``MAX_IN_FLIGHT`` shards wait, so memory stays bounded.
     """
+
+    MAX_IN_FLIGHT = 8
 
     def __init__(self, directory: str, vocab: Vocab, sizes: dict[str, int], tokens_per_shard: int):
         self.directory = directory
@@ -86,6 +94,8 @@ class DatasetWriter:
         self.pending: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
         self.pending_len = dict.fromkeys(SPLITS, 0)
         self.shards: dict[str, list[dict]] = {s: [] for s in SPLITS}
+        self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-writer")
+        self._in_flight: deque[Future] = deque()
 
     def add(self, ids: np.ndarray) -> None:
         ids = ids[: max(self.total - self.position, 0)]
@@ -118,10 +128,24 @@ class DatasetWriter:
         shard = parts[0] if len(parts) == 1 else np.concatenate(parts)
         self.pending[split] = rest
         self.pending_len[split] -= len(shard)
-        name = f"{split}-{len(self.shards[split]):05d}.parquet"
+        entry = {"file": f"{split}-{len(self.shards[split]):05d}.parquet", "num_tokens": int(len(shard))}
+        self.shards[split].append(entry)
+        while len(self._in_flight) >= self.MAX_IN_FLIGHT:
+            self._in_flight.popleft().result()  # re-raises a failed write here
+        self._in_flight.append(self._io.submit(self._write_shard, entry, shard))
+
+    def _write_shard(self, entry: dict, shard: np.ndarray) -> None:
         data = _shard_bytes(shard)
-        storage.write_bytes_atomic(storage.join(self.directory, name), data)
-        self.shards[split].append({"file": name, "num_tokens": int(len(shard)), "sha256": storage.sha256_bytes(data)})
+        storage.write_bytes_atomic(storage.join(self.directory, entry["file"]), data)
+        entry["sha256"] = storage.sha256_bytes(data)
+
+    def close(self) -> None:
+        """Wait for every shard write (raising the first failure) and stop the writer thread."""
+        try:
+            while self._in_flight:
+                self._in_flight.popleft().result()
+        finally:
+            self._io.shutdown(wait=True, cancel_futures=True)
 
     def finish(self, manifest_fields: dict) -> dict:
         """Write the last shards, the vocabulary, and (last) the manifest; return the manifest."""
@@ -130,6 +154,7 @@ class DatasetWriter:
         for split in SPLITS:
             if self.pending_len[split]:
                 self._flush(split, self.pending_len[split])
+        self.close()
         vocab_bytes = _parquet_bytes(self.vocab.to_table())
         storage.write_bytes_atomic(storage.join(self.directory, VOCAB_FILE), vocab_bytes)
         manifest = {
