@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_registry import MLFLOW, free_port, start_server, stop_server
+from tests.test_registry import start_mlflow_server, stop_server
 
 RNNLM = str(Path(sys.executable).with_name("rnnlm"))
 SMALL = ["--set", "data.splits.max_tokens=20000", "--set", "model.hidden_size=32", "--set", "model.embed_size=16",
@@ -92,15 +92,7 @@ def test_run_in_an_empty_directory_registers_a_champion_and_reruns_from_cache(tm
 
 @pytest.mark.slow
 def test_run_against_a_real_mlflow_server(tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server_dir = tmp_path / "server"
-    server_dir.mkdir()
-    proc, log_file = start_server(
-        [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{server_dir / 'mlflow.db'}",
-         "--artifacts-destination", str(server_dir / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), server_dir, tmp_path / "server.log", f"{url}/health")
+    url, server_dir, proc, log_file = start_mlflow_server(tmp_path, env())
     try:
         work = tmp_path / "work"
         work.mkdir()

@@ -131,6 +131,22 @@ def start_server(cmd: list[str], env: dict, cwd, log_path: Path, ready_url: str,
         time.sleep(0.5)
 
 
+def start_mlflow_server(tmp_path: Path, env: dict):
+    """A real ``mlflow server`` on a free 127.0.0.1 port, SQLite backend and artifacts under
+    ``tmp_path/server``; job execution off keeps it to two processes. Returns
+    ``(url, server_dir, proc, log_file)``; stop it with ``stop_server(proc, log_file)``."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server_dir = tmp_path / "server"
+    server_dir.mkdir()
+    proc, log_file = start_server(
+        [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{server_dir / 'mlflow.db'}",
+         "--artifacts-destination", str(server_dir / "artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, server_dir, tmp_path / "server.log", f"{url}/health")
+    return url, server_dir, proc, log_file
+
+
 def stop_server(proc: subprocess.Popen, log_file) -> None:
     """SIGTERM the server's process group (it is the leader), SIGKILL it if it lingers."""
     try:
@@ -449,15 +465,7 @@ def test_models_serve_invocations(trained, tmp_path, store):
 
 @pytest.mark.slow
 def test_log_and_register_against_mlflow_server(trained, tmp_path, monkeypatch):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server_dir = tmp_path / "server"
-    server_dir.mkdir()
-    proc, log_file = start_server(
-        [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{server_dir / 'mlflow.db'}",
-         "--artifacts-destination", str(server_dir / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        child_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), server_dir, tmp_path / "server.log", f"{url}/health")
+    url, server_dir, proc, log_file = start_mlflow_server(tmp_path, child_env())
     try:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         assert registry.tracking_uri() == url
