@@ -6,7 +6,7 @@ Three runs on the same RunConfig, each a fresh Python process (as a user would r
    (the same child-process trainer the flow uses) -> val/test perplexity + 2 samples;
 2. ``flow``: ``flows.main.run_main`` (the ``retrain`` flow, its own local Prefect server
    on SQLite started inside, fresh store), without MLflow registration, which is pipeline
-   work the direct side does not do (it measured about 9 s here);
+   work the direct side does not do (about 15 s in one measurement here);
 3. ``cached``: ``run_main`` again on the same store: every stage from cache.
 
 Targets: ``overhead_s = flow_s - direct_s`` <= 10% of the training time + 15 s of
