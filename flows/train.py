@@ -13,8 +13,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.runtime import epochs_table, flow_run_id, markdown_report
 from pipeline.config import ModelConfig, TrainConfig
+from pipeline.launch import read_epochs
 from tasks.common import PipelineOptions, bind, retry_if_retryable
-from tasks.train import TerminationGuard, evaluate_model, read_metrics, train_model
+from tasks.train import TerminationGuard, evaluate_model, train_model
 
 
 @flow(name="train", validate_parameters=True)
@@ -35,7 +36,7 @@ def train_flow(dataset: dict[str, Any], model: ModelConfig = ModelConfig(),
         return_state=True)
     evaluation = evaluated.result()
 
-    epochs = read_metrics(run["run_dir"])
+    epochs = read_epochs(run["run_dir"])
     create_markdown_artifact(key="rnnlm-report", markdown=markdown_report(dataset, run, evaluation, epochs),
                              description=f"run {run['id']}: val ppl {evaluation.get('val_ppl')}, test ppl {evaluation.get('test_ppl')}")
     if epochs:

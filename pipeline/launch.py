@@ -64,6 +64,22 @@ def run_directory(root: str, dataset_id: str, model_cfg: ModelConfig, train_cfg:
     return storage.join(root, "runs", run_id(dataset_id, model_cfg, train_cfg))
 
 
+def read_epochs(run_dir: str) -> list[dict[str, Any]]:
+    """The per-epoch events of a run's ``metrics.jsonl`` (lines that are not JSON objects are skipped)."""
+    uri = storage.join(run_dir, "metrics.jsonl")
+    if not storage.exists(uri):
+        return []
+    events = []
+    for line in storage.read_bytes(uri).decode("utf-8").splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "epoch":
+            events.append(event)
+    return events
+
+
 class TrainingFailedError(PipelineError):
     """The training process failed in a way that trying again may fix (killed, lost node, OOM)."""
 

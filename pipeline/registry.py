@@ -55,6 +55,7 @@ from typing import Any, Iterator
 from pipeline import storage
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.launch import read_epochs
 
 log = logging.getLogger(__name__)
 
@@ -314,14 +315,6 @@ def code_version() -> tuple[str, str]:
         return importlib.metadata.version("rnnlm"), "package"
     except importlib.metadata.PackageNotFoundError:
         return "unknown", "none"
-
-
-def read_epochs(run_dir: str) -> list[dict[str, Any]]:
-    uri = storage.join(run_dir, "metrics.jsonl")
-    if not storage.exists(uri):
-        return []
-    events = [json.loads(line) for line in storage.read_bytes(uri).decode("utf-8").splitlines() if line.strip()]
-    return [e for e in events if e.get("event") == "epoch"]
 
 
 def plot_perplexity(epochs: list[dict[str, Any]], title: str = "") -> bytes:

@@ -34,6 +34,7 @@ from prefect import get_run_logger, task
 
 from pipeline import storage
 from pipeline.config import ModelConfig, RunConfig, TrainConfig
+from pipeline.launch import read_epochs
 from tasks.common import StagePolicy, _terminating, content_id, jsonable, manifest
 
 VERSION = {"train": 1, "evaluate": 1}
@@ -74,7 +75,7 @@ def train_model(dataset: dict[str, Any], model_config: ModelConfig, train_config
     resumed_from = None
     if all(storage.exists(storage.join(run_dir, f)) for f in RUN_FILES[:-1]):
         logger.info("run %s already finished in %s: not training again", rid, run_dir)
-        events = read_metrics(run_dir)
+        events = read_epochs(run_dir)
     else:
         from pipeline.checkpoint import list_checkpoints  # imports torch: only when training
 
@@ -101,7 +102,7 @@ def train_model(dataset: dict[str, Any], model_config: ModelConfig, train_config
 
         cfg = RunConfig(model=model_config, train=train_config)
         launched = launch_training(run_dir, dataset["uri"], cfg, nproc=nproc, on_line=on_line, grace_s=grace_s)
-        events = [e for e in launched.metrics if e.get("event") == "epoch"] or read_metrics(run_dir)
+        events = [e for e in launched.metrics if e.get("event") == "epoch"] or read_epochs(run_dir)
     from pipeline.lm import write_lm_metadata
     from pipeline.shards import open_dataset
 
@@ -125,15 +126,6 @@ def _json(line: str) -> dict | None:
     except json.JSONDecodeError:
         return None
     return obj if isinstance(obj, dict) else None
-
-
-def read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    """The per-epoch JSON lines of a run's metrics.jsonl."""
-    uri = storage.join(run_dir, "metrics.jsonl")
-    if not storage.exists(uri):
-        return []
-    lines = storage.read_bytes(uri).decode().splitlines()
-    return [e for e in (_json(ln) for ln in lines) if e and e.get("event") == "epoch"]
 
 
 # ------------------------------------------------------------------------------ evaluate
