@@ -10,6 +10,10 @@ different window boundaries, and ``Y`` is ``X`` shifted by one token.
   ``i+1`` continues batch ``i`` row by row, so the hidden state carries over
   (detached) from one batch to the next.
 
+Variable BPTT (AWD-LSTM, sequential only): each batch's length is drawn around
+``num_steps`` from the same seeded per-epoch stream (``bptt_lengths``); the epoch keeps
+its ``num_batches`` batches, so a step count still identifies a position.
+
 DDP: all ranks draw the same global batch from the same seeded generator and
 each keeps its own contiguous block of ``batch_size // world_size`` rows. Rank
 ``r`` therefore always owns the same streams in sequential mode, and the ranks
@@ -24,6 +28,10 @@ from typing import Literal
 import numpy as np
 
 Sampling = Literal["random", "sequential"]
+
+BPTT_STD = 5.0  # AWD-LSTM: length ~ N(num_steps, 5), or N(num_steps / 2, 5) with probability
+BPTT_HALF_P = 0.05  # 0.05, and at least 5 tokens
+BPTT_MIN = 5
 
 
 def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
@@ -64,10 +72,12 @@ def batches(
     rank: int = 0,
     world_size: int = 1,
     start: int = 0,
+    variable_length: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(X, Y)`` int64 arrays of shape ``(batch_size // world_size, num_steps)``.
 
     ``start`` skips the first ``start`` batches of the epoch (resuming mid-epoch).
+    ``variable_length`` (sequential only): batch ``i`` has ``bptt_lengths(...)[i]`` columns.
     """
     rows = rank_rows(batch_size, rank, world_size)
     n = num_batches(len(corpus), batch_size, num_steps, sampling)
@@ -76,12 +86,18 @@ def batches(
             f"corpus of {len(corpus)} tokens is too short for one batch of "
             f"{batch_size} x {num_steps} tokens"
         )
+    if variable_length and sampling != "sequential":
+        raise ValueError("variable_length needs sequential sampling")
     rng = epoch_rng(seed, epoch)
     offset = int(rng.integers(0, num_steps))
+    if variable_length:  # drawn after the offset: fixed-length epochs keep their batches
+        lengths = bptt_lengths(rng, n, num_steps)
+    else:
+        lengths = np.full(n, num_steps)
     if sampling == "random":
         yield from _random_batches(corpus, batch_size, num_steps, n, offset, rng, rows, start)
     elif sampling == "sequential":
-        yield from _sequential_batches(corpus, batch_size, num_steps, n, offset, rows, start)
+        yield from _sequential_batches(corpus, batch_size, n * num_steps, lengths, offset, rows, start)
     else:
         raise ValueError(f"unknown sampling {sampling!r}: expected 'random' or 'sequential'")
 
@@ -97,11 +113,29 @@ def _random_batches(corpus, batch_size, num_steps, n, offset, rng, rows, start):
         yield corpus[index].astype(np.int64), corpus[index + 1].astype(np.int64)
 
 
-def _sequential_batches(corpus, batch_size, num_steps, n, offset, rows, start):
-    stream_len = n * num_steps
+def bptt_lengths(rng: np.random.Generator, n: int, num_steps: int) -> np.ndarray:
+    """``n`` window lengths around ``num_steps`` (AWD-LSTM) that fit in ``n * num_steps`` tokens.
+
+    Each is ``N(num_steps, 5)``, or ``N(num_steps / 2, 5)`` with probability 0.05, at least
+    ``min(5, num_steps)``. Their mean is a little under ``num_steps``; in the rare epoch whose
+    draws would overrun the stream, the last windows are shortened (never below the minimum).
+    """
+    low = min(BPTT_MIN, num_steps)
+    centre = np.where(rng.random(n) < BPTT_HALF_P, num_steps / 2, num_steps)
+    lengths = np.maximum(low, rng.normal(centre, BPTT_STD).astype(np.int64))
+    # Batch i may end no later than room[i], which leaves `low` tokens for each later batch.
+    # Once a cumulative end passes its room it stays past (lengths >= low = the room's steps),
+    # so clipping the ends is the same as shortening windows one by one.
+    room = n * num_steps - low * np.arange(n - 1, -1, -1)
+    return np.diff(np.minimum(np.cumsum(lengths), room), prepend=0)
+
+
+def _sequential_batches(corpus, batch_size, stream_len, lengths, offset, rows, start):
+    # Variable lengths cover a prefix of each stream: the streams stay those of fixed lengths.
     length = batch_size * stream_len
     xs = corpus[offset : offset + length].reshape(batch_size, stream_len)[rows]
     ys = corpus[offset + 1 : offset + 1 + length].reshape(batch_size, stream_len)[rows]
-    for i in range(start, n):
-        cols = slice(i * num_steps, (i + 1) * num_steps)
+    ends = np.cumsum(lengths)
+    for i in range(start, len(lengths)):
+        cols = slice(int(ends[i] - lengths[i]), int(ends[i]))
         yield xs[:, cols].astype(np.int64), ys[:, cols].astype(np.int64)
