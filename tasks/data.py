@@ -1,11 +1,11 @@
 """Data stages as Prefect tasks: fetch -> count (per chunk) -> vocab -> encode (per chunk) -> shards.
 
 Thin wrappers over ``pipeline.corpus`` / ``pipeline.prepare``. Each returns a small JSON
-manifest (``tasks.common.manifest``): a content ``id``, numbers, and the URIs of what it
+manifest (``tasks.caching.manifest``): a content ``id``, numbers, and the URIs of what it
 wrote (``artifacts``). Token counts and token ids never travel through Prefect: they go
 to files under ``<root>/work/`` and are passed on as URIs.
 
-Cache identities (see ``tasks.common``):
+Cache identities (see ``tasks.caching``):
 
 * ``fetch_corpus``: a fetch cannot know the bytes before fetching them, so its key is the
   source URL + the declared checksums + a cheap validator of the remote object
@@ -43,7 +43,7 @@ from pipeline.errors import CorpusError, DatasetError
 from pipeline.prepare import DATA_FORMAT_VERSION, Chunk, count_chunk, dataset_id, encode_chunk, plan_chunks, write_dataset
 from pipeline.shards import MANIFEST, is_complete, open_dataset
 from pipeline.vocab import Vocab, merge_counts
-from tasks.common import StagePolicy, content_id, jsonable, manifest
+from tasks.caching import StagePolicy, content_id, jsonable, manifest
 
 # Bump a stage's number when its outputs change meaning (the task source is hashed too).
 VERSION = {"fetch": 1, "count": 1, "vocab": 1, "encode": 1, "shards": 1}

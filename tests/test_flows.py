@@ -60,7 +60,7 @@ def run_config(path: Path, **train):
 
 
 def options(store: str, **kw):
-    from tasks.common import PipelineOptions
+    from tasks.options import PipelineOptions
 
     kw.setdefault("register_model", False)  # registration has its own test below and in tests/test_registry.py
     return PipelineOptions(root=store, sample_tokens=10, fetch_retry_delay_s=0.05, train_retry_delay_s=0, grace_s=5, **kw)
@@ -264,7 +264,7 @@ def test_checksum_mismatch_fails_at_once_naming_the_source(tmp_path, store):
 
 def test_map_stages_on_a_local_dask_cluster(tmp_path, store):
     from flows.prepare_data import prepare_data_flow
-    from flows.runtime import task_runner_for
+    from flows.task_runners import task_runner_for
     from pipeline.prepare import prepare_dataset
 
     opts = options(store, dask="local-threads")
@@ -283,7 +283,8 @@ def test_a_lock_left_by_a_dead_process_is_broken_not_waited_on(tmp_path):
     import subprocess
     import sys
 
-    from tasks.common import PipelineOptions, lock_manager
+    from tasks.caching import lock_manager
+    from tasks.options import PipelineOptions
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

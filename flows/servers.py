@@ -195,7 +195,7 @@ def results_block_for(root: str, url: Optional[str] = None) -> str:
     """Save (idempotently) a remote-file-system block at ``<root>/prefect-results/flow-runs``; its slug."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.common import result_storage_block
+    from tasks.caching import result_storage_block
 
     with temporary_settings(updates={PREFECT_API_URL: api_url(url)}):
         return result_storage_block(storage.join(root, "prefect-results", "flow-runs"))
