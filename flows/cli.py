@@ -72,7 +72,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from pipeline.registry import generate_from_uri
+    from pipeline.consumer import generate_from_uri
 
     target = args.run or args.model
     text = generate_from_uri(target, args.prefix, num_tokens=args.num_tokens, temperature=args.temperature,

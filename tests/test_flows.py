@@ -302,13 +302,13 @@ def test_retrain_registers_a_champion_with_lineage(tmp_path, store):
     """The whole chain ends in the registry: a version with lineage tags, alias champion."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline import registry
+    from pipeline.tracking import tracking_uri
 
     cfg = run_config(corpus(tmp_path))
     result = retrain(cfg, store, register_model=True)
     reg = result["registered"]
     assert reg["registered"] and reg["name"] == "rnnlm-custom" and reg["gate"]["promoted"]
-    client = MlflowClient(registry.tracking_uri(store))
+    client = MlflowClient(tracking_uri(store))
     champion = client.get_model_version_by_alias("rnnlm-custom", "champion")
     assert str(champion.version) == reg["version"]
     run = client.get_run(champion.run_id)
