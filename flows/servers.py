@@ -215,10 +215,6 @@ def prepare_tracking_db(env: Mapping[str, str]) -> Optional[str]:
     if path and not os.path.exists(path):
         ensure_tracking_db(uri)
     return uri
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
-    if path and not os.path.exists(path):
-        registry.ensure_tracking_db(uri)
-    return uri
 
 
 def exec_(cmd: list[str], env: Mapping[str, str], cwd: Optional[Path] = None) -> None:

@@ -167,6 +167,32 @@ def test_deleted_dataset_is_recomputed_not_a_dangling_cache_hit(tmp_path, store)
     assert sorted(states(third)["encode_shards"]).count("Completed") == 1
 
 
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_flow_and_prepare_dataset_write_byte_identical_datasets(tmp_path, store, level):
+    """One data chain: the mapped flow and the in-process ``prepare_dataset`` write the same bytes."""
+    import json
+    import shutil
+
+    from flows.prepare_data import prepare_data_flow
+    from pipeline.prepare import prepare_dataset
+
+    data = run_config(corpus(tmp_path)).data.model_copy(update={"tokens_per_shard": 100})
+    data = data.model_copy(update={"tokenizer": data.tokenizer.model_copy(update={"level": level})})
+
+    def files(uri: str) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(uri).iterdir())}
+
+    direct = prepare_dataset(data, store)
+    direct_files, direct_manifest = files(direct.uri), json.loads((Path(direct.uri) / "manifest.json").read_text())
+    assert len([f for f in direct_files if f.startswith("train-")]) >= 2  # several shards, so chunk order matters
+    shutil.rmtree(direct.uri)  # same root, so the manifests' corpus paths agree too
+
+    flowed = prepare_data_flow(data=data, options=options(store))
+    assert flowed["uri"] == direct.uri and len(states(flowed)["count_tokens"]) >= 3
+    assert files(flowed["uri"]) == direct_files
+    assert json.loads((Path(flowed["uri"]) / "manifest.json").read_text()) == direct_manifest
+
+
 def _encoded_uris(store: str) -> list[str]:
     return sorted(str(p) for p in (Path(store) / "work" / "encoded").glob("*.parquet"))
 
