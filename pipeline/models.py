@@ -9,8 +9,14 @@ Two interchangeable backends run the recurrent stack:
 The scratch stack names and shapes its parameters exactly as torch does
 (``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``, gates stacked
 in torch's order), so the two backends have the same ``state_dict``: a model
-trained with one loads into the other and gives the same outputs
-(``convert_backend``).
+trained with one loads into the other and gives the same outputs.
+
+Regularisation (``pipeline.regularization``) acts in train mode only. Weight drop and
+locked dropout between layers act inside the stack, so then both backends run it layer by
+layer (``run_layers``), drawing the masks in the same order: they agree in training too.
+The torch backend runs each layer through ``torch.func.functional_call`` on a
+parameterless (meta) single-layer twin: the parameters stay where they are (same
+``state_dict``), and torch re-flattens the swapped-in weights for cuDNN itself.
 
 The recurrent state is always a tuple of ``(num_layers, batch, hidden)`` tensors:
 ``(h,)`` for rnn/gru, ``(h, c)`` for lstm.
