@@ -6,6 +6,7 @@ thousand Time Machine characters: each run takes seconds.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -142,3 +143,26 @@ def test_recipe_config_errors():
         load_run_config("timemachine-char", ["train.patience=0"])
     with pytest.raises(ConfigError, match="optimizer"):
         load_run_config("timemachine-char", ["train.optimizer=asgd"])
+
+
+def test_quality_bench_ablation_turns_off_one_technique_per_run():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_quality", Path(__file__).parents[1] / "bench" / "train_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    everything = [f"model.{k}={v}" for k, v in AWD_MODEL.items() if k.startswith(("dropout", "weight"))] + \
+                 ["model.dropout=0", "train.optimizer=nt_asgd", "train.ar=2", "train.tar=1", "train.variable_bptt=true",
+                  "train.patience=3"]
+    cfg = load_run_config("timemachine-char", everything)
+    variants = bench.ablation_variants(cfg)
+    names = [name for name, _ in variants]
+    assert names == ["without locked dropout", "without embedding dropout", "without weight drop", "without AR/TAR",
+                     "without variable BPTT", "without NT-ASGD", "without early stopping", "none of them"]
+    for (name, off), (technique, is_on, _) in zip(variants, [t for t in bench.TECHNIQUES if t[1](cfg)]):
+        variant = load_run_config("timemachine-char", everything + [f"{k}={json.dumps(v)}" for k, v in off.items()])
+        assert not is_on(variant) and name == f"without {technique}"
+        others = [t for t in bench.TECHNIQUES if t[0] != technique and t[1](cfg)]
+        assert all(on(variant) for _, on, _ in others)  # only that one is off
+    none = load_run_config("timemachine-char", everything + [f"{k}={json.dumps(v)}" for k, v in variants[-1][1].items()])
+    assert not any(on(none) for _, on, _ in bench.TECHNIQUES)
