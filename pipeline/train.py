@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline import storage
+from pipeline.averaging import NTAverage
 from pipeline.checkpoint import check_compatible, latest_valid, load_checkpoint, save_checkpoint
 from pipeline.config import ModelConfig, RunConfig, TrainConfig, load_config
 from pipeline.distributed import (Dist, all_reduce_sum, barrier, broadcast_from_main, broadcast_object,
@@ -64,7 +65,6 @@ from pipeline.divergence import FiniteWatch, non_finite
 from pipeline.errors import EXIT_DO_NOT_RETRY, EXIT_FAILED, EXIT_OK, PipelineError
 from pipeline.evaluate import perplexity, perplexity_from_loss
 from pipeline.metrics import emit, finite_or_none, metrics_uri, truncate_after
-from pipeline.averaging import NTAverage
 from pipeline.models import build_model, detach_state
 from pipeline.optim import LRSchedule, clip_grad_norm_, make_optimizer
 from pipeline.regularization import activation_penalty
@@ -286,7 +286,7 @@ def _forward_backward(run: Run, X: torch.Tensor, Y: torch.Tensor, state):
     out = run.ddp_model(X, state, with_activations=regularised)
     logits, state = out[0], out[1]
     loss = F.cross_entropy(logits.reshape(-1, run.vocab_size), Y.reshape(-1))
-    total = loss + activation_penalty(*out[2], cfg.ar, cfg.tar) if regularised else loss
+    total = (loss + activation_penalty(*out[2], cfg.ar, cfg.tar)) if regularised else loss
     run.optimizer.zero_grad(set_to_none=True)
     total.backward()
     return loss, state
@@ -385,8 +385,8 @@ def reseed(seed: int, epoch: int, step: int, rank: int) -> None:
 def _validate(run: Run) -> float:
     if len(run.val_ids) < 2:
         return math.nan
-    return perplexity(run.evaluated_model, run.val_ids, batch_size=run.cfg.batch_size, num_steps=run.cfg.num_steps,
-                      device=run.d.device)
+    return perplexity(run.evaluated_model, run.val_ids, batch_size=run.cfg.batch_size,
+                      num_steps=run.cfg.num_steps, device=run.d.device)
 
 
 # -------------------------------------------------------------------------------- CLI
