@@ -171,7 +171,7 @@ class RNNLM(nn.Module):
             self.rnn = ScratchRecurrent(cfg.cell, self.embed_size, cfg.hidden_size, cfg.num_layers,
                                         dropout=between_layers, nonlinearity=cfg.nonlinearity)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.output = nn.Linear(cfg.hidden_size, vocab_size)
+        self.output = output_head(cfg, vocab_size)
         if cfg.tie_weights:
             self.output.weight = self.embedding.weight  # one tensor, two uses
         init_parameters(self, cfg.init, cfg.init_scale)
@@ -179,21 +179,54 @@ class RNNLM(nn.Module):
     def begin_state(self, batch_size: int, device=None) -> State:
         """The zero state for ``batch_size`` streams, in the model's dtype."""
         shape = (self.cfg.num_layers, batch_size, self.cfg.hidden_size)
-        dtype = self.output.weight.dtype
+        dtype = self.embedding.weight.dtype
         return tuple(torch.zeros(shape, dtype=dtype, device=device)
                      for _ in range(2 if self.cfg.cell == "lstm" else 1))
 
-    def forward(self, X: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """Token ids ``X`` (B, T) -> logits (B, T, vocab_size) and the state after step T."""
+    def forward(self, X: torch.Tensor, state: State | None = None, targets: torch.Tensor | None = None,
+                reduction: str = "mean") -> tuple[torch.Tensor, State]:
+        """Token ids ``X`` (B, T) -> logits (B, T, vocab_size) and the state after step T.
+
+        With ``targets`` (B, T) the first result is the next-token cross-entropy instead
+        (``reduction`` "mean", "sum" or "none" (B*T,)), computed without the full
+        logits when the head is adaptive. The adaptive head's "logits" are its
+        log-probabilities: softmax, argmax and temperature treat them exactly as logits.
+        """
         if X.dim() != 2:
             raise ValueError(f"X must be (batch, num_steps) token ids, got shape {tuple(X.shape)}")
         if state is None:
             state = self.begin_state(X.shape[0], X.device)
         self._check_state(state, X.shape[0])
         hx = state if self.cfg.cell == "lstm" else state[0]
-        out, hx = self.rnn(self.embedding(X), hx)
-        logits = self.output(self.dropout(out))
-        return logits, (tuple(hx) if self.cfg.cell == "lstm" else (hx,))
+        # The recurrence runs in fp32 even under autocast: its state is an accumulator
+        # carried across every step and window, where bf16's 8-bit mantissa loses it.
+        with torch.autocast(X.device.type, enabled=False):
+            out, hx = self.rnn(self.embedding(X), hx)
+        features = self.dropout(out)
+        result = self.logits(features) if targets is None else self.loss(features, targets, reduction)
+        return result, (tuple(hx) if self.cfg.cell == "lstm" else (hx,))
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Last-layer outputs (..., H) -> logits (..., vocab_size) (log-probabilities if adaptive)."""
+        if isinstance(self.output, nn.AdaptiveLogSoftmaxWithLoss):
+            with torch.autocast(features.device.type, enabled=False):
+                flat = self.output.log_prob(features.reshape(-1, features.shape[-1]))
+            return flat.reshape(*features.shape[:-1], self.vocab_size)
+        return self.output(features)
+
+    def loss(self, features: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy (nats) of last-layer outputs ``features`` (B, T, H), in fp32."""
+        flat, y = features.reshape(-1, features.shape[-1]), targets.reshape(-1)
+        if isinstance(self.output, nn.AdaptiveLogSoftmaxWithLoss):
+            # In the features' dtype (fp32 under autocast: the recurrence is): autocast
+            # would mix dtypes inside the module, which then fails in index_copy_.
+            with torch.autocast(flat.device.type, enabled=False):
+                nll = -self.output(flat, y).output
+            return {"mean": nll.mean, "sum": nll.sum, "none": lambda: nll}[reduction]()
+        logits = self.output(flat)
+        if logits.dtype in (torch.float16, torch.bfloat16):  # the log-softmax in fp32 (CPU autocast keeps bf16)
+            logits = logits.float()
+        return F.cross_entropy(logits, y, reduction=reduction)
 
     def _check_state(self, state: State, batch_size: int) -> None:
         expected = (self.cfg.num_layers, batch_size, self.cfg.hidden_size)
@@ -203,6 +236,17 @@ class RNNLM(nn.Module):
         for s in state:
             if tuple(s.shape) != expected:
                 raise ValueError(f"state tensors must be shaped {expected}, got {tuple(s.shape)}")
+
+
+def output_head(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """A full ``Linear`` projection to the vocabulary, or torch's adaptive softmax."""
+    if cfg.softmax == "full":
+        return nn.Linear(cfg.hidden_size, vocab_size)
+    if cfg.adaptive_cutoffs[-1] >= vocab_size:
+        raise ValueError(f"adaptive_cutoffs {list(cfg.adaptive_cutoffs)} must all be below the "
+                         f"vocabulary size {vocab_size}")
+    return nn.AdaptiveLogSoftmaxWithLoss(cfg.hidden_size, vocab_size, list(cfg.adaptive_cutoffs),
+                                         div_value=cfg.adaptive_div_value, head_bias=True)
 
 
 def init_parameters(model: nn.Module, init: str, scale: float) -> None:
@@ -237,7 +281,7 @@ def convert_backend(model: RNNLM, backend: str) -> RNNLM:
     """
     cfg = ModelConfig.model_validate({**model.cfg.model_dump(), "backend": backend})
     new = build_model(cfg, model.vocab_size)
-    ref = model.output.weight
+    ref = model.embedding.weight
     new.to(device=ref.device, dtype=ref.dtype)
     new.load_state_dict(model.state_dict())
     new.train(model.training)
