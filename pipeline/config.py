@@ -174,8 +174,9 @@ class TrainConfig(Strict):
     checkpoint_every_steps: int | None = Field(default=None, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Mixed precision (torch.autocast): bf16 runs on CPU and GPU; fp16 is CUDA-only and adds
-    # a gradient scaler. The loss, log-softmax and the recurrent state between windows stay fp32.
+    # Mixed precision (torch.autocast, see pipeline.precision): bf16 or fp16 (with a gradient
+    # scaler), on CUDA or CPU (where fp16 is slow: it exists to test the scaler path).
+    # The recurrence and the loss's log-softmax stay fp32.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     tf32: bool = True  # CUDA only: TF32 tensor-core matmuls for fp32 work (no effect on CPU)
 
