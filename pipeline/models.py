@@ -35,24 +35,26 @@ NUM_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 
 
 # ------------------------------------------------------------------ scratch cells
-# Each cell maps one time step's input x (B, in) and state to the new state.
-# Weights are torch's stacked ones: w_ih (gates*H, in), w_hh (gates*H, H), and
-# separate input and hidden biases b_ih, b_hh (gates*H,).
+# Each cell maps one time step to the new state. Its input part, W_ih x_t + b_ih, does not
+# depend on the state, so ScratchRecurrent computes it for all time steps in one matmul
+# (``xw``, (B, gates*H)); the cell adds the recurrent part W_hh h + b_hh. Weights are
+# torch's stacked ones: w_hh (gates*H, H), b_hh (gates*H,). Where b_hh only adds to the
+# input part (rnn, lstm), it is folded into ``xw`` too and the cell gets ``b_hh=None``.
 
 
-def rnn_tanh_cell(x, state, w_ih, w_hh, b_ih, b_hh):
+def rnn_tanh_cell(xw, state, w_hh, b_hh=None):
     """h' = tanh(W_ih x + b_ih + W_hh h + b_hh)   (d2l 9.4)"""
     (h,) = state
-    return (torch.tanh(x @ w_ih.T + b_ih + h @ w_hh.T + b_hh),)
+    return (torch.tanh(torch.addmm(xw, h, w_hh.T)),)
 
 
-def rnn_relu_cell(x, state, w_ih, w_hh, b_ih, b_hh):
+def rnn_relu_cell(xw, state, w_hh, b_hh=None):
     """h' = relu(W_ih x + b_ih + W_hh h + b_hh)"""
     (h,) = state
-    return (torch.relu(x @ w_ih.T + b_ih + h @ w_hh.T + b_hh),)
+    return (torch.relu(torch.addmm(xw, h, w_hh.T)),)
 
 
-def gru_cell(x, state, w_ih, w_hh, b_ih, b_hh):
+def gru_cell(xw, state, w_hh, b_hh):
     """GRU (d2l 10.2) in torch's gate order r, z, n.
 
     d2l applies the reset gate before the hidden matmul, W_hn (r * h); cuDNN and
@@ -60,18 +62,18 @@ def gru_cell(x, state, w_ih, w_hh, b_ih, b_hh):
     backends are interchangeable.
     """
     (h,) = state
-    i_r, i_z, i_n = (x @ w_ih.T + b_ih).chunk(3, dim=1)
-    h_r, h_z, h_n = (h @ w_hh.T + b_hh).chunk(3, dim=1)
+    i_r, i_z, i_n = xw.chunk(3, dim=1)
+    h_r, h_z, h_n = torch.addmm(b_hh, h, w_hh.T).chunk(3, dim=1)
     r = torch.sigmoid(i_r + h_r)  # reset gate
     z = torch.sigmoid(i_z + h_z)  # update gate
     n = torch.tanh(i_n + r * h_n)  # candidate state
-    return ((1 - z) * n + z * h,)
+    return (torch.lerp(n, h, z),)  # (1 - z) * n + z * h
 
 
-def lstm_cell(x, state, w_ih, w_hh, b_ih, b_hh):
+def lstm_cell(xw, state, w_hh, b_hh=None):
     """LSTM (d2l 10.1) in torch's gate order i, f, g, o."""
     h, c = state
-    i, f, g, o = (x @ w_ih.T + b_ih + h @ w_hh.T + b_hh).chunk(4, dim=1)
+    i, f, g, o = torch.addmm(xw, h, w_hh.T).chunk(4, dim=1)
     i = torch.sigmoid(i)  # input gate
     f = torch.sigmoid(f)  # forget gate
     g = torch.tanh(g)  # candidate memory
@@ -125,11 +127,17 @@ class ScratchRecurrent(nn.Module):
         for layer in range(self.num_layers):
             if layer > 0:
                 x = F.dropout(x, self.dropout, self.training)
-            weights = self.layer_weights(layer)
+            w_ih, w_hh, b_ih, b_hh = self.layer_weights(layer)
+            # Time-major, and unbind rather than index: indexing step t would give each
+            # step's gradient the size of the whole sequence.
+            steps = x.transpose(0, 1).reshape(-1, x.shape[-1])
+            folded = self.cell != "gru"  # gru's b_hn sits inside the reset gate's product
+            bias, b_hh = (b_ih + b_hh, None) if folded else (b_ih, b_hh)
+            xw = torch.addmm(bias, steps, w_ih.T).reshape(x.shape[1], x.shape[0], -1)
             s = tuple(part[layer] for part in state)
             outputs = []
-            for t in range(x.shape[1]):
-                s = self.step(x[:, t], s, *weights)
+            for xw_t in xw.unbind(0):
+                s = self.step(xw_t, s, w_hh, b_hh)
                 outputs.append(s[0])
             x = torch.stack(outputs, dim=1)
             final.append(s)
