@@ -35,7 +35,7 @@ def measure(vocab: int, softmax: str, device: str) -> dict:
 
     from pipeline.config import ModelConfig
     from pipeline.models import build_model
-    from pipeline.train import clip_gradients_
+    from pipeline.optim import clip_grad_norm_
 
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     torch.manual_seed(0)
@@ -58,7 +58,7 @@ def measure(vocab: int, softmax: str, device: str) -> dict:
         loss, state = model(X[:, cols], state, targets=Y[:, cols])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        clip_gradients_(params, 1.0)
+        clip_grad_norm_(params, 1.0)
         opt.step()
     loss.item()
     seconds = time.perf_counter() - t0

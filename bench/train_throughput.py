@@ -144,7 +144,7 @@ def worker(args) -> None:
     import torch
 
     from pipeline.models import build_model
-    from pipeline.train import setup_distributed
+    from pipeline.distributed import setup_distributed
 
     d = setup_distributed(args.device)
     for spec in (Spec(**s) for s in json.loads(args.specs)):

@@ -16,7 +16,7 @@ a non-finite *loss* is.
         loss, state = model(X, state, targets=Y)
     mp.backward(loss)
     mp.unscale_(optimizer)            # before clipping
-    norm = clip_gradients_(params, theta)
+    norm = clip_grad_norm_(params, theta)
     mp.step(optimizer)                # skipped (fp16) when the gradients overflowed
 """
 
