@@ -87,3 +87,23 @@ def test_fp32_is_a_no_op_and_bad_precision_is_named():
         assert not torch.is_autocast_enabled("cpu")
     with pytest.raises(ConfigError, match="train.precision"):
         MixedPrecision("fp8", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_trainer_in_mixed_precision_on_cpu_tracks_fp32(tmp_path, monkeypatch, precision):
+    """Through pipeline.train: autocast, the scaler (fp16) and its checkpointed state."""
+    from pipeline.checkpoint import latest_valid
+    from pipeline.config import TrainConfig
+    from pipeline.train import train
+    from tests.test_train import corpus
+
+    monkeypatch.setenv("RNNLM_NUM_THREADS", "1")
+    tr, va, vocab = corpus(20_000)
+    model_cfg = ModelConfig(cell="gru", hidden_size=32, embed_size=16)
+    results = {}
+    for p in ("fp32", precision):
+        cfg = TrainConfig(epochs=2, batch_size=16, optimizer="adam", lr=0.01, device="cpu", precision=p)
+        results[p] = train(tr, va, vocab, model_cfg, cfg, str(tmp_path / p))
+    assert results[precision]["val_ppl"] == pytest.approx(results["fp32"]["val_ppl"], rel=0.02)
+    ckpt, _ = latest_valid(str(tmp_path / precision / "checkpoints"))
+    assert (ckpt["scaler"]["scale"] > 0) if precision == "fp16" else ckpt["scaler"] == {}
