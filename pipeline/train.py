@@ -8,7 +8,7 @@ schedule), ``_resume`` (newest valid checkpoint), then ``_train_epoch`` and
 ``_end_epoch`` until done, and ``_finish`` (the shipped weights, result.json).
 Their shared state is one ``Run``. Neighbours: ``distributed`` (ranks and
 collectives), ``optim`` (optimizer, schedule, clipping), ``divergence``,
-``checkpoint``, ``metrics`` (metrics.jsonl), ``rundir`` (outputs, FAILED.json),
+``precision``, ``checkpoint``, ``metrics`` (metrics.jsonl), ``rundir`` (outputs, FAILED.json),
 ``training_data`` (loading and checking the splits). Things worth knowing:
 
 * Batches. ``cfg.batch_size`` is global: every rank draws the same global batch
@@ -23,9 +23,14 @@ collectives), ``optim`` (optimizer, schedule, clipping), ``divergence``,
   ``checkpoint_every_steps``), are resumed from automatically. Mid-epoch ones
   under sequential sampling carry the recurrent state of every rank's streams.
 * Failure. A non-finite gradient norm (identical on every rank after DDP's
-  all-reduce, so all ranks stop at the same step with no extra collective) or a
-  non-finite epoch loss stops training: no checkpoint is written, FAILED.json
-  says why, and the exit code is EXIT_DO_NOT_RETRY.
+  all-reduce, so all ranks stop at the same step with no extra collective; under
+  fp16 the loss, as the scaler skips overflowing steps) or a non-finite epoch loss
+  stops training: no checkpoint is written, FAILED.json says why, and the exit
+  code is EXIT_DO_NOT_RETRY. On a GPU the check lags a few steps (``divergence``).
+* Speed. The step runs under ``train.precision``'s autocast (``precision``). On
+  a GPU the split lives on the device and batches are gathered there; the step
+  loop syncs with the host only for the progress line and checkpoints.
+  Validation is sharded over all ranks (``evaluate``).
 
 Outputs in the run directory: checkpoints/, metrics.jsonl (one JSON line per
 epoch, also printed to stdout), model.pt, model_config.json, train_config.json,
