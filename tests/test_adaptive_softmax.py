@@ -86,28 +86,58 @@ def test_generation_follows_the_adaptive_distribution():
     assert len(set(sampled)) > 1
 
 
-def test_adaptive_head_trains_and_ships(tmp_path, store):
-    """Trained through pipeline.train, saved, reloaded as the served LanguageModel: same figures."""
+ADAPTIVE_MODEL = ModelConfig(cell="gru", hidden_size=32, embed_size=16, softmax="adaptive", adaptive_cutoffs=(8, 16))
+ADAPTIVE_TRAIN = TrainConfig(epochs=3, batch_size=16, num_steps=20, optimizer="adam", lr=0.01, device="cpu")
+DATA = DataConfig(splits=SplitConfig(max_tokens=8_000))  # 28 characters
+
+
+@pytest.fixture(scope="module")
+def adaptive_run(tmp_path_factory):
+    """(dataset, run directory, result) of an adaptive-head GRU trained through pipeline.train."""
     from pipeline.prepare import prepare_dataset
     from pipeline.train import train
 
-    dataset = prepare_dataset(DataConfig(splits=SplitConfig(max_tokens=8_000)), store)  # 28 chars
-    model_cfg = ModelConfig(cell="gru", hidden_size=32, embed_size=16, softmax="adaptive",
-                            adaptive_cutoffs=(8, 16))
-    cfg = TrainConfig(epochs=3, batch_size=16, num_steps=20, optimizer="adam", lr=0.01, device="cpu")
-    run_dir = tmp_path / "run"
-    result = train(dataset.split("train"), dataset.split("val"), dataset.vocab_size, model_cfg, cfg, str(run_dir))
+    base = tmp_path_factory.mktemp("adaptive")
+    dataset = prepare_dataset(DATA, str(base / "store"))
+    run_dir = base / "run"
+    result = train(dataset.split("train"), dataset.split("val"), dataset.vocab_size, ADAPTIVE_MODEL,
+                   ADAPTIVE_TRAIN, str(run_dir))
+    write_lm_metadata(str(run_dir), dataset)
+    return dataset, run_dir, result
+
+
+def test_adaptive_head_trains_and_reloads(adaptive_run, tmp_path):
+    dataset, run_dir, result = adaptive_run
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs[-1]["val_ppl"] < epochs[0]["val_ppl"] < dataset.vocab_size  # it learns
-    write_lm_metadata(str(run_dir), dataset)
     lm = LanguageModel.from_dir(str(run_dir))
-    assert lm.perplexity(dataset.split("val"), batch_size=cfg.batch_size,
-                         num_steps=cfg.num_steps) == pytest.approx(result["val_ppl"], rel=1e-5)
+    assert lm.perplexity(dataset.split("val"), batch_size=ADAPTIVE_TRAIN.batch_size,
+                         num_steps=ADAPTIVE_TRAIN.num_steps) == pytest.approx(result["val_ppl"], rel=1e-5)
     paths = lm.save(str(tmp_path / "served"))  # what the MLflow model ships and loads
     saved = LanguageModel.from_files(paths["model"], paths["model_config"], paths["lm"])
     assert saved.generate("time traveller", 30) == lm.generate("time traveller", 30)
     assert isinstance(saved.model.output, torch.nn.AdaptiveLogSoftmaxWithLoss)
     assert math.isfinite(saved.perplexity(dataset.split("test")))
+
+
+def test_adaptive_model_registers_passes_the_gate_and_serves(adaptive_run):
+    """The registry path: tracked run, registered pyfunc, the gate's evaluation, a champion that generates."""
+    import mlflow
+
+    from pipeline import gate, packaging, tracking
+
+    dataset, run_dir, _ = adaptive_run
+    run_id = tracking.log_training_run(str(run_dir), dataset, preset="test-adaptive",
+                                       config=RunConfig(data=DATA, model=ADAPTIVE_MODEL, train=ADAPTIVE_TRAIN))
+    version = packaging.register_model(run_id, str(run_dir), name="rnnlm-adaptive")
+    lm = LanguageModel.from_dir(str(run_dir))
+    held_out = gate.held_out_split(dataset)
+    assert version.test_ppl == pytest.approx(lm.perplexity(dataset.split(held_out)), rel=1e-6)
+    decision = gate.promote_if_better("rnnlm-adaptive", version.version, dataset)
+    assert decision.promoted and math.isfinite(decision.candidate_ppl)
+    with tracking.using_tracking():
+        served = mlflow.pyfunc.load_model("models:/rnnlm-adaptive@champion")
+    assert served.predict(["time traveller"], params={"num_tokens": 30}) == [lm.generate("time traveller", 30)]
 
 
 def test_run_config_accepts_the_adaptive_preset_keys():
