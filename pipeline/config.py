@@ -135,6 +135,13 @@ class ModelConfig(Strict):
     dropout_output: float = Field(default=0.0, ge=0, lt=1)
     dropout_embedding: float = Field(default=0.0, ge=0, lt=1)
     weight_drop: float = Field(default=0.0, ge=0, lt=1)
+    # The output head. "adaptive" is torch's AdaptiveLogSoftmaxWithLoss (Grave et al. 2017):
+    # token ids below adaptive_cutoffs[0] form the shortlist, each further range a cluster
+    # with a smaller projection (hidden / adaptive_div_value**k). Ids must be sorted by
+    # descending frequency, which the d2l vocabulary is. For vocabularies of ~10k and more.
+    softmax: Literal["full", "adaptive"] = "full"
+    adaptive_cutoffs: tuple[int, ...] | None = None  # increasing, each in [1, vocab_size)
+    adaptive_div_value: float = Field(default=4.0, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -143,6 +150,16 @@ class ModelConfig(Strict):
         if self.dropout and (self.dropout_between or self.dropout_output):
             raise ValueError("dropout (element-wise) and dropout_between/dropout_output (locked) act at "
                              "the same places: set one kind")
+        if self.softmax == "adaptive":
+            cuts = self.adaptive_cutoffs
+            if not cuts or cuts[0] < 1 or any(b <= a for a, b in zip(cuts, cuts[1:])):
+                raise ValueError(f"softmax='adaptive' needs adaptive_cutoffs: strictly increasing "
+                                 f"positive token ids, e.g. [2000, 10000]; got {cuts}")
+            if self.tie_weights:
+                raise ValueError("tie_weights needs softmax='full' (the adaptive head has no "
+                                 "vocabulary-sized output matrix to share)")
+        elif self.adaptive_cutoffs is not None:
+            raise ValueError("adaptive_cutoffs applies to softmax='adaptive' only")
         if self.tie_weights and self.embed_size is not None and self.embed_size != self.hidden_size:
             raise ValueError("tie_weights needs embed_size == hidden_size")
         return self
@@ -191,6 +208,11 @@ class TrainConfig(Strict):
     checkpoint_every_steps: int | None = Field(default=None, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Mixed precision (torch.autocast, see pipeline.precision): bf16 or fp16 (with a gradient
+    # scaler), on CUDA or CPU (where fp16 is slow: it exists to test the scaler path).
+    # The recurrence and the loss's log-softmax stay fp32.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    tf32: bool = True  # CUDA only: TF32 tensor-core matmuls for fp32 work (no effect on CPU)
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

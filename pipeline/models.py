@@ -212,7 +212,7 @@ class RNNLM(nn.Module):
                                         dropout=between_layers, nonlinearity=cfg.nonlinearity)
         self.layerwise = cfg.weight_drop > 0 or (cfg.num_layers > 1 and cfg.dropout_between > 0)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.output = nn.Linear(cfg.hidden_size, vocab_size)
+        self.output = output_head(cfg, vocab_size)
         if cfg.tie_weights:
             self.output.weight = self.embedding.weight  # one tensor, two uses
         init_parameters(self, cfg.init, cfg.init_scale)
@@ -220,13 +220,18 @@ class RNNLM(nn.Module):
     def begin_state(self, batch_size: int, device=None) -> State:
         """The zero state for ``batch_size`` streams, in the model's dtype."""
         shape = (self.cfg.num_layers, batch_size, self.cfg.hidden_size)
-        dtype = self.output.weight.dtype
+        dtype = self.embedding.weight.dtype
         return tuple(torch.zeros(shape, dtype=dtype, device=device)
                      for _ in range(2 if self.cfg.cell == "lstm" else 1))
 
-    def forward(self, X: torch.Tensor, state: State | None = None, *, with_activations: bool = False):
+    def forward(self, X: torch.Tensor, state: State | None = None, targets: torch.Tensor | None = None,
+                reduction: str = "mean", *, with_activations: bool = False):
         """Token ids ``X`` (B, T) -> logits (B, T, vocab_size) and the state after step T.
 
+        With ``targets`` (B, T) the first result is the next-token cross-entropy instead
+        (``reduction`` "mean", "sum" or "none" (B*T,)), computed without the full
+        logits when the head is adaptive. The adaptive head's "logits" are its
+        log-probabilities: softmax, argmax and temperature treat them exactly as logits.
         ``with_activations=True`` adds a third item, the last layer's ``(raw, dropped)``
         outputs (B, T, H), before and after output dropout: what AR and TAR penalise.
         """
@@ -236,16 +241,41 @@ class RNNLM(nn.Module):
             state = self.begin_state(X.shape[0], X.device)
         self._check_state(state, X.shape[0])
         cfg, training = self.cfg, self.training
-        x = embedding_dropout(self.embedding, X, cfg.dropout_embedding, training)
-        x = locked_dropout(x, cfg.dropout_input, training)
-        if training and self.layerwise:
-            raw, state = self._run_layers(x, state)
-        else:
-            raw, hx = self.rnn(x, state if cfg.cell == "lstm" else state[0])
-            state = tuple(hx) if cfg.cell == "lstm" else (hx,)
+        # The recurrence runs in fp32 even under autocast: its state is an accumulator
+        # carried across every step and window, where bf16's 8-bit mantissa loses it.
+        with torch.autocast(X.device.type, enabled=False):
+            x = embedding_dropout(self.embedding, X, cfg.dropout_embedding, training)
+            x = locked_dropout(x, cfg.dropout_input, training)
+            if training and self.layerwise:
+                raw, state = self._run_layers(x, state)
+            else:
+                raw, hx = self.rnn(x, state if cfg.cell == "lstm" else state[0])
+                state = tuple(hx) if cfg.cell == "lstm" else (hx,)
         dropped = self.dropout(locked_dropout(raw, cfg.dropout_output, training))
-        logits = self.output(dropped)
-        return (logits, state, (raw, dropped)) if with_activations else (logits, state)
+        result = self.logits(dropped) if targets is None else self.loss(dropped, targets, reduction)
+        return (result, state, (raw, dropped)) if with_activations else (result, state)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Last-layer outputs (..., H) -> logits (..., vocab_size) (log-probabilities if adaptive)."""
+        if isinstance(self.output, nn.AdaptiveLogSoftmaxWithLoss):
+            with torch.autocast(features.device.type, enabled=False):
+                flat = self.output.log_prob(features.reshape(-1, features.shape[-1]))
+            return flat.reshape(*features.shape[:-1], self.vocab_size)
+        return self.output(features)
+
+    def loss(self, features: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy (nats) of last-layer outputs ``features`` (B, T, H), in fp32."""
+        flat, y = features.reshape(-1, features.shape[-1]), targets.reshape(-1)
+        if isinstance(self.output, nn.AdaptiveLogSoftmaxWithLoss):
+            # In the features' dtype (fp32 under autocast: the recurrence is): autocast
+            # would mix dtypes inside the module, which then fails in index_copy_.
+            with torch.autocast(flat.device.type, enabled=False):
+                nll = -self.output(flat, y).output
+            return {"mean": nll.mean, "sum": nll.sum, "none": lambda: nll}[reduction]()
+        logits = self.output(flat)
+        if logits.dtype in (torch.float16, torch.bfloat16):  # the log-softmax in fp32 (CPU autocast keeps bf16)
+            logits = logits.float()
+        return F.cross_entropy(logits, y, reduction=reduction)
 
     def _run_layers(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """The stack layer by layer, with locked dropout between layers and weight drop inside."""
@@ -296,6 +326,17 @@ def torch_recurrent(cfg: ModelConfig, input_size: int, num_layers: int, *, dropo
     extra = {"nonlinearity": cfg.nonlinearity} if cfg.cell == "rnn" else {}
     return rnn_class(input_size, cfg.hidden_size, num_layers, dropout=dropout, batch_first=True,
                      device=device, **extra)
+
+
+def output_head(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """A full ``Linear`` projection to the vocabulary, or torch's adaptive softmax."""
+    if cfg.softmax == "full":
+        return nn.Linear(cfg.hidden_size, vocab_size)
+    if cfg.adaptive_cutoffs[-1] >= vocab_size:
+        raise ValueError(f"adaptive_cutoffs {list(cfg.adaptive_cutoffs)} must all be below the "
+                         f"vocabulary size {vocab_size}")
+    return nn.AdaptiveLogSoftmaxWithLoss(cfg.hidden_size, vocab_size, list(cfg.adaptive_cutoffs),
+                                         div_value=cfg.adaptive_div_value, head_bias=True)
 
 
 def init_parameters(model: nn.Module, init: str, scale: float) -> None:

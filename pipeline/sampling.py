@@ -79,38 +79,39 @@ def batches(
     ``start`` skips the first ``start`` batches of the epoch (resuming mid-epoch).
     ``variable_length`` (sequential only): batch ``i`` has ``bptt_lengths(...)[i]`` columns.
     """
-    rows = rank_rows(batch_size, rank, world_size)
-    n = num_batches(len(corpus), batch_size, num_steps, sampling)
+    starts, lengths = epoch_windows(len(corpus), batch_size, num_steps, sampling, seed=seed, epoch=epoch,
+                                    variable_length=variable_length)
+    mine = starts[:, rank_rows(batch_size, rank, world_size)]
+    for i in range(start, len(starts)):
+        index = mine[i][:, None] + np.arange(lengths[i])  # (rows, length) token positions
+        yield corpus[index].astype(np.int64), corpus[index + 1].astype(np.int64)
+
+
+def epoch_windows(num_tokens: int, batch_size: int, num_steps: int, sampling: Sampling, *,
+                  seed: int, epoch: int, variable_length: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Where every window of the epoch starts, ``(num_batches, batch_size)``, and each batch's
+    length, ``(num_batches,)``: row ``b`` of batch ``i`` is ``corpus[s : s + lengths[i]]`` with
+    ``s = starts[i, b]`` (``Y`` from ``s + 1``). One seeded generator per epoch draws the
+    offset, then the shuffle (random) or the variable lengths (sequential)."""
+    n = num_batches(num_tokens, batch_size, num_steps, sampling)
     if n == 0:
-        raise ValueError(
-            f"corpus of {len(corpus)} tokens is too short for one batch of "
-            f"{batch_size} x {num_steps} tokens"
-        )
+        raise ValueError(f"corpus of {num_tokens} tokens is too short for one batch of "
+                         f"{batch_size} x {num_steps} tokens")
+    if sampling not in ("random", "sequential"):
+        raise ValueError(f"unknown sampling {sampling!r}: expected 'random' or 'sequential'")
     if variable_length and sampling != "sequential":
         raise ValueError("variable_length needs sequential sampling")
     rng = epoch_rng(seed, epoch)
     offset = int(rng.integers(0, num_steps))
-    if variable_length:  # drawn after the offset: fixed-length epochs keep their batches
-        lengths = bptt_lengths(rng, n, num_steps)
-    else:
-        lengths = np.full(n, num_steps)
-    if sampling == "random":
-        yield from _random_batches(corpus, batch_size, num_steps, n, offset, rng, rows, start)
-    elif sampling == "sequential":
-        yield from _sequential_batches(corpus, batch_size, n * num_steps, lengths, offset, rows, start)
-    else:
-        raise ValueError(f"unknown sampling {sampling!r}: expected 'random' or 'sequential'")
-
-
-def _random_batches(corpus, batch_size, num_steps, n, offset, rng, rows, start):
-    # As d2l: shuffle every window that fits after the offset, use the first n batches' worth.
-    num_windows = (len(corpus) - offset - 1) // num_steps
-    window_starts = offset + num_steps * rng.permutation(num_windows)[: n * batch_size]
-    window = np.arange(num_steps)
-    for i in range(start, n):
-        starts = window_starts[i * batch_size : (i + 1) * batch_size][rows]
-        index = starts[:, None] + window  # (rows, num_steps) token positions
-        yield corpus[index].astype(np.int64), corpus[index + 1].astype(np.int64)
+    if sampling == "random":  # as d2l: shuffle every window that fits after the offset, use n batches' worth
+        num_windows = (num_tokens - offset - 1) // num_steps
+        starts = offset + num_steps * rng.permutation(num_windows)[: n * batch_size]
+        return starts.reshape(n, batch_size), np.full(n, num_steps)
+    # Stream b is the b-th contiguous stretch of n * num_steps tokens; variable lengths
+    # cover a prefix of each, so the streams are those of fixed lengths.
+    lengths = bptt_lengths(rng, n, num_steps) if variable_length else np.full(n, num_steps)
+    column = np.cumsum(lengths) - lengths  # where batch i starts within every stream
+    return offset + n * num_steps * np.arange(batch_size)[None, :] + column[:, None], lengths
 
 
 def bptt_lengths(rng: np.random.Generator, n: int, num_steps: int) -> np.ndarray:
@@ -130,12 +131,35 @@ def bptt_lengths(rng: np.random.Generator, n: int, num_steps: int) -> np.ndarray
     return np.diff(np.minimum(np.cumsum(lengths), room), prepend=0)
 
 
-def _sequential_batches(corpus, batch_size, stream_len, lengths, offset, rows, start):
-    # Variable lengths cover a prefix of each stream: the streams stay those of fixed lengths.
-    length = batch_size * stream_len
-    xs = corpus[offset : offset + length].reshape(batch_size, stream_len)[rows]
-    ys = corpus[offset + 1 : offset + 1 + length].reshape(batch_size, stream_len)[rows]
-    ends = np.cumsum(lengths)
-    for i in range(start, len(lengths)):
-        cols = slice(int(ends[i] - lengths[i]), int(ends[i]))
-        yield xs[:, cols].astype(np.int64), ys[:, cols].astype(np.int64)
+# ------------------------------------------------------------------ on the device
+
+
+def device_batches(tokens, batch_size: int, num_steps: int, sampling: Sampling, *, seed: int, epoch: int,
+                   rank: int = 0, world_size: int = 1, start: int = 0, variable_length: bool = False):
+    """``batches`` over ``tokens``, a 1-D integer tensor that already lives on the device.
+
+    The epoch's window starts go to the device once; each batch is then one gather there,
+    with no copy from the host per step (a pageable host-to-device copy waits for the
+    device). Yields int64 ``(X, Y)`` tensors, the same values ``batches`` yields.
+    """
+    import torch
+
+    starts, lengths = epoch_windows(len(tokens), batch_size, num_steps, sampling, seed=seed, epoch=epoch,
+                                    variable_length=variable_length)
+    mine = torch.from_numpy(np.ascontiguousarray(starts[:, rank_rows(batch_size, rank, world_size)]))
+    if tokens.device.type == "cuda":
+        mine = mine.pin_memory()
+    mine = mine.to(tokens.device, non_blocking=True)
+    window = torch.arange(int(lengths.max()) + 1, device=tokens.device)
+    for i in range(start, len(starts)):
+        w = tokens[mine[i][:, None] + window[: lengths[i] + 1]].long()  # (rows, length + 1)
+        yield w[:, :-1], w[:, 1:]
+
+
+def token_tensor(ids: np.ndarray, vocab_size: int, device):
+    """A split's token ids as a tensor on ``device`` in the smallest dtype that holds them
+    (uint8 up to 256 tokens: a byte per token at char level)."""
+    import torch
+
+    dtype = np.uint8 if vocab_size <= 256 else np.int16 if vocab_size <= 2**15 else np.int32
+    return torch.from_numpy(np.asarray(ids).astype(dtype)).to(device)  # narrowed on the host: less to copy
