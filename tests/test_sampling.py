@@ -204,3 +204,17 @@ def test_bptt_lengths_fit_the_stream_even_when_the_draws_overrun():
 def test_variable_lengths_need_sequential_sampling():
     with pytest.raises(ValueError, match="sequential"):
         list(batches(np.arange(500), 2, 5, "random", seed=0, epoch=0, variable_length=True))
+
+
+def test_variable_lengths_on_the_device_equal_the_host_batches():
+    import torch
+
+    from pipeline.sampling import device_batches
+
+    corpus = np.arange(3_000)
+    kwargs = dict(seed=5, epoch=1, rank=1, world_size=2, start=2, variable_length=True)
+    host = list(batches(corpus, 4, 20, "sequential", **kwargs))
+    device = list(device_batches(torch.from_numpy(corpus), 4, 20, "sequential", **kwargs))
+    assert len(host) == len(device) and len({x.shape[1] for x, _ in host}) > 1
+    for (hx, hy), (dx, dy) in zip(host, device):
+        assert np.array_equal(hx, dx.numpy()) and np.array_equal(hy, dy.numpy())
