@@ -103,8 +103,8 @@ def _fetch_file(open_file: fsspec.core.OpenFile, display: str, root: str) -> Doc
     sha1, sha256 = hashlib.sha1(), hashlib.sha256()
     decoder = codecs.getincrementaldecoder("utf-8")()
     corpus_dir = storage.join(root, "corpus")
+    storage.makedirs(corpus_dir)  # the first write of a run: a bad store fails here, clearly
     fs, dir_path = storage.filesystem(corpus_dir)
-    fs.makedirs(dir_path, exist_ok=True)
     local = storage.is_local(corpus_dir)
     tmp = f"{dir_path}/.fetch-{uuid.uuid4().hex[:12]}"
     num_bytes, visible = 0, False
@@ -133,6 +133,8 @@ def _fetch_file(open_file: fsspec.core.OpenFile, display: str, root: str) -> Doc
     except PermissionError as e:
         raise CorpusError(display, f"permission denied: {e}") from None
     except OSError as e:  # connection refused, DNS failure, timeouts, HTTP 5xx
+        if storage.is_permanent_error(e):  # access denied, no such bucket: asking again cannot help
+            raise CorpusError(display, f"refused: {e}") from None
         raise SourceUnreachableError(display, f"unreachable: {e}") from None
     finally:
         if fs.exists(tmp):
