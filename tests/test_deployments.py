@@ -11,20 +11,17 @@ group and stopped by PID (group, then any stray descendant) in a finalizer, pass
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+from tests.servers import Processes, clean_env, free_port, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -93,83 +90,7 @@ def test_dispatch_option_is_validated():
         PipelineOptions(dispatch="remote")
 
 
-# --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Processes:
-    """Subprocesses in their own process groups, logs to files, all stopped by PID at the end."""
-
-    def __init__(self, logs: Path):
-        self.logs = logs
-        self.procs: list[tuple[str, subprocess.Popen, object]] = []
-
-    def start(self, name: str, cmd: list[str], env: dict, cwd=None) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "wb")
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append((name, proc, log))
-        return proc
-
-    def log(self, name: str, tail: int = 3000) -> str:
-        path = self.logs / f"{name}.log"
-        return path.read_text(errors="replace")[-tail:] if path.exists() else ""
-
-    def all_logs(self) -> str:
-        return "\n".join(f"----- {name} -----\n{self.log(name)}" for name, _, _ in self.procs)
-
-    def stop_all(self) -> None:
-        import psutil
-
-        for name, proc, log in reversed(self.procs):  # workers first, the server last
-            try:
-                descendants = psutil.Process(proc.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                descendants = []
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(timeout=10)
-            for d in descendants:  # flow-run processes that left the group
-                try:
-                    d.kill()
-                except psutil.NoSuchProcess:
-                    pass
-            log.close()
-
-
-def wait_http(url: str, proc: subprocess.Popen, procs: Processes, name: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"{name} exited with {proc.returncode}:\n{procs.log(name)}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{name} not ready after {timeout}s:\n{procs.log(name)}")
-        time.sleep(0.5)
-
-
-def clean_env(**extra) -> dict:
-    """This environment minus anything that would point a child at another server or store."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RNNLM_"))}
-    return {**env, **extra}
+# --------------------------------------------------------------------------- the stack
 
 
 @pytest.fixture(scope="module")

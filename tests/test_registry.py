@@ -131,9 +131,10 @@ def start_server(cmd: list[str], env: dict, cwd, log_path: Path, ready_url: str,
         time.sleep(0.5)
 
 
-def start_mlflow_server(tmp_path: Path, env: dict):
+def start_mlflow_server(tmp_path: Path, env: dict, artifacts: str | None = None):
     """A real ``mlflow server`` on a free 127.0.0.1 port, SQLite backend and artifacts under
-    ``tmp_path/server``; job execution off keeps it to two processes. Returns
+    ``tmp_path/server`` (or at ``artifacts``, e.g. an s3:// URL: clients then upload and download
+    through the server's proxy); job execution off keeps it to two processes. Returns
     ``(url, server_dir, proc, log_file)``; stop it with ``stop_server(proc, log_file)``."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -141,7 +142,7 @@ def start_mlflow_server(tmp_path: Path, env: dict):
     server_dir.mkdir()
     proc, log_file = start_server(
         [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{server_dir / 'mlflow.db'}",
-         "--artifacts-destination", str(server_dir / "artifacts"), "--host", "127.0.0.1",
+         "--artifacts-destination", artifacts or str(server_dir / "artifacts"), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
         {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, server_dir, tmp_path / "server.log", f"{url}/health")
     return url, server_dir, proc, log_file
