@@ -25,7 +25,7 @@ import pytest
 
 BIN = Path(sys.executable).parent
 INSTALL = {
-    "moto": "the test servers' Python packages: pip install -e '.[test-servers]'",
+    "moto": "the test servers' Python packages: pip install -e '.[test]'",
     "s3fs": "the S3 filesystem: pip install -e '.[s3]'",
     "prefect_redis": "the Redis lock manager: pip install -e '.[redis]'",
     "redis-server": "Redis: apt-get install redis-server",
