@@ -7,6 +7,7 @@ keeps every artifact (corpus copies, datasets, checkpoints, metrics, Prefect res
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -133,3 +134,47 @@ def test_permanent_s3_errors_are_told_from_passing_ones(s3_server):
     assert storage.is_permanent_error(client_error("NoSuchBucket"))
     assert not storage.is_permanent_error(client_error("SlowDown"))
     assert not storage.is_permanent_error(ConnectionResetError())
+
+
+@pytest.mark.slow
+def test_a_trainer_killed_mid_run_resumes_from_its_s3_checkpoint(tmp_path, s3_root):
+    import signal
+    import time
+
+    import torch
+
+    from pipeline.checkpoint import list_checkpoints
+    from pipeline.launch import read_epochs
+    from tests.test_train import TINY, child_env, trainer_cmd, write_inputs
+
+    dataset, config = write_inputs(tmp_path, {**TINY, "dropout": 0.2},
+                                   {"epochs": 3, "optimizer": "sgd", "lr": 1.0, "momentum": 0.5}, 100_000)
+    ref = tmp_path / "ref"  # the same run uninterrupted, on local disk
+    subprocess.run(trainer_cmd(ref, dataset, config), env=child_env(), cwd=REPO, check=True, capture_output=True,
+                   timeout=300)
+
+    run = s3_root + "/runs/killed"
+    proc = subprocess.Popen(trainer_cmd(run, dataset, config), env=child_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list_checkpoints(run + "/checkpoints"):
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint on S3 before the run ended"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    newest = list_checkpoints(run + "/checkpoints")[-1].rsplit("/", 1)[-1]
+    assert newest.startswith("ckpt-000001-") and not storage.exists(run + "/model.pt"), "killed too late"
+
+    again = subprocess.run(trainer_cmd(run, dataset, config), env=child_env(), cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from epoch 1" in again.stderr and "s3://" in again.stderr, again.stderr[-3000:]
+    a = torch.load(ref / "model.pt", weights_only=True)
+    b = torch.load(io.BytesIO(storage.read_bytes(run + "/model.pt")), weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # as if never killed
+    assert [e["epoch"] for e in read_epochs(run)] == [1, 2, 3]  # metrics.jsonl on S3, truncated on resume
