@@ -1,4 +1,4 @@
-"""Deployments: deployments/prefect.yaml, the ops helpers, and the distributed retrain end to end.
+"""Deployments: deployments/prefect.yaml, the server operations (flows/servers.py), and the distributed retrain end to end.
 
 The end-to-end test uses real components on loopback only: ``prefect server start`` (SQLite,
 temp ``PREFECT_HOME``) on a free 127.0.0.1 port, ``rnnlm deploy`` run from elsewhere than the
@@ -42,7 +42,7 @@ def deployments_by_name() -> dict[str, dict]:
 def test_prefect_yaml_deployments_pools_schedule_and_pull_step():
     import importlib
 
-    from tasks.common import PipelineOptions
+    from tasks.options import PipelineOptions
 
     deps, spec = deployments_by_name()
     assert set(deps) == {"nightly", "cpu", "gpu"}
@@ -62,20 +62,20 @@ def test_prefect_yaml_deployments_pools_schedule_and_pull_step():
 
 
 def test_worker_env_persists_results_on_the_shared_root(tmp_path):
-    from flows import ops
+    from flows import servers
 
-    env = ops.worker_env(root=str(tmp_path / "store"), repo_dir="/srv/rnnlm", url="http://127.0.0.1:1/api", base={})
+    env = servers.worker_env(root=str(tmp_path / "store"), repo_dir="/srv/rnnlm", url="http://127.0.0.1:1/api", base={})
     assert env["RNNLM_STORAGE"] == str(tmp_path / "store") and env["RNNLM_REPO_DIR"] == "/srv/rnnlm"
     assert env["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] == "true"
     assert env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] == str(tmp_path / "store" / "prefect-results" / "flow-runs")
     assert env["PREFECT_API_URL"] == "http://127.0.0.1:1/api"
-    remote = ops.worker_env(root="s3://bucket/rnnlm", results_block="remote-file-system/x", base={})
+    remote = servers.worker_env(root="s3://bucket/rnnlm", results_block="remote-file-system/x", base={})
     assert remote["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] == "remote-file-system/x"
     assert "PREFECT_RESULTS_LOCAL_STORAGE_PATH" not in remote
-    assert ops.worker_command("gpu", limit=1)[-6:] == ["--pool", "gpu", "--type", "process", "--limit", "1"]
-    assert ops.pull_step_env_vars() == {"RNNLM_REPO_DIR"}  # kept out of `prefect deploy`'s environment
-    assert ops.deploy_command()[-3:] == ["--prefect-file", str(PREFECT_FILE), "--all"]
-    server = ops.server_env(root=str(tmp_path / "store"), database_url="postgresql+asyncpg://u:p@db/prefect", base={})
+    assert servers.worker_command("gpu", limit=1)[-6:] == ["--pool", "gpu", "--type", "process", "--limit", "1"]
+    assert servers.pull_step_env_vars() == {"RNNLM_REPO_DIR"}  # kept out of `prefect deploy`'s environment
+    assert servers.deploy_command()[-3:] == ["--prefect-file", str(PREFECT_FILE), "--all"]
+    server = servers.server_env(root=str(tmp_path / "store"), database_url="postgresql+asyncpg://u:p@db/prefect", base={})
     assert server["PREFECT_HOME"] == str(tmp_path / "store" / "prefect")
     assert server["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
 
@@ -83,7 +83,7 @@ def test_worker_env_persists_results_on_the_shared_root(tmp_path):
 def test_dispatch_option_is_validated():
     from pydantic import ValidationError
 
-    from tasks.common import PipelineOptions
+    from tasks.options import PipelineOptions
 
     assert PipelineOptions().dispatch == "local"
     with pytest.raises(ValidationError):
@@ -97,11 +97,11 @@ def test_dispatch_option_is_validated():
 def stack(tmp_path_factory, request):
     """Server (SQLite) + deployments + one worker per pool sharing a local root and a SQLite
     MLflow database; yields a dict of what the test needs."""
-    from pipeline import registry
+    from pipeline.tracking import ensure_tracking_db
 
     base = tmp_path_factory.mktemp("deployments")
     tracking = "sqlite:///" + str(base / "mlflow.db")
-    registry.ensure_tracking_db(tracking)  # created once, before workers use it concurrently
+    ensure_tracking_db(tracking)  # created once, before workers use it concurrently
     procs = Processes(base / "logs")
     request.addfinalizer(procs.stop_all)
     yield start_stack(base, procs, store=str(base / "store"), tracking=tracking)
@@ -112,16 +112,16 @@ def start_stack(base: Path, procs: Processes, *, store: str, tracking: str, data
     """A Prefect server (SQLite, or the PostgreSQL of ``database_url``), the deployments, one worker
     per pool on storage root ``store`` and MLflow ``tracking``. ``env`` goes to every process;
     ``worker_homes``: each worker gets its own PREFECT_HOME and working directory (separate hosts)."""
-    from flows import ops
+    from flows import servers
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     env = dict(env or {})
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    server_env = ops.server_env(home=str(base / "server-home"), database_url=database_url, base=clean_env(
+    server_env = servers.server_env(home=str(base / "server-home"), database_url=database_url, base=clean_env(
         **env, PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="10", PREFECT_LOGGING_LEVEL="WARNING"))
-    server = procs.start("server", ops.server_command("127.0.0.1", port), server_env)
+    server = procs.start("server", servers.server_command("127.0.0.1", port), server_env)
     wait_http(f"{api}/health", server, procs, "server")
     timings["server_ready_s"] = time.perf_counter() - t0
     client_home = str(base / "client-home")
@@ -136,7 +136,7 @@ def start_stack(base: Path, procs: Processes, *, store: str, tracking: str, data
     timings["deploy_s"] = time.perf_counter() - t
 
     workers = {}
-    for pool in ops.POOLS:
+    for pool in servers.POOLS:
         home = base / f"host-{pool}" if worker_homes else base
         home.mkdir(exist_ok=True)
         worker_env = clean_env(**env, PREFECT_HOME=str(home / "prefect") if worker_homes else client_home,

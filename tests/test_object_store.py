@@ -110,7 +110,7 @@ def test_a_file_written_by_another_process_is_seen_at_once(s3_root):
 
 def test_an_invalid_bucket_fails_at_once_and_is_not_retried(s3_server, monkeypatch):
     from pipeline.corpus import fetch_corpus
-    from tasks.common import is_retryable
+    from tasks.retries import is_retryable
 
     for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
