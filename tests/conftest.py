@@ -110,16 +110,19 @@ def postgres_url(tmp_path_factory) -> str:
 
 def pytest_runtest_makereport(item, call):
     """Under CI (``CI=true``) a test that needs a server dependency must run: its skip
-    ("needs ...: pip install / apt-get install ...", from tests/servers.py) is a failure."""
+    ("missing test dependency: ... apt-get install ...", tests/servers.py) is a failure.
+    Other skips (no CUDA) stay skips."""
     if call.when != "setup" and call.when != "call":
         return None
     if os.environ.get("CI", "").lower() != "true" or call.excinfo is None:
         return None
-    if call.excinfo.errisinstance(pytest.skip.Exception) and str(call.excinfo.value).startswith("needs "):
+    from tests.servers import MISSING
+
+    if call.excinfo.errisinstance(pytest.skip.Exception) and str(call.excinfo.value).startswith(MISSING):
         from _pytest.reports import TestReport
 
         report = TestReport.from_item_and_call(item, call)
         report.outcome = "failed"
-        report.longrepr = f"CI=true, but a test dependency is missing: {call.excinfo.value}"
+        report.longrepr = f"CI=true, but {call.excinfo.value}"
         return report
     return None

@@ -31,6 +31,7 @@ INSTALL = {
     "redis-server": "Redis: apt-get install redis-server",
     "postgres": "PostgreSQL: apt-get install postgresql",
 }
+MISSING = "missing test dependency: "  # the skip message prefix tests/conftest.py fails on under CI
 # Debian keeps the server binaries off PATH, under /usr/lib/postgresql/<version>/bin.
 POSTGRES_BINS = ("initdb", "pg_ctl", "postgres")
 
@@ -42,7 +43,7 @@ def require(*what: str) -> None:
     missing = [w for w in what if (importlib.util.find_spec(w) is None if w in ("moto", "s3fs", "prefect_redis")
                                    else not _program(w))]
     if missing:
-        pytest.skip("needs " + "; ".join(INSTALL[w] for w in missing))
+        pytest.skip(MISSING + "; ".join(INSTALL[w] for w in missing))
 
 
 def _program(name: str) -> str | None:
