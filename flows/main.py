@@ -67,6 +67,7 @@ def make_summary(result: dict[str, Any], wall_s: float) -> dict[str, Any]:
         "dataset_uri": ds["uri"],
         "epochs": run["epochs"], "finished": run["finished"], "tokens_per_s": run["tokens_per_s"],
         "train_wall_s": run["wall_s"], "val_ppl": ev["val_ppl"], "test_ppl": ev["test_ppl"],
+        "val_bits": ev.get("val_bits"), "test_bits": ev.get("test_bits"),
         "run_dir": run["run_dir"], "model_uri": run["model_uri"],
         "samples": [s["text"] for s in ev["samples"]],
         "stages": stages, "cached_stages": sum(s == "Cached" for s in states), "total_stages": len(states),
@@ -99,6 +100,7 @@ def print_report(s: dict[str, Any], file=sys.stdout) -> None:
     p(f"  epochs            {s['epochs']}{'' if s['finished'] else ' (stopped at max_minutes)'}")
     p(f"  training          {f(s['tokens_per_s'], ',.0f')} tokens/s, {f(s['train_wall_s'], '.1f')} s")
     p(f"  perplexity        validation {f(s['val_ppl'])}, test {f(s['test_ppl'])}")
+    p(f"  bits per {s['level'] if s['level'] == 'word' else 'char'}     validation {f(s['val_bits'])}, test {f(s['test_bits'])}")
     p(f"  model             {s['model_uri']}")
     for i, text in enumerate(s["samples"], 1):
         p(f"  sample {i}          {text!r}")

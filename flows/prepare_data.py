@@ -8,6 +8,7 @@ from prefect import flow, unmapped
 
 from flows.runtime import default_task_runner, flow_run_id, state_names
 from pipeline.config import DataConfig
+from pipeline.corpus import located_sources
 from tasks.common import PipelineOptions, bind, retry_if_retryable
 from tasks.data import build_vocab, count_tokens, encode_shards, fetch_corpus, plan, write_shards
 
@@ -24,13 +25,14 @@ def prepare_data_flow(data: DataConfig = DataConfig(), options: PipelineOptions 
     """Turn raw text into a prepared dataset; returns its manifest (and each stage's task-run states)."""
     root = options.store_root()
 
-    fetches = bind(fetch_corpus, options, **fetch_retry_options(options)).map(source=list(data.sources), root=unmapped(root))
+    fetches = bind(fetch_corpus, options, **fetch_retry_options(options)).map(source=list(located_sources(data)),
+                                                                              root=unmapped(root))
     fetched = [f.result() for f in fetches]
 
     chunks = plan([d for f in fetched for d in f["documents"]], data.chunk_bytes)
 
     counts = bind(count_tokens, options).map(chunk=chunks, tokenizer=unmapped(data.tokenizer), root=unmapped(root))
-    vocab = bind(build_vocab, options).submit(counts, data, root)
+    vocab = bind(build_vocab, options).submit(chunks, counts, data, root)
 
     encoded = bind(encode_shards, options).map(chunk=chunks, tokenizer=unmapped(data.tokenizer), vocab=unmapped(vocab),
                                                root=unmapped(root))

@@ -36,6 +36,22 @@ def perplexity(model: RNNLM, ids: np.ndarray, *, batch_size: int = 32, num_steps
     return math.exp(ce) if ce < 700 else math.inf
 
 
+def bits_per_token(ppl: float | None) -> float | None:
+    """log2 of a perplexity: bits per character at char level, per word at word level
+    (the unit character-level papers report). None stays None, inf stays inf."""
+    return None if ppl is None else math.log2(ppl)
+
+
+def with_bits(figures: dict) -> dict:
+    """``figures`` with ``<x>_bits`` (``bits_per_token``) beside every ``<x>_ppl``."""
+    out = {}
+    for key, value in figures.items():
+        out[key] = value
+        if key.endswith("_ppl"):
+            out[key.removesuffix("_ppl") + "_bits"] = bits_per_token(value)
+    return out
+
+
 def mean_cross_entropy(model: RNNLM, ids: np.ndarray, *, batch_size: int = 32, num_steps: int = 35,
                        device: torch.device | str | None = None) -> float:
     """Mean next-token cross-entropy (nats) over all ``len(ids) - 1`` targets of ``ids``.

@@ -32,10 +32,10 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.config import DataConfig, TokenizerConfig
-from pipeline.corpus import Document, fetch_corpus
+from pipeline.corpus import Document, fetch_corpus, located_sources
 from pipeline.errors import CorpusError
 from pipeline.shards import SPLITS, Dataset, DatasetWriter, is_complete, open_dataset, split_sizes
-from pipeline.tokenizer import char_codes, word_tokens
+from pipeline.tokenizer import UNK, char_codes, word_tokens
 from pipeline.vocab import TokenCounts, Vocab, count_codes, count_values, merge_counts
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ class Chunk:
     uri: str
     start: int
     end: int
+    split: str | None = None  # the split its source names, if any
+    source: str = ""  # the source as the user wrote it, for errors
 
     def read(self) -> bytes:
         fs, path = storage.filesystem(self.uri)
@@ -61,8 +63,9 @@ class Chunk:
 
 def dataset_id(documents: list[Document], cfg: DataConfig) -> str:
     """The content address of a dataset: what the text is and how it is cut, never where it came from."""
-    settings = cfg.model_dump(mode="json", exclude={"sources", "chunk_bytes"})
-    return storage.stable_hash({"version": DATA_FORMAT_VERSION, "documents": [d.sha256 for d in documents], "settings": settings})
+    settings = cfg.model_dump(mode="json", exclude={"sources", "chunk_bytes", "root_dir"})
+    docs = [d.sha256 if d.split is None else [d.split, d.sha256] for d in documents]
+    return storage.stable_hash({"version": DATA_FORMAT_VERSION, "documents": docs, "settings": settings})
 
 
 def plan_chunks(documents: list[Document], chunk_bytes: int) -> list[Chunk]:
@@ -76,7 +79,7 @@ def plan_chunks(documents: list[Document], chunk_bytes: int) -> list[Chunk]:
                 end = min(start + chunk_bytes, doc.num_bytes)
                 if end < doc.num_bytes:
                     end = _next_line_end(f, end, doc.num_bytes)
-                chunks.append(Chunk(doc.uri, start, end))
+                chunks.append(Chunk(doc.uri, start, end, doc.split, doc.source))
                 start = end
     return chunks
 
@@ -104,6 +107,9 @@ def count_chunk(chunk: Chunk, cfg: TokenizerConfig, spill: str | None = None) ->
     is nearly free. The result is the same with or without it.
     """
     data = chunk.read()
+    if cfg.level == "word" and cfg.normalizer == "d2l" and UNK.encode() in data:
+        raise CorpusError(chunk.source or chunk.uri, f"holds literal {UNK} markers, which the d2l normalizer would turn "
+                          "into the word 'unk': use tokenizer.normalizer none (or lower) for this corpus")
     if cfg.level == "char":
         codes = char_codes(data, cfg)
         if spill:
@@ -114,22 +120,57 @@ def count_chunk(chunk: Chunk, cfg: TokenizerConfig, spill: str | None = None) ->
 
 @dataclass(frozen=True)
 class CountedVocab:
-    """The vocabulary and the corpus's token count, from the merged counts of every chunk."""
+    """The vocabulary, and the tokens counted: in all (``num_tokens``) and per named split (else None)."""
 
     vocab: Vocab
     num_tokens: int
     distinct: int
+    split_tokens: dict[str, int] | None = None
 
 
-def build_vocab(counts: Iterable[TokenCounts], cfg: DataConfig) -> CountedVocab:
-    """Merge the chunks' counts (in chunk order) and build the d2l vocabulary; a corpus with no tokens is an error."""
-    merged = merge_counts(counts)
-    num_tokens = sum(merged.values())
-    if num_tokens == 0:
-        raise CorpusError(", ".join(s.url for s in cfg.sources), "no tokens after normalization")
+def build_vocab(chunks: Sequence[Chunk], counts: Iterable[TokenCounts], cfg: DataConfig) -> CountedVocab:
+    """Merge the counts of ``chunks`` (in chunk order) and build the d2l vocabulary from them.
+
+    With ``vocab.count_on=train`` only the train chunks' counts make the vocabulary;
+    every chunk's tokens are tallied for the split sizes. No tokens to build on is an error.
+    """
+    tally: dict[str, int] = {}
+
+    def vocab_counts():
+        for chunk, part in zip(chunks, counts, strict=True):
+            tally[chunk.split or "all"] = tally.get(chunk.split or "all", 0) + sum(part.values())
+            if cfg.vocab.count_on == "all" or chunk.split == "train":
+                yield part
+
+    merged = merge_counts(vocab_counts())
+    if not merged:
+        counted_on = [s.url for s in cfg.sources if cfg.vocab.count_on == "all" or s.split == "train"]
+        raise CorpusError(", ".join(counted_on), "no tokens after normalization")
     vocab = Vocab.build(merged, cfg.vocab)
-    log.info("vocabulary: %d tokens from %d distinct; %d tokens in the corpus", len(vocab), len(merged), num_tokens)
-    return CountedVocab(vocab, num_tokens, len(merged))
+    num_tokens = sum(tally.values())
+    log.info("vocabulary: %d tokens from %d distinct (counted on %s); %d tokens in the corpus",
+             len(vocab), len(merged), cfg.vocab.count_on, num_tokens)
+    split_tokens = {split: tally.get(split, 0) for split in SPLITS} if cfg.named_splits else None
+    return CountedVocab(vocab, num_tokens, len(merged), split_tokens)
+
+
+def split_bounds(counted: CountedVocab, cfg: DataConfig) -> list[tuple[str, int, int]]:
+    """``(split, start, end)`` of each split in the stream of encoded chunks; tokens outside are dropped.
+
+    Fractions cut the (capped) stream; named splits are their files' tokens, ``max_tokens``
+    keeping the first tokens of train only.
+    """
+    cap = cfg.splits.max_tokens
+    if counted.split_tokens is None:
+        sizes = split_sizes(min(counted.num_tokens, cap or counted.num_tokens), cfg.splits.model_dump())
+        starts = np.cumsum([0] + [sizes[s] for s in SPLITS]).tolist()
+        return [(s, starts[i], starts[i] + sizes[s]) for i, s in enumerate(SPLITS)]
+    bounds, start = [], 0
+    for split in SPLITS:
+        n = counted.split_tokens[split]
+        bounds.append((split, start, start + (min(n, cap) if split == "train" and cap else n)))
+        start += n
+    return bounds
 
 
 def encode_chunk(chunk: Chunk, cfg: TokenizerConfig, vocab: Vocab, spill: str | None = None) -> np.ndarray:
@@ -155,7 +196,7 @@ def prepare_dataset(cfg: DataConfig, root: str | None = None) -> Dataset:
     """
     root = storage.storage_root(root)
     started = time.perf_counter()
-    documents = fetch_corpus(cfg.sources, root)
+    documents = fetch_corpus(located_sources(cfg), root)
     uri = dataset_uri(documents, cfg, root)
     if is_complete(uri):
         log.info("dataset already prepared at %s", uri)
@@ -166,7 +207,8 @@ def prepare_dataset(cfg: DataConfig, root: str | None = None) -> Dataset:
     with tempfile.TemporaryDirectory(prefix="rnnlm-codes-") as spill_dir:
         spill = [os.path.join(spill_dir, f"{i:06d}.npy") if cfg.tokenizer.level == "char" else None
                  for i in range(len(chunks))]
-        counted = build_vocab(_logged(range(len(chunks)), "count", lambda i: count_chunk(chunks[i], cfg.tokenizer, spill[i])), cfg)
+        counts = _logged(range(len(chunks)), "count", lambda i: count_chunk(chunks[i], cfg.tokenizer, spill[i]))
+        counted = build_vocab(chunks, counts, cfg)
         encode = _logged(range(len(chunks)), "encode", lambda i: encode_chunk(chunks[i], cfg.tokenizer, counted.vocab, spill[i]))
         with contextlib.closing(encode) as encoded:  # a max_tokens cap stops early: join the workers before cleanup
             write_dataset(uri, documents, cfg, counted, encoded)
@@ -176,11 +218,8 @@ def prepare_dataset(cfg: DataConfig, root: str | None = None) -> Dataset:
 
 def write_dataset(uri, documents, cfg: DataConfig, counted: CountedVocab, encoded_chunks) -> dict:
     """Write shards from consecutive encoded chunks into a staging directory, then publish it."""
-    vocab, num_tokens = counted.vocab, counted.num_tokens
-    total = min(num_tokens, cfg.splits.max_tokens or num_tokens)
-    sizes = split_sizes(total, cfg.splits.model_dump())
     staging = storage.new_staging_dir(uri)
-    writer = DatasetWriter(staging, vocab, sizes, cfg.tokens_per_shard)
+    writer = DatasetWriter(staging, counted.vocab, split_bounds(counted, cfg), cfg.tokens_per_shard)
     try:
         for ids in encoded_chunks:
             writer.add(ids)
@@ -190,9 +229,10 @@ def write_dataset(uri, documents, cfg: DataConfig, counted: CountedVocab, encode
             {
                 "dataset_id": uri.rstrip("/").rsplit("/", 1)[-1],
                 "sources": [d.to_dict() for d in documents],
+                "split_sources": {s: [d.source for d in documents if d.split == s] for s in SPLITS} if cfg.named_splits else None,
                 "tokenizer": cfg.tokenizer.model_dump(mode="json"),
                 "config": cfg.model_dump(mode="json"),
-                "corpus_tokens": num_tokens,
+                "corpus_tokens": counted.num_tokens,
                 "format_version": DATA_FORMAT_VERSION,
             }
         )
@@ -236,7 +276,8 @@ def summary(dataset: Dataset) -> dict:
     return {
         "uri": dataset.uri,
         "dataset_id": m["dataset_id"],
-        "sources": [{"source": s["source"], "sha256": s["sha256"], "bytes": s["num_bytes"]} for s in m["sources"]],
+        "sources": [{"source": s["source"], "split": s.get("split"), "sha256": s["sha256"], "bytes": s["num_bytes"]}
+                    for s in m["sources"]],
         "level": m["tokenizer"]["level"],
         "num_tokens": m["num_tokens"],
         "vocab_size": m["vocab_size"],

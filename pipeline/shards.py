@@ -69,9 +69,10 @@ def _shard_bytes(ids: np.ndarray) -> bytes:
 class DatasetWriter:
     """Routes a stream of token ids into contiguous train/val/test shards.
 
-    Feed ``add`` the ids of consecutive chunks. ``sizes`` are known up front
-    (from counting), so the split a token falls in is decided by its position
-    alone. Tokens past the total are dropped (the ``max_tokens`` cap).
+    Feed ``add`` the ids of consecutive chunks. ``bounds`` — ``(split, start, end)``
+    positions in that stream, known up front from counting — decide the split a
+    token falls in by its position alone; tokens outside every split are dropped
+    (the ``max_tokens`` cap).
 
     Shards are encoded, hashed and written on two background threads (pyarrow,
     hashlib and file I/O release the GIL), overlapping the tokenizing of the next
@@ -80,17 +81,13 @@ class DatasetWriter:
 
     MAX_IN_FLIGHT = 8
 
-    def __init__(self, directory: str, vocab: Vocab, sizes: dict[str, int], tokens_per_shard: int):
+    def __init__(self, directory: str, vocab: Vocab, bounds: list[tuple[str, int, int]], tokens_per_shard: int):
         self.directory = directory
         self.vocab = vocab
         self.dtype = vocab.id_dtype
         self.tokens_per_shard = tokens_per_shard
-        self.bounds = []  # (split, first position, end position)
-        start = 0
-        for split in SPLITS:
-            self.bounds.append((split, start, start + sizes[split]))
-            start += sizes[split]
-        self.total = start
+        self.bounds = bounds  # (split, first position, end position)
+        self.total = max(end for _, _, end in bounds)
         self.position = 0
         self.pending: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
         self.pending_len = dict.fromkeys(SPLITS, 0)

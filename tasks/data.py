@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -106,11 +107,11 @@ def plan(documents: list[dict[str, Any]], chunk_bytes: int) -> list[dict[str, An
     """Line-aligned byte ranges of the fetched documents; cheap (seeks), so not a task."""
     docs = [Document(**d) for d in documents]
     sha = {d.uri: d.sha256 for d in docs}
-    return [{"uri": c.uri, "sha256": sha[c.uri], "start": c.start, "end": c.end} for c in plan_chunks(docs, chunk_bytes)]
+    return [{**asdict(c), "sha256": sha[c.uri]} for c in plan_chunks(docs, chunk_bytes)]
 
 
 def _chunk(ref: dict[str, Any]) -> Chunk:
-    return Chunk(ref["uri"], ref["start"], ref["end"])
+    return Chunk(ref["uri"], ref["start"], ref["end"], ref.get("split"), ref.get("source", ""))
 
 
 def _chunk_identity(ref: dict[str, Any]) -> dict[str, Any]:
@@ -141,26 +142,29 @@ def count_tokens(chunk: dict[str, Any], tokenizer: TokenizerConfig, root: str | 
 
 def vocab_identity(inputs: dict[str, Any]):
     data = inputs["data"] if isinstance(inputs["data"], DataConfig) else DataConfig.model_validate(inputs["data"])
-    return _v("vocab"), {"counts": [c["id"] for c in inputs["counts"]], "vocab": data.vocab.model_dump(mode="json"),
+    counts = [[ref.get("split"), c["id"]] for ref, c in zip(inputs["chunks"], inputs["counts"], strict=True)]
+    return _v("vocab"), {"counts": counts, "vocab": data.vocab.model_dump(mode="json"),
                          "root": storage.storage_root(inputs.get("root"))}
 
 
 @task(name="build_vocab", cache_policy=StagePolicy(stage="vocab", identity=vocab_identity), tags=["data"])
-def build_vocab(counts: list[dict[str, Any]], data: DataConfig, root: str | None = None) -> dict[str, Any]:
+def build_vocab(chunks: list[dict[str, Any]], counts: list[dict[str, Any]], data: DataConfig,
+                root: str | None = None) -> dict[str, Any]:
     """``pipeline.prepare.build_vocab`` over the chunks' counts; the vocabulary goes to ``<root>/work/vocab/``."""
     root = storage.storage_root(root)
-    vid = content_id("vocab", *vocab_identity({"counts": counts, "data": data, "root": root}))
-    counted = prepare.build_vocab((json.loads(storage.read_bytes(c["uri"])) for c in counts), data)
+    vid = content_id("vocab", *vocab_identity({"chunks": chunks, "counts": counts, "data": data, "root": root}))
+    counted = prepare.build_vocab([_chunk(c) for c in chunks], (json.loads(storage.read_bytes(c["uri"])) for c in counts),
+                                  data)
     uri = storage.join(root, "work", "vocab", f"{vid}.parquet")
     storage.write_bytes_atomic(uri, parquet_bytes(counted.vocab.to_table()))
     get_run_logger().info("vocabulary: %d tokens from %d distinct; %d tokens in the corpus",
                           len(counted.vocab), counted.distinct, counted.num_tokens)
     return manifest(vid, [uri], uri=uri, vocab_size=len(counted.vocab), distinct=counted.distinct,
-                    num_tokens=counted.num_tokens, tokens_sha256=counted.vocab.sha256)
+                    num_tokens=counted.num_tokens, split_tokens=counted.split_tokens, tokens_sha256=counted.vocab.sha256)
 
 
 def _counted(vocab: dict[str, Any]) -> prepare.CountedVocab:
-    return prepare.CountedVocab(read_vocab(vocab["uri"]), vocab["num_tokens"], vocab["distinct"])
+    return prepare.CountedVocab(read_vocab(vocab["uri"]), vocab["num_tokens"], vocab["distinct"], vocab["split_tokens"])
 
 
 # -------------------------------------------------------------------------------- encode

@@ -142,7 +142,8 @@ def evaluate_identity(inputs: dict[str, Any]):
 def evaluate_model(run: dict[str, Any], dataset: dict[str, Any], prefixes: tuple[str, ...] = ("time traveller",),
                    num_tokens: int = 100, temperature: float = 0.7, batch_size: int = 32,
                    num_steps: int = 35) -> dict[str, Any]:
-    """Validation and test perplexity, and one sampled continuation per prefix."""
+    """Validation and test perplexity (and bits per token), and one sampled continuation per prefix."""
+    from pipeline.evaluate import with_bits
     from pipeline.lm import LanguageModel
     from pipeline.shards import open_dataset
 
@@ -162,7 +163,7 @@ def evaluate_model(run: dict[str, Any], dataset: dict[str, Any], prefixes: tuple
         g = lm.generate_with_info(prefix, num_tokens, temperature=temperature, seed=i)
         samples.append({"prefix": prefix, "text": g.text, "unknown": g.unknown})
         logger.info("sample %d: %s", i + 1, g.text)
-    out = {"val_ppl": _finite(ppl["val"]), "test_ppl": _finite(ppl["test"]), "samples": samples}
+    out = {**with_bits({"val_ppl": _finite(ppl["val"]), "test_ppl": _finite(ppl["test"])}), "samples": samples}
     uri = storage.join(run["run_dir"], f"evaluation-{eid}.json")
     storage.write_json_atomic(uri, out)
     return manifest(eid, [uri], uri=uri, **out)

@@ -167,17 +167,26 @@ def test_deleted_dataset_is_recomputed_not_a_dangling_cache_hit(tmp_path, store)
     assert sorted(states(third)["encode_shards"]).count("Completed") == 1
 
 
-@pytest.mark.parametrize("level", ["char", "word"])
+@pytest.mark.parametrize("level", ["char", "word", "named splits"])
 def test_flow_and_prepare_dataset_write_byte_identical_datasets(tmp_path, store, level):
     """One data chain: the mapped flow and the in-process ``prepare_dataset`` write the same bytes."""
     import json
     import shutil
 
     from flows.prepare_data import prepare_data_flow
+    from pipeline.config import DataConfig
     from pipeline.prepare import prepare_dataset
 
-    data = run_config(corpus(tmp_path)).data.model_copy(update={"tokens_per_shard": 100})
-    data = data.model_copy(update={"tokenizer": data.tokenizer.model_copy(update={"level": level})})
+    if level == "named splits":  # PTB-style files, vocabulary counted on train only
+        ptb = Path(__file__).parent / "fixtures" / "ptb"
+        data = DataConfig.model_validate({
+            "sources": [{"url": str(ptb / f"ptb.{name}.txt"), "split": split}
+                        for name, split in (("valid", "val"), ("train", "train"), ("test", "test"))],
+            "tokenizer": {"level": "word", "normalizer": "none", "eos": True},
+            "chunk_bytes": 1024, "tokens_per_shard": 100, "splits": {"max_tokens": 500}})
+    else:
+        data = run_config(corpus(tmp_path)).data.model_copy(update={"tokens_per_shard": 100})
+        data = data.model_copy(update={"tokenizer": data.tokenizer.model_copy(update={"level": level})})
 
     def files(uri: str) -> dict[str, str]:
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(uri).iterdir())}
