@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -75,17 +75,38 @@ class TokenizerConfig(Strict):
         return self
 
 
+class PinnedVocab(Strict):
+    """A vocabulary to reuse: a prepared dataset (its directory) or its ``vocab.parquet``;
+    ``sha256``, if given, that vocab.parquet's."""
+
+    uri: str
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+
 class VocabConfig(Strict):
     """d2l vocabulary: ``<unk>`` at 0, reserved tokens next, then by descending frequency.
 
     ``count_on``: the tokens counted for it: ``train`` (only with named splits, and their
-    default: valid/test words unseen in train become ``<unk>``) or ``all``.
+    default: valid/test words unseen in train become ``<unk>``) or ``all``. ``pinned`` (a URI,
+    or ``{uri, sha256}``) reuses that vocabulary instead: tokens outside it become ``<unk>``.
     """
 
     min_freq: int = Field(default=0, ge=0)
     max_size: int | None = Field(default=None, ge=1)
     reserved_tokens: tuple[str, ...] = ()
     count_on: Literal["train", "all"] | None = None
+    pinned: PinnedVocab | None = None
+
+    @field_validator("pinned", mode="before")
+    @classmethod
+    def _uri_alone(cls, v: Any) -> Any:
+        return {"uri": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> "VocabConfig":
+        if self.pinned and (self.min_freq or self.max_size or self.reserved_tokens):
+            raise ValueError("vocab.pinned fixes the vocabulary: min_freq, max_size and reserved_tokens do not apply")
+        return self
 
 
 class SplitConfig(Strict):

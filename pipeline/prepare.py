@@ -33,8 +33,8 @@ import numpy as np
 from pipeline import storage
 from pipeline.config import DataConfig, TokenizerConfig
 from pipeline.corpus import Document, fetch_corpus, located_sources
-from pipeline.errors import CorpusError
-from pipeline.shards import SPLITS, Dataset, DatasetWriter, is_complete, open_dataset, split_sizes
+from pipeline.errors import ConfigError, CorpusError
+from pipeline.shards import SPLITS, Dataset, DatasetWriter, is_complete, open_dataset, read_pinned_vocab, split_bounds
 from pipeline.tokenizer import UNK, char_codes, word_tokens
 from pipeline.vocab import TokenCounts, Vocab, count_codes, count_values, merge_counts
 
@@ -61,9 +61,17 @@ class Chunk:
             return f.read(self.end - self.start)
 
 
-def dataset_id(documents: list[Document], cfg: DataConfig) -> str:
-    """The content address of a dataset: what the text is and how it is cut, never where it came from."""
-    settings = cfg.model_dump(mode="json", exclude={"sources", "chunk_bytes", "root_dir"})
+def dataset_id(documents: list[Document], cfg: DataConfig, pinned_sha256: str | None = None) -> str:
+    """The content address of a dataset: what the text is and how it is cut, never where it came from.
+
+    ``pinned_sha256``: the token hash of the ``vocab.pinned`` vocabulary (its content, not its URI).
+    """
+    if (cfg.vocab.pinned is None) != (pinned_sha256 is None):
+        raise ValueError("dataset_id needs the pinned vocabulary's token hash exactly when vocab.pinned is set")
+    settings = cfg.model_dump(mode="json", exclude={"sources": True, "chunk_bytes": True, "root_dir": True,
+                                                    "vocab": {"pinned"}})
+    if pinned_sha256:
+        settings["pinned_vocab"] = pinned_sha256
     docs = [d.sha256 if d.split is None else [d.split, d.sha256] for d in documents]
     return storage.stable_hash({"version": DATA_FORMAT_VERSION, "documents": docs, "settings": settings})
 
@@ -128,11 +136,25 @@ class CountedVocab:
     split_tokens: dict[str, int] | None = None
 
 
-def build_vocab(chunks: Sequence[Chunk], counts: Iterable[TokenCounts], cfg: DataConfig) -> CountedVocab:
+def pinned_vocab(cfg: DataConfig) -> Vocab | None:
+    """The vocabulary ``vocab.pinned`` names (verified), or None. A dataset's must come from this tokenizer."""
+    pin = cfg.vocab.pinned
+    if pin is None:
+        return None
+    vocab, manifest = read_pinned_vocab(pin.uri, pin.sha256)
+    if manifest is not None and TokenizerConfig.model_validate(manifest["tokenizer"]) != cfg.tokenizer:
+        raise ConfigError(f"vocab.pinned: {pin.uri} was tokenized with {manifest['tokenizer']}, this dataset with "
+                          f"{cfg.tokenizer.model_dump(mode='json')}: its vocabulary does not fit")
+    return vocab
+
+
+def build_vocab(chunks: Sequence[Chunk], counts: Iterable[TokenCounts], cfg: DataConfig,
+                pinned: Vocab | None = None) -> CountedVocab:
     """Merge the counts of ``chunks`` (in chunk order) and build the d2l vocabulary from them.
 
     With ``vocab.count_on=train`` only the train chunks' counts make the vocabulary;
     every chunk's tokens are tallied for the split sizes. No tokens to build on is an error.
+    ``pinned`` (``pinned_vocab``): keep that vocabulary's tokens, recounted on this corpus.
     """
     tally: dict[str, int] = {}
 
@@ -146,31 +168,12 @@ def build_vocab(chunks: Sequence[Chunk], counts: Iterable[TokenCounts], cfg: Dat
     if not merged:
         counted_on = [s.url for s in cfg.sources if cfg.vocab.count_on == "all" or s.split == "train"]
         raise CorpusError(", ".join(counted_on), "no tokens after normalization")
-    vocab = Vocab.build(merged, cfg.vocab)
+    vocab = Vocab.recount(pinned.tokens, merged) if pinned else Vocab.build(merged, cfg.vocab)
     num_tokens = sum(tally.values())
     log.info("vocabulary: %d tokens from %d distinct (counted on %s); %d tokens in the corpus",
              len(vocab), len(merged), cfg.vocab.count_on, num_tokens)
     split_tokens = {split: tally.get(split, 0) for split in SPLITS} if cfg.named_splits else None
     return CountedVocab(vocab, num_tokens, len(merged), split_tokens)
-
-
-def split_bounds(counted: CountedVocab, cfg: DataConfig) -> list[tuple[str, int, int]]:
-    """``(split, start, end)`` of each split in the stream of encoded chunks; tokens outside are dropped.
-
-    Fractions cut the (capped) stream; named splits are their files' tokens, ``max_tokens``
-    keeping the first tokens of train only.
-    """
-    cap = cfg.splits.max_tokens
-    if counted.split_tokens is None:
-        sizes = split_sizes(min(counted.num_tokens, cap or counted.num_tokens), cfg.splits.model_dump())
-        starts = np.cumsum([0] + [sizes[s] for s in SPLITS]).tolist()
-        return [(s, starts[i], starts[i] + sizes[s]) for i, s in enumerate(SPLITS)]
-    bounds, start = [], 0
-    for split in SPLITS:
-        n = counted.split_tokens[split]
-        bounds.append((split, start, start + (min(n, cap) if split == "train" and cap else n)))
-        start += n
-    return bounds
 
 
 def encode_chunk(chunk: Chunk, cfg: TokenizerConfig, vocab: Vocab, spill: str | None = None) -> np.ndarray:
@@ -185,8 +188,8 @@ def encode_chunk(chunk: Chunk, cfg: TokenizerConfig, vocab: Vocab, spill: str | 
     return vocab.encode_words(word_tokens(chunk.read(), cfg))
 
 
-def dataset_uri(documents: list[Document], cfg: DataConfig, root: str) -> str:
-    return storage.join(root, "datasets", dataset_id(documents, cfg))
+def dataset_uri(documents: list[Document], cfg: DataConfig, root: str, pinned_sha256: str | None = None) -> str:
+    return storage.join(root, "datasets", dataset_id(documents, cfg, pinned_sha256))
 
 
 def prepare_dataset(cfg: DataConfig, root: str | None = None) -> Dataset:
@@ -197,7 +200,8 @@ def prepare_dataset(cfg: DataConfig, root: str | None = None) -> Dataset:
     root = storage.storage_root(root)
     started = time.perf_counter()
     documents = fetch_corpus(located_sources(cfg), root)
-    uri = dataset_uri(documents, cfg, root)
+    pinned = pinned_vocab(cfg)
+    uri = dataset_uri(documents, cfg, root, pinned.sha256 if pinned else None)
     if is_complete(uri):
         log.info("dataset already prepared at %s", uri)
         return open_dataset(uri)
@@ -208,7 +212,7 @@ def prepare_dataset(cfg: DataConfig, root: str | None = None) -> Dataset:
         spill = [os.path.join(spill_dir, f"{i:06d}.npy") if cfg.tokenizer.level == "char" else None
                  for i in range(len(chunks))]
         counts = _logged(range(len(chunks)), "count", lambda i: count_chunk(chunks[i], cfg.tokenizer, spill[i]))
-        counted = build_vocab(chunks, counts, cfg)
+        counted = build_vocab(chunks, counts, cfg, pinned)
         encode = _logged(range(len(chunks)), "encode", lambda i: encode_chunk(chunks[i], cfg.tokenizer, counted.vocab, spill[i]))
         with contextlib.closing(encode) as encoded:  # a max_tokens cap stops early: join the workers before cleanup
             write_dataset(uri, documents, cfg, counted, encoded)
@@ -219,7 +223,8 @@ def prepare_dataset(cfg: DataConfig, root: str | None = None) -> Dataset:
 def write_dataset(uri, documents, cfg: DataConfig, counted: CountedVocab, encoded_chunks) -> dict:
     """Write shards from consecutive encoded chunks into a staging directory, then publish it."""
     staging = storage.new_staging_dir(uri)
-    writer = DatasetWriter(staging, counted.vocab, split_bounds(counted, cfg), cfg.tokens_per_shard)
+    bounds = split_bounds(counted.num_tokens, counted.split_tokens, cfg.splits)
+    writer = DatasetWriter(staging, counted.vocab, bounds, cfg.tokens_per_shard)
     try:
         for ids in encoded_chunks:
             writer.add(ids)
