@@ -180,6 +180,34 @@ def test_root_dir_still_checks_the_presets_checksums(store):
     assert str(PTB / "ptb.train.txt") in str(info.value)
 
 
+def test_the_cli_points_a_preset_at_a_local_copy(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    def rnnlm(*args: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k not in ("RNNLM_STORAGE", "PREFECT_API_URL", "PYTHONPATH")}
+        return subprocess.run([str(Path(sys.executable).with_name("rnnlm")), *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    refused = rnnlm("prepare", "--config", "ptb-word-small", "--set", f"data.root_dir={PTB}")
+    assert refused.returncode == 3 and "checksum mismatch" in refused.stderr  # the fixtures are not the real PTB
+    assert str(PTB / "ptb.train.txt") in refused.stderr
+
+    raw = read_raw("ptb-word-small")
+    for source in raw["data"]["sources"]:
+        source.pop("sha256")
+    (tmp_path / "ptb-local.yaml").write_text(yaml.safe_dump(raw))
+    done = rnnlm("prepare", "--config", "ptb-local.yaml", "--set", f"data.root_dir={PTB}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout[done.stdout.index("{"):])
+    assert out["splits"]["val"] == len(lines_with_eos(PTB_FILES["val"]))
+    assert [(s["split"], s["source"]) for s in out["sources"]] == [(k, str(p)) for k, p in PTB_FILES.items()]
+
+
 def test_root_dir_is_not_part_of_the_dataset_id(tmp_path, store):
     import shutil
 
