@@ -32,24 +32,13 @@ def perplexity(model: RNNLM, ids: np.ndarray, *, batch_size: int = 32, num_steps
 
     A diverged model's cross-entropy can be finite but too large for exp: that is +inf.
     """
-    ce = mean_cross_entropy(model, ids, batch_size=batch_size, num_steps=num_steps, device=device)
-    return math.exp(ce) if ce < 700 else math.inf
+    return perplexity_from_loss(mean_cross_entropy(model, ids, batch_size=batch_size, num_steps=num_steps,
+                                                   device=device))
 
 
-def bits_per_token(ppl: float | None) -> float | None:
-    """log2 of a perplexity: bits per character at char level, per word at word level
-    (the unit character-level papers report). None stays None, inf stays inf."""
-    return None if ppl is None else math.log2(ppl)
-
-
-def with_bits(figures: dict) -> dict:
-    """``figures`` with ``<x>_bits`` (``bits_per_token``) beside every ``<x>_ppl``."""
-    out = {}
-    for key, value in figures.items():
-        out[key] = value
-        if key.endswith("_ppl"):
-            out[key.removesuffix("_ppl") + "_bits"] = bits_per_token(value)
-    return out
+def perplexity_from_loss(cross_entropy: float) -> float:
+    """exp(cross-entropy in nats), +inf where exp overflows (a diverging but finite loss)."""
+    return math.exp(cross_entropy) if cross_entropy < 700 else math.inf
 
 
 def mean_cross_entropy(model: RNNLM, ids: np.ndarray, *, batch_size: int = 32, num_steps: int = 35,

@@ -2,11 +2,11 @@
 
 Thin wrappers over ``pipeline.corpus`` / ``pipeline.prepare``: each calls the very function
 ``prepare_dataset`` calls and adds only caching and the persisting of what passes between stages. Each returns a small JSON
-manifest (``tasks.common.manifest``): a content ``id``, numbers, and the URIs of what it
+manifest (``tasks.caching.manifest``): a content ``id``, numbers, and the URIs of what it
 wrote (``artifacts``). Token counts and token ids never travel through Prefect: they go
 to files under ``<root>/work/`` and are passed on as URIs.
 
-Cache identities (see ``tasks.common``):
+Cache identities (see ``tasks.caching``):
 
 * ``fetch_corpus``: a fetch cannot know the bytes before fetching them, so its key is the
   source URL + the declared checksums + a cheap validator of the remote object
@@ -45,7 +45,7 @@ from pipeline.corpus import Document, builtin_path, fetch_source
 from pipeline.errors import DatasetError, PipelineError
 from pipeline.prepare import DATA_FORMAT_VERSION, Chunk, dataset_id, plan_chunks
 from pipeline.shards import MANIFEST, is_complete, open_dataset, parquet_bytes, read_vocab
-from tasks.common import StagePolicy, content_id, jsonable, manifest
+from tasks.caching import StagePolicy, content_id, jsonable, manifest
 
 # Bump a stage's number when its outputs change meaning (the task source is hashed too).
 VERSION = {"fetch": 1, "count": 1, "vocab": 1, "encode": 1, "shards": 1}

@@ -60,7 +60,7 @@ def run_config(path: Path, **train):
 
 
 def options(store: str, **kw):
-    from tasks.common import PipelineOptions
+    from tasks.options import PipelineOptions
 
     kw.setdefault("register_model", False)  # registration has its own test below and in tests/test_registry.py
     return PipelineOptions(root=store, sample_tokens=10, fetch_retry_delay_s=0.05, train_retry_delay_s=0, grace_s=5, **kw)
@@ -305,7 +305,7 @@ def test_checksum_mismatch_fails_at_once_naming_the_source(tmp_path, store):
 
 def test_map_stages_on_a_local_dask_cluster(tmp_path, store):
     from flows.prepare_data import prepare_data_flow
-    from flows.runtime import task_runner_for
+    from flows.task_runners import task_runner_for
     from pipeline.prepare import prepare_dataset
 
     opts = options(store, dask="local-threads")
@@ -324,7 +324,8 @@ def test_a_lock_left_by_a_dead_process_is_broken_not_waited_on(tmp_path):
     import subprocess
     import sys
 
-    from tasks.common import PipelineOptions, lock_manager
+    from tasks.caching import lock_manager
+    from tasks.options import PipelineOptions
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -342,13 +343,13 @@ def test_retrain_registers_a_champion_with_lineage(tmp_path, store):
     """The whole chain ends in the registry: a version with lineage tags, alias champion."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline import registry
+    from pipeline.tracking import tracking_uri
 
     cfg = run_config(corpus(tmp_path))
     result = retrain(cfg, store, register_model=True)
     reg = result["registered"]
     assert reg["registered"] and reg["name"] == "rnnlm-custom" and reg["gate"]["promoted"]
-    client = MlflowClient(registry.tracking_uri(store))
+    client = MlflowClient(tracking_uri(store))
     champion = client.get_model_version_by_alias("rnnlm-custom", "champion")
     assert str(champion.version) == reg["version"]
     run = client.get_run(champion.run_id)

@@ -15,7 +15,7 @@ import torch
 
 from pipeline.config import DataConfig, RunConfig, apply_overrides, parse_config, read_raw
 from pipeline.errors import ConfigError, CorpusError
-from pipeline.evaluate import bits_per_token, with_bits
+from pipeline.metrics import bits_per_token, with_bits
 from pipeline.prepare import prepare_dataset, summary
 from pipeline.tokenizer import UNK
 
