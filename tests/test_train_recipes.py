@@ -166,3 +166,21 @@ def test_quality_bench_ablation_turns_off_one_technique_per_run():
         assert all(on(variant) for _, on, _ in others)  # only that one is off
     none = load_run_config("timemachine-char", everything + [f"{k}={json.dumps(v)}" for k, v in variants[-1][1].items()])
     assert not any(on(none) for _, on, _ in bench.TECHNIQUES)
+
+
+def test_checkpoints_from_before_the_new_fields_still_resume():
+    # A checkpoint written before issue 14 lacks the new config keys: they count as their defaults.
+    from pipeline.checkpoint import check_compatible
+    from pipeline.errors import CheckpointError
+
+    model, cfg = ModelConfig(**GRU), TrainConfig(**SGD)
+    new_model_keys = {"dropout_input", "dropout_between", "dropout_output", "dropout_embedding", "weight_drop"}
+    new_train_keys = {"nt_asgd_window", "patience", "ar", "tar", "variable_bptt"}
+    old = {"vocab_size": 28, "train_tokens": 4000,
+           "model_config": {k: v for k, v in model.model_dump(mode="json").items() if k not in new_model_keys},
+           "train_config": {k: v for k, v in cfg.model_dump(mode="json").items() if k not in new_train_keys}}
+    check_compatible(old, "old.pt", model_config=model.model_dump(mode="json"),
+                     train_config=cfg.model_dump(mode="json"), vocab_size=28, train_tokens=4000)
+    with pytest.raises(CheckpointError, match="model.weight_drop 0.0 != 0.2"):  # a real change is still refused
+        check_compatible(old, "old.pt", model_config={**model.model_dump(mode="json"), "weight_drop": 0.2},
+                         train_config=cfg.model_dump(mode="json"), vocab_size=28, train_tokens=4000)
