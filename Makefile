@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[dev,dask]"
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[dev,dask,ray]"
 	touch $(STAMP)
 
 run: setup
