@@ -11,9 +11,17 @@ d2l's settings (batch 32, num_steps 35, hidden 256, vocab 28, SGD lr 1, clip 1):
 Each runs one warm-up epoch and one timed epoch of ``--steps`` steps, the two
 interleaved ``--repeats`` times, best of each kept; tokens/s is global (all ranks). The trainer's figure is its own epoch-2 ``tokens_per_s``
 (validation and checkpointing happen outside that window, as they do outside
-the plain loop). Prints a table, then one JSON line.
+the plain loop).
+
+The ``ray`` row (``--rows ray``; skipped if Ray is not installed) launches the same
+trainer through ``pipeline.launch`` twice per repeat: 2 Ray Train workers on this
+machine (``--ray-address local``: a private Ray started by the driver, so its
+start-up is included) against ``torchrun --nproc-per-node 2``. It reports the
+epoch-2 tokens/s ratio (ray / torchrun) and the fixed start-up cost of each launch:
+launch wall time minus the trainer's own ``wall_s``. Prints a table, then one JSON line.
 
     python bench/train_throughput.py --steps 20 --cells gru --layers 1 --ranks 1,2 --device cpu
+    python bench/train_throughput.py --rows ray --steps 50 --repeats 2 --device cpu
 """
 
 from __future__ import annotations
@@ -119,20 +127,42 @@ def worker(args) -> None:
                 print("BENCH " + json.dumps(row), flush=True)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=50, help="steps per epoch (one warm-up + one timed epoch)")
-    p.add_argument("--cells", default="rnn,gru,lstm")
-    p.add_argument("--layers", default="1,2")
-    p.add_argument("--ranks", default="1,2", help="world sizes to run, e.g. 1,2")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; the best of each counts")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--workdir", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker:
-        return worker(args)
+def ray_row(args) -> dict:
+    """Trainer tokens/s and start-up seconds: 2 Ray Train workers vs torchrun --nproc-per-node 2."""
+    import numpy as np
 
+    from pipeline.config import ModelConfig, RunConfig, TrainConfig
+    from pipeline.launch import launch_training
+    from pipeline.ray_launch import RayCluster
+
+    cell = args.cells.split(",")[0]
+    tokens = args.steps * BATCH * NUM_STEPS + NUM_STEPS
+    ids = np.random.default_rng(0).integers(0, VOCAB, tokens + 2_000).astype(np.int32)
+    cfg = RunConfig(model=ModelConfig(cell=cell, hidden_size=HIDDEN),
+                    train=TrainConfig(batch_size=BATCH, num_steps=NUM_STEPS, epochs=2, optimizer="sgd", lr=1.0,
+                                      clip_norm=1.0, device=args.device))
+    env = {"PYTHONPATH": str(REPO), "RNNLM_NUM_THREADS": "1"}  # one thread per rank: 2 ranks, 2 cores
+    best = {"torchrun": (0.0, float("inf")), "ray": (0.0, float("inf"))}  # (tokens/s, start-up s)
+    with tempfile.TemporaryDirectory() as workdir:
+        dataset = str(Path(workdir) / "data.npz")
+        np.savez(dataset, train=ids[:tokens], val=ids[tokens:], vocab_size=VOCAB)
+        for rep in range(args.repeats):  # interleaved, best of each
+            for name, ray in (("torchrun", None), ("ray", RayCluster(address=args.ray_address, max_failures=0))):
+                start = time.perf_counter()
+                launched = launch_training(str(Path(workdir) / f"{name}-{rep}"), dataset, cfg, nproc=2, ray=ray,
+                                           env=env)
+                wall = time.perf_counter() - start
+                tps = [m["tokens_per_s"] for m in launched.metrics if m.get("event") == "epoch"][-1]
+                startup = wall - launched.result["wall_s"]
+                best[name] = (max(best[name][0], tps), min(best[name][1], startup))
+    (ray_tps, ray_start), (tr_tps, tr_start) = best["ray"], best["torchrun"]
+    return {"launcher": "ray", "cell": cell, "ranks": 2, "tokens_per_s": round(ray_tps),
+            "torchrun_tokens_per_s": round(tr_tps), "ratio": round(ray_tps / tr_tps, 3),
+            "startup_s": round(ray_start, 1), "torchrun_startup_s": round(tr_start, 1)}
+
+
+def trainer_rows(args) -> list[dict]:
+    """The trainer against the plain loop, for every world size in --ranks."""
     rows = []
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryDirectory() as workdir:
@@ -147,12 +177,45 @@ def main() -> None:
                 sys.exit(f"worker failed ({ranks} ranks):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
             rows += [json.loads(line[len("BENCH "):]) for line in proc.stdout.splitlines()
                      if line.startswith("BENCH ")]
+    return rows
 
-    print(f"{'cell':<5} {'layers':>6} {'ranks':>5} {'trainer tok/s':>14} {'plain tok/s':>12} {'ratio':>6}")
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=50, help="steps per epoch (one warm-up + one timed epoch)")
+    p.add_argument("--cells", default="rnn,gru,lstm")
+    p.add_argument("--layers", default="1,2")
+    p.add_argument("--ranks", default="1,2", help="world sizes to run, e.g. 1,2")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; the best of each counts")
+    p.add_argument("--rows", default="trainer,ray", help="trainer (vs the plain loop), ray (vs torchrun)")
+    p.add_argument("--ray-address", default="local", help="the Ray row's cluster: local, auto, ray://...")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+
+    wanted = args.rows.split(",")
+    rows = trainer_rows(args) if "trainer" in wanted else []
+    ray = None
+    if "ray" in wanted:
+        try:
+            import ray.train  # noqa: F401
+        except ImportError:
+            print("ray row skipped: Ray is not installed (pip install -e '.[ray]')", file=sys.stderr)
+        else:
+            ray = ray_row(args)
+
+    if rows:
+        print(f"{'cell':<5} {'layers':>6} {'ranks':>5} {'trainer tok/s':>14} {'plain tok/s':>12} {'ratio':>6}")
     for r in rows:
         print(f"{r['cell']:<5} {r['layers']:>6} {r['ranks']:>5} {r['tokens_per_s']:>14,} "
               f"{r['plain_tokens_per_s']:>12,} {r['ratio']:>6.3f}")
-    print(json.dumps({"rows": rows, "ratio_min": min(r["ratio"] for r in rows)}))
+    if ray:
+        print(f"ray   {ray['cell']} 2 workers: {ray['tokens_per_s']:,} tok/s vs torchrun {ray['torchrun_tokens_per_s']:,}"
+              f" (ratio {ray['ratio']:.3f}); start-up {ray['startup_s']} s (torchrun {ray['torchrun_startup_s']} s)")
+    print(json.dumps({"rows": rows, "ratio_min": min((r["ratio"] for r in rows), default=None), "ray": ray}))
 
 
 if __name__ == "__main__":

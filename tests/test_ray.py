@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig, TrainConfig
+from pipeline.errors import ConfigError
 from pipeline.launch import launch_training
 from pipeline.ray_launch import RayCluster
 from pipeline.train import Dist, train
@@ -139,3 +140,14 @@ def test_a_killed_worker_is_restarted_and_the_run_resumes_exactly(inputs, cluste
     assert resumed[0]["step"] in (80, 120), resumed  # a mid-epoch checkpoint: hidden states carried over
     assert [e["epoch"] for e in epochs_of(run_dir)] == [1, 2, 3]
     assert_same_weights(ray_ref, run_dir)
+
+
+def test_a_bad_config_fails_once_without_ray_restarts(inputs, cluster, tmp_path):
+    """A do-not-retry failure (here: a global batch that 2 workers cannot split) is not restarted by Ray."""
+    config = tmp_path / "odd-batch.yaml"
+    config.write_text(Path(inputs[1]).read_text().replace("batch_size: 16", "batch_size: 15"))
+    lines: list[str] = []
+    with pytest.raises(ConfigError, match="not divisible by the 2 ranks"):
+        launch_training(str(tmp_path / "run"), inputs[0], str(config), nproc=2, env=child_env(),
+                        on_line=lines.append, ray=RayCluster(address=cluster.address, max_failures=2))
+    assert sum("Started training worker group" in line for line in lines) == 1, "\n".join(lines)
