@@ -9,6 +9,7 @@ the extra was not installed: there it fails.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -151,3 +152,45 @@ def test_a_bad_config_fails_once_without_ray_restarts(inputs, cluster, tmp_path)
         launch_training(str(tmp_path / "run"), inputs[0], str(config), nproc=2, env=child_env(),
                         on_line=lines.append, ray=RayCluster(address=cluster.address, max_failures=2))
     assert sum("Started training worker group" in line for line in lines) == 1, "\n".join(lines)
+
+
+def test_rnnlm_run_with_the_ray_launcher_registers_a_model(cluster, tmp_path):
+    from tests.test_cli import SMALL, rnnlm
+
+    proc = rnnlm("run", *SMALL, "--launcher", "ray", "--ray-address", cluster.address, "--workers", "2", cwd=tmp_path)
+    assert "registered        rnnlm-timemachine-char version 1 (champion)" in proc.stdout, proc.stdout
+    (result,) = (tmp_path / ".rnnlm" / "runs").glob("*/result.json")
+    assert json.loads(result.read_text())["world_size"] == 2
+    logs = proc.stdout + proc.stderr  # the workers' lines, forwarded to the Prefect task's log
+    assert "rank 1 of 2 on node" in logs and "epoch 1/1: train ppl" in logs, logs[-5000:]
+
+
+def test_sigterm_to_the_driver_stops_the_workers_on_every_node(inputs, cluster, tmp_path):
+    """Cancelling the train task (SIGTERM to the driver child) leaves no training running on the cluster."""
+    from pipeline.launch import TrainingFailedError
+
+    lines: list[str] = []
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = launch(tmp_path / "run", inputs, cluster, lines, max_failures=2)
+        except Exception as e:  # expected: reported below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 300
+        while len(placements(lines)) < 2 or not list((tmp_path / "run").glob("checkpoints/ckpt-*.pt")):
+            assert thread.is_alive(), "\n".join(lines)
+            assert time.monotonic() < deadline, "timed out waiting for training to start"
+            time.sleep(0.05)
+        workers = [psutil.Process(pid) for _, pid in placements(lines).values()]
+        (driver,) = [p for p in psutil.Process().children() if "pipeline.ray_launch" in p.cmdline()]
+        driver.terminate()
+    finally:
+        thread.join(timeout=120)
+    assert isinstance(outcome.get("error"), TrainingFailedError), outcome
+    _, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, f"Ray workers still running after the driver was stopped: {alive}"
