@@ -49,7 +49,7 @@ log = logging.getLogger("pipeline.ray_launch")
 # Environment the workers need from the driver's (Ray starts them from the raylet's, not ours).
 FORWARDED_ENV_PREFIXES = ("RNNLM_", "OMP_NUM_THREADS", "RAY_TRAIN_ENABLE_PRINT_PATCH", "AWS_", "GOOGLE_", "FSSPEC_")
 # "(RayTrainWorker pid=123, ip=10.0.0.2) text": Ray's prefix of a line a worker printed.
-_WORKER_PREFIX = re.compile(r"^\([A-Za-z_][\w.:]* pid=\d+(?:, ip=[^)]*)?\) ")
+_WORKER_PREFIX = re.compile(r"^\((?:[A-Za-z_][\w.:]* )?pid=\d+(?:, ip=[^)]*)?\) ")
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,19 @@ def check_devices(device: str, cluster: RayCluster) -> None:
     if device == "cpu" and cluster.gpus_per_worker:
         raise ConfigError(f"train.device is 'cpu' but --gpus-per-worker is {cluster.gpus_per_worker}: "
                           "Ray would set up NCCL for CPU tensors")
+
+
+def check_capacity(total: dict[str, float], per_worker: dict[str, float], workers: int, *, grows: bool) -> None:
+    """Ray waits (forever, on a fixed cluster) for resources it lacks: say so, or fail if it cannot grow."""
+    short = {k: (v * workers, total.get(k, 0)) for k, v in per_worker.items() if v * workers > total.get(k, 0)}
+    if not short:
+        return
+    what = ", ".join(f"{k}: {need:g} needed, {have:g} in the cluster" for k, (need, have) in short.items())
+    if not grows:
+        raise ConfigError(f"{workers} Ray workers do not fit on this machine ({what}): lower --workers "
+                          "or the resources per worker")
+    log.warning("the cluster is too small for %d workers now (%s): Ray waits until it grows "
+                "(autoscaler) or resources are freed", workers, what)
 
 
 # ------------------------------------------------------------------------------ worker
@@ -169,6 +182,7 @@ def fit(run_dir: str, dataset_uri: str, run_cfg: RunConfig, *, workers: int, clu
     try:
         resources = {"CPU": cluster.cpus_per_worker, **({"GPU": cluster.gpus_per_worker}
                                                          if cluster.gpus_per_worker else {})}
+        check_capacity(ray.cluster_resources(), resources, workers, grows=cluster.address != "local")
         job = {"run_config": run_cfg.model_dump(mode="json"), "dataset": dataset_uri, "run_dir": run_dir,
                "checkpoint_dir": checkpoint_dir, "gpus_per_worker": cluster.gpus_per_worker}
         trainer = TorchTrainer(
