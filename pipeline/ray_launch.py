@@ -175,8 +175,11 @@ def fit(run_dir: str, dataset_uri: str, run_cfg: RunConfig, *, workers: int, clu
     from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
     from pipeline import storage
 
+    fs, path = storage.filesystem(run_dir)
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
     ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=True)
     try:
@@ -189,8 +192,9 @@ def fit(run_dir: str, dataset_uri: str, run_cfg: RunConfig, *, workers: int, clu
             train_worker, train_loop_config=job,
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(cluster.gpus_per_worker),
                                          resources_per_worker=resources),
-            # Ray keeps its bookkeeping next to the run (shared storage); our checkpoints are our own.
-            run_config=RayRunConfig(name="ray", storage_path=run_dir if storage.is_local(run_dir) else None,
+            # Ray keeps its bookkeeping in the run directory (shared storage, through our fsspec
+            # filesystem, so any root works); the checkpoints are the trainer's own.
+            run_config=RayRunConfig(name="ray", storage_path=path, storage_filesystem=PyFileSystem(FSSpecHandler(fs)),
                                     failure_config=FailureConfig(max_failures=cluster.max_failures)))
         trainer.fit()
     finally:
