@@ -99,7 +99,8 @@ def worker(args) -> None:
 
     from pipeline.config import ModelConfig, TrainConfig
     from pipeline.models import build_model
-    from pipeline.train import setup_distributed, train
+    from pipeline.distributed import setup_distributed
+    from pipeline.train import train
 
     d = setup_distributed(args.device)
     torch.manual_seed(0)

@@ -32,8 +32,13 @@ def perplexity(model: RNNLM, ids: np.ndarray, *, batch_size: int = 32, num_steps
 
     A diverged model's cross-entropy can be finite but too large for exp: that is +inf.
     """
-    ce = mean_cross_entropy(model, ids, batch_size=batch_size, num_steps=num_steps, device=device)
-    return math.exp(ce) if ce < 700 else math.inf
+    return perplexity_from_loss(mean_cross_entropy(model, ids, batch_size=batch_size, num_steps=num_steps,
+                                                   device=device))
+
+
+def perplexity_from_loss(cross_entropy: float) -> float:
+    """exp(cross-entropy in nats), +inf where exp overflows (a diverging but finite loss)."""
+    return math.exp(cross_entropy) if cross_entropy < 700 else math.inf
 
 
 def mean_cross_entropy(model: RNNLM, ids: np.ndarray, *, batch_size: int = 32, num_steps: int = 35,

@@ -127,7 +127,10 @@ def train_worker(job: dict[str, Any]) -> None:
     import ray
     import ray.train
 
-    from pipeline.train import load_dataset, setup_distributed, train, write_failure
+    from pipeline.distributed import setup_distributed
+    from pipeline.rundir import write_failure
+    from pipeline.train import train
+    from pipeline.training_data import load_dataset
 
     ctx = ray.train.get_context()
     placement = (ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), ctx.get_local_world_size())
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s [ray driver] %(levelname)s %(name)s: %(message)s")
     from pipeline import storage
-    from pipeline.train import write_failure
+    from pipeline.rundir import write_failure
 
     try:
         if args.workers < 1:

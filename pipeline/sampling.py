@@ -47,10 +47,10 @@ def num_batches(num_tokens: int, batch_size: int, num_steps: int, sampling: Samp
     Every epoch yields exactly this many batches whatever its random offset, so
     epochs are the same length and a step count identifies a position.
     """
+    # Both samplers cut the same number of windows: random shuffles them into
+    # batches, sequential lays them side by side as streams.
     usable = num_tokens - (num_steps - 1) - 1  # minus the worst offset, minus the Y shift
-    if sampling == "random":
-        return max(usable // num_steps // batch_size, 0)
-    return max(usable // batch_size // num_steps, 0)
+    return max(usable // (batch_size * num_steps), 0)
 
 
 def batches(
