@@ -156,7 +156,9 @@ def test_a_bad_config_fails_once_without_ray_restarts(inputs, cluster, tmp_path)
 def test_rnnlm_run_with_the_ray_launcher_registers_a_model(cluster, tmp_path):
     from tests.test_cli import SMALL, rnnlm
 
-    proc = rnnlm("run", *SMALL, "--launcher", "ray", "--ray-address", cluster.address, "--workers", "2", cwd=tmp_path)
+    # The Ray nodes share the cores with Prefect's temporary server: give its start-up room.
+    proc = rnnlm("run", *SMALL, "--launcher", "ray", "--ray-address", cluster.address, "--workers", "2", cwd=tmp_path,
+                 PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
     assert "registered        rnnlm-timemachine-char version 1 (champion)" in proc.stdout, proc.stdout
     (result,) = (tmp_path / ".rnnlm" / "runs").glob("*/result.json")
     assert json.loads(result.read_text())["world_size"] == 2
