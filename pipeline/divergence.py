@@ -6,6 +6,8 @@ written past the last good step, and FAILED.json says why.
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 
 from pipeline.errors import NonFiniteLossError
@@ -20,38 +22,44 @@ def non_finite(step: int) -> NonFiniteLossError:
 
 
 class FiniteWatch:
-    """Raises NonFiniteLossError at the first step whose gradient norm is NaN or inf.
+    """Raises NonFiniteLossError at the first step whose watched value (the gradient norm,
+    or under fp16 the loss) is NaN or inf.
 
-    On CPU the check is immediate. On a GPU each step's flag is copied to pinned
-    host memory asynchronously and read one step later, so the GPU queue never
-    drains; ``flush()`` (before every checkpoint) waits for the last one.
+    On CPU the check is immediate. On a GPU each step's flag is copied to pinned host memory
+    asynchronously and read ``lag`` steps later, so the host runs up to ``lag`` steps ahead of
+    the device and the queue never drains; the error still names the step that diverged.
+    ``flush()`` (before every checkpoint and at the end of the epoch) reads every pending flag,
+    so bad weights never reach a checkpoint.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, lag: int = 4):
         self.cuda = device.type == "cuda"
+        self.lag = lag
         if self.cuda:
-            self.host = torch.ones(2, dtype=torch.bool, pin_memory=True)
-            self.events = [torch.cuda.Event(), torch.cuda.Event()]
-        self.pending: tuple[int, int] | None = None  # (slot, step) not yet read
+            self.host = torch.ones(lag, dtype=torch.bool, pin_memory=True)
+            self.events = [torch.cuda.Event() for _ in range(lag)]
+        self.pending: deque[tuple[int, int]] = deque()  # (slot, step), oldest first
+        self.pushed = 0
 
-    def push(self, norm: torch.Tensor, step: int) -> None:
+    def push(self, value: torch.Tensor, step: int) -> None:
         if not self.cuda:
-            if not torch.isfinite(norm):
+            if not torch.isfinite(value):
                 raise non_finite(step)
             return
-        slot = step % 2
-        self.host[slot].copy_(torch.isfinite(norm), non_blocking=True)
+        if len(self.pending) == self.lag:  # the oldest slot is about to be reused: read it
+            self._read(*self.pending.popleft())
+        slot = self.pushed % self.lag
+        self.pushed += 1
+        self.host[slot].copy_(torch.isfinite(value), non_blocking=True)
         self.events[slot].record()
-        previous, self.pending = self.pending, (slot, step)
-        if previous is not None:
-            self._read(*previous)
+        self.pending.append((slot, step))
 
     def flush(self) -> None:
-        if self.pending is not None:
-            previous, self.pending = self.pending, None
-            self._read(*previous)
+        while self.pending:
+            self._read(*self.pending.popleft())
 
     def _read(self, slot: int, step: int) -> None:
         self.events[slot].synchronize()
         if not self.host[slot]:
+            self.pending.clear()
             raise non_finite(step)

@@ -74,7 +74,7 @@ def generate(model: RNNLM, vocab_tokens: list[str], prefix_tokens: list[str], nu
         else:
             generator.manual_seed(seed)
 
-    device = device if device is not None else model.output.weight.device
+    device = device if device is not None else model.embedding.weight.device
     was_training = model.training
     model.eval()
     try:

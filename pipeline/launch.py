@@ -67,6 +67,20 @@ def run_directory(root: str, dataset_id: str, model_cfg: ModelConfig, train_cfg:
     return storage.join(root, "runs", run_id(dataset_id, model_cfg, train_cfg))
 
 
+# libgomp (torch's OpenMP on Linux) lets a thread that waits at a barrier spin 300,000 times
+# before it sleeps. On a shared host a neighbour that takes a core for a moment stalls one
+# trainer thread while the others spin, taking the cores the stalled thread needs: an epoch
+# went from 11 s to 150 s beside a process using 20% of one core. PASSIVE waiters sleep at
+# once. libgomp reads this when torch loads, so it goes into the trainer's environment; an
+# explicit value in the caller's environment (or ``env``) wins.
+TRAINER_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def trainer_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The trainer child's environment: ours, ``env`` on top, TRAINER_ENV_DEFAULTS where unset."""
+    return {**TRAINER_ENV_DEFAULTS, **os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+
+
 class TrainingFailedError(PipelineError):
     """The training process failed in a way that trying again may fix (killed, lost node, OOM)."""
 
@@ -141,7 +155,7 @@ def launch_training(run_dir: str, dataset_uri: str, config: str | RunConfig, npr
         cmd = ray_command(run_dir, dataset_uri, config_path, workers=nproc, cluster=ray,
                           checkpoint_dir=checkpoint_dir, python=python)
         clean, launcher_env = worker_line, driver_env()
-    child_env = {**os.environ, **(env or {}), **launcher_env, "PYTHONUNBUFFERED": "1"}
+    child_env = {**trainer_env(env), **launcher_env}
     log.info("launching: %s", " ".join(cmd))
     metrics: list[dict[str, Any]] = []
     tail: deque[str] = deque(maxlen=50)

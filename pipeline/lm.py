@@ -238,7 +238,7 @@ class LanguageModel:
 
     @property
     def device(self) -> torch.device:
-        return self.model.output.weight.device
+        return self.model.embedding.weight.device
 
     # -------------------------------------------------------------------- generation
 

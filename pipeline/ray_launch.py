@@ -47,7 +47,7 @@ from pipeline.errors import EXIT_DO_NOT_RETRY, EXIT_FAILED, EXIT_OK, ConfigError
 log = logging.getLogger("pipeline.ray_launch")
 
 # Environment the workers need from the driver's (Ray starts them from the raylet's, not ours).
-FORWARDED_ENV_PREFIXES = ("RNNLM_", "OMP_NUM_THREADS", "RAY_TRAIN_ENABLE_PRINT_PATCH", "AWS_", "GOOGLE_", "FSSPEC_")
+FORWARDED_ENV_PREFIXES = ("RNNLM_", "OMP_", "RAY_TRAIN_ENABLE_PRINT_PATCH", "AWS_", "GOOGLE_", "FSSPEC_")
 # "(RayTrainWorker pid=123, ip=10.0.0.2) text": Ray's prefix of a line a worker printed.
 _WORKER_PREFIX = re.compile(r"^\((?:[A-Za-z_][\w.:]* )?pid=\d+(?:, ip=[^)]*)?\) ")
 

@@ -8,7 +8,7 @@ schedule), ``_resume`` (newest valid checkpoint), then ``_train_epoch`` and
 ``_end_epoch`` until done, and ``_finish`` (the shipped weights, result.json).
 Their shared state is one ``Run``. Neighbours: ``distributed`` (ranks and
 collectives), ``optim`` (optimizer, schedule, clipping), ``divergence``,
-``checkpoint``, ``metrics`` (metrics.jsonl), ``rundir`` (outputs, FAILED.json),
+``precision``, ``checkpoint``, ``metrics`` (metrics.jsonl), ``rundir`` (outputs, FAILED.json),
 ``training_data`` (loading and checking the splits). Things worth knowing:
 
 * Batches. ``cfg.batch_size`` is global: every rank draws the same global batch
@@ -23,9 +23,14 @@ collectives), ``optim`` (optimizer, schedule, clipping), ``divergence``,
   ``checkpoint_every_steps``), are resumed from automatically. Mid-epoch ones
   under sequential sampling carry the recurrent state of every rank's streams.
 * Failure. A non-finite gradient norm (identical on every rank after DDP's
-  all-reduce, so all ranks stop at the same step with no extra collective) or a
-  non-finite epoch loss stops training: no checkpoint is written, FAILED.json
-  says why, and the exit code is EXIT_DO_NOT_RETRY.
+  all-reduce, so all ranks stop at the same step with no extra collective; under
+  fp16 the loss, as the scaler skips overflowing steps) or a non-finite epoch loss
+  stops training: no checkpoint is written, FAILED.json says why, and the exit
+  code is EXIT_DO_NOT_RETRY. On a GPU the check lags a few steps (``divergence``).
+* Speed. The step runs under ``train.precision``'s autocast (``precision``). On
+  a GPU the split lives on the device and batches are gathered there; the step
+  loop syncs with the host only for the progress line and checkpoints.
+  Validation is sharded over all ranks (``evaluate``).
 
 Outputs in the run directory: checkpoints/, metrics.jsonl (one JSON line per
 epoch, also printed to stdout), model.pt, model_config.json, train_config.json,
@@ -46,7 +51,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline import storage
@@ -60,8 +64,9 @@ from pipeline.evaluate import perplexity, perplexity_from_loss
 from pipeline.metrics import emit, finite_or_none, metrics_uri, truncate_after
 from pipeline.models import build_model, detach_state
 from pipeline.optim import LRSchedule, clip_grad_norm_, make_optimizer
+from pipeline.precision import MixedPrecision, set_matmul_precision
 from pipeline.rundir import remove, write_failure, write_outputs
-from pipeline.sampling import batches, num_batches, rank_rows
+from pipeline.sampling import batches, device_batches, num_batches, rank_rows, token_tensor
 from pipeline.training_data import check_inputs, load_dataset
 
 log = logging.getLogger("pipeline.train")
@@ -89,7 +94,9 @@ class Run:
     optimizer: torch.optim.Optimizer
     schedule: LRSchedule
     watch: FiniteWatch
+    mp: MixedPrecision
     steps_per_epoch: int
+    train_tokens: torch.Tensor | None = None  # CUDA: the training split on the device
     epoch: int = 0  # completed epochs
     step: int = 0  # completed optimizer steps (global: the same on every rank)
     elapsed_before: float = 0.0  # training seconds of earlier attempts (from the checkpoint)
@@ -166,11 +173,15 @@ def _start(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d:
         fs.makedirs(path, exist_ok=True)
         remove(storage.join(run_dir, "FAILED.json"))  # a stale verdict from an earlier attempt
     torch.manual_seed(cfg.seed)
+    set_matmul_precision(cfg.tf32, d.device)
     model = build_model(model_cfg, vocab_size).to(d.device)
     optimizer = make_optimizer(model, cfg)
+    # On a GPU the split lives there (a byte per token at char level) and batches are sliced
+    # there; on CPU the sampler's numpy batches are already where they are needed.
+    tokens = token_tensor(train_ids, vocab_size, d.device) if d.device.type == "cuda" else None
     return Run(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d, model, model,
-               optimizer, LRSchedule(optimizer, cfg), FiniteWatch(d.device),
-               num_batches(len(train_ids), cfg.batch_size, cfg.num_steps, cfg.sampling))
+               optimizer, LRSchedule(optimizer, cfg), FiniteWatch(d.device), MixedPrecision(cfg.precision, d.device),
+               num_batches(len(train_ids), cfg.batch_size, cfg.num_steps, cfg.sampling), tokens)
 
 
 def _resume(run: Run) -> None:
@@ -186,6 +197,7 @@ def _resume(run: Run) -> None:
         run.model.load_state_dict(ckpt["model"])
         run.optimizer.load_state_dict(ckpt["optimizer"])
         run.schedule.load_state_dict(ckpt["scheduler"])
+        run.mp.load_state_dict(ckpt.get("scaler"))
         run.epoch, run.step, run.elapsed_before = ckpt["epoch"], ckpt["step"], ckpt["elapsed_s"]
         run.hidden, run.stats = ckpt.get("hidden"), ckpt["epoch_stats"]
         run.best = ckpt.get("best") or run.best
@@ -222,25 +234,24 @@ def _train_epoch(run: Run) -> EpochTotals:
     params = list(run.model.parameters())
     t_epoch = t_log = time.perf_counter()
     steps = 0
-    for X, Y in batches(run.train_ids, cfg.batch_size, cfg.num_steps, cfg.sampling, seed=cfg.seed,
-                        epoch=run.epoch, rank=d.rank, world_size=d.world_size, start=first):
-        X = torch.from_numpy(X).to(d.device, non_blocking=True)
-        Y = torch.from_numpy(Y).to(d.device, non_blocking=True)
+    for X, Y in _epoch_batches(run, first):
         if cfg.sampling == "random":
             state = None  # unrelated windows: start every batch from the zero state
         elif state is not None:
             state = detach_state(state)  # truncated BPTT: keep the values, drop the graph
-        logits, state = run.ddp_model(X, state)
-        loss = F.cross_entropy(logits.reshape(-1, run.vocab_size), Y.reshape(-1))
+        with run.mp.autocast():
+            loss, state = run.ddp_model(X, state, targets=Y)  # the model's head computes the loss
         run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # under DDP this also averages the gradients over ranks
+        run.mp.backward(loss)  # under DDP this also averages the gradients over ranks
+        run.mp.unscale_(run.optimizer)  # fp16: clip the true gradients, not the scaled ones
         norm = clip_grad_norm_(params, cfg.clip_norm)  # after the all-reduce: the global norm
-        run.watch.push(norm, run.step + 1)
-        run.optimizer.step()
+        # fp16 overflows are the scaler's business (the step is skipped); a non-finite loss is not.
+        run.watch.push(loss.detach() if run.mp.scaler else norm, run.step + 1)
+        run.mp.step(run.optimizer)
         run.step += 1
         steps += 1
         loss_sum += loss.detach()
-        norm_sum += norm
+        norm_sum += norm.nan_to_num(0.0, 0.0, 0.0) if run.mp.scaler else norm  # skipped fp16 steps add 0
         if cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0 \
                 and run.step % run.steps_per_epoch:  # epoch ends checkpoint in _end_epoch
             _checkpoint_mid_epoch(run, loss_sum, norm_sum, state)
@@ -251,6 +262,17 @@ def _train_epoch(run: Run) -> EpochTotals:
     run.watch.flush()
     sums = all_reduce_sum(torch.stack([loss_sum, norm_sum]), run.d).tolist()  # syncs the device
     return EpochTotals(sums[0], sums[1], steps, time.perf_counter() - t_epoch)
+
+
+def _epoch_batches(run: Run, first: int):
+    """This rank's batches of the current epoch from batch ``first`` on, where the model is."""
+    d, cfg = run.d, run.cfg
+    kwargs = dict(seed=cfg.seed, epoch=run.epoch, rank=d.rank, world_size=d.world_size, start=first)
+    if run.train_tokens is not None:
+        yield from device_batches(run.train_tokens, cfg.batch_size, cfg.num_steps, cfg.sampling, **kwargs)
+        return
+    for X, Y in batches(run.train_ids, cfg.batch_size, cfg.num_steps, cfg.sampling, **kwargs):
+        yield torch.from_numpy(X), torch.from_numpy(Y)
 
 
 def _checkpoint_mid_epoch(run: Run, loss_sum: torch.Tensor, norm_sum: torch.Tensor, state) -> None:
@@ -275,7 +297,7 @@ def _end_epoch(run: Run, totals: EpochTotals) -> None:
     run.tokens_trained += totals.steps * cfg.batch_size * cfg.num_steps  # global, all ranks
     run.train_time += totals.seconds
     elapsed = run.elapsed()
-    val_ppl = _validate(run) if d.is_main else 0.0
+    val_ppl = _validate(run)  # every rank scores its share and gets the total
     over_time = cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60
     run.val_ppl, stop = broadcast_from_main([val_ppl, float(over_time)], d)
     run.stop = bool(stop)
@@ -298,6 +320,7 @@ def _end_epoch(run: Run, totals: EpochTotals) -> None:
 def _checkpoint(run: Run, epoch_stats: dict[str, float], hidden_parts) -> None:
     payload = {"epoch": run.epoch, "step": run.step, "model": run.model.state_dict(),
                "optimizer": run.optimizer.state_dict(), "scheduler": run.schedule.state_dict(),
+               "scaler": run.mp.state_dict(),
                "hidden": hidden_parts, "epoch_stats": epoch_stats, "best": run.best,
                "elapsed_s": run.elapsed(), "model_config": run.model_cfg.model_dump(mode="json"),
                "train_config": run.cfg.model_dump(mode="json"), "vocab_size": run.vocab_size,
@@ -308,7 +331,7 @@ def _checkpoint(run: Run, epoch_stats: dict[str, float], hidden_parts) -> None:
 def _finish(run: Run) -> dict[str, Any]:
     """result.json, and on rank 0 the shipped weights: the best epoch's under keep_best."""
     d = run.d
-    if run.val_ppl is None and d.is_main:  # nothing left to train (resumed a finished run)
+    if run.val_ppl is None:  # nothing left to train (resumed a finished run)
         run.val_ppl = _validate(run)
     result = {"val_ppl": finite_or_none(run.val_ppl), "epochs": run.epoch, "steps": run.step,
               "tokens_per_s": run.tokens_trained / run.train_time if run.train_time else None,
@@ -335,10 +358,12 @@ def reseed(seed: int, epoch: int, step: int, rank: int) -> None:
 
 
 def _validate(run: Run) -> float:
+    """Validation perplexity, sharded: each rank scores a contiguous slice of the streams and
+    one all-reduce gives every rank the single-process figure. Called on every rank."""
     if len(run.val_ids) < 2:
         return math.nan
     return perplexity(run.model, run.val_ids, batch_size=run.cfg.batch_size, num_steps=run.cfg.num_steps,
-                      device=run.d.device)
+                      device=run.d.device, rank=run.d.rank, world_size=run.d.world_size)
 
 
 # -------------------------------------------------------------------------------- CLI
