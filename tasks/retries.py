@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from pipeline import storage
 from pipeline.errors import PipelineError
 from tasks.caching import run_logger
 
@@ -23,12 +24,13 @@ def failure_of(state) -> BaseException | None:
 
 
 def is_retryable(exc: BaseException | None) -> bool:
-    """PipelineErrors say so themselves; network-ish OSErrors may pass; bugs do not."""
+    """PipelineErrors say so themselves; network-ish OSErrors may pass (not an object store's
+    permanent refusal: invalid bucket, access denied); bugs do not."""
     if terminating.is_set() or exc is None:
         return False
     if isinstance(exc, PipelineError):
         return bool(exc.retryable)
-    return isinstance(exc, (OSError, TimeoutError, ConnectionError))
+    return isinstance(exc, (OSError, TimeoutError, ConnectionError)) and not storage.is_permanent_error(exc)
 
 
 def retry_if_retryable(task, task_run, state) -> bool:
