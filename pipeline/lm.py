@@ -34,9 +34,9 @@ import torch
 from pipeline.config import ModelConfig, TokenizerConfig
 from pipeline.errors import CheckpointError
 from pipeline.evaluate import EVAL_BATCH_SIZE, EVAL_NUM_STEPS  # noqa: F401  (the registry reads them here)
-from pipeline.generate import UNK, generate, join_tokens
+from pipeline.generate import generate, join_tokens
 from pipeline.models import RNNLM, build_model
-from pipeline.tokenizer import tokenize
+from pipeline.tokenizer import UNK, tokenize
 
 LM_FILE = "lm.json"
 MODEL_FILE = "model.pt"

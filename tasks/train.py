@@ -35,7 +35,8 @@ from pipeline import storage
 from pipeline.config import ModelConfig, RunConfig, TrainConfig
 from pipeline.launch import stop_process_trees
 from pipeline.metrics import finite_or_none, read_epochs
-from tasks.common import StagePolicy, _terminating, content_id, jsonable, manifest
+from tasks.caching import StagePolicy, content_id, jsonable, manifest
+from tasks.retries import terminating
 
 VERSION = {"train": 1, "evaluate": 1}
 RUN_FILES = ("model.pt", "model_config.json", "result.json", "lm.json")
@@ -229,7 +230,7 @@ def training_children() -> list[psutil.Process]:
 
 def terminate_children(grace_s: float) -> None:
     """SIGTERM every training child (torchrun forwards it to its ranks), wait, then kill the trees."""
-    _terminating.set()
+    terminating.set()
     stop_process_trees(training_children(), grace_s)
 
 

@@ -1,4 +1,4 @@
-"""Deployments: deployments/prefect.yaml, the ops helpers, and the distributed retrain end to end.
+"""Deployments: deployments/prefect.yaml, the server operations (flows/servers.py), and the distributed retrain end to end.
 
 The end-to-end test uses real components on loopback only: ``prefect server start`` (SQLite,
 temp ``PREFECT_HOME``) on a free 127.0.0.1 port, ``rnnlm deploy`` run from elsewhere than the
@@ -45,7 +45,7 @@ def deployments_by_name() -> dict[str, dict]:
 def test_prefect_yaml_deployments_pools_schedule_and_pull_step():
     import importlib
 
-    from tasks.common import PipelineOptions
+    from tasks.options import PipelineOptions
 
     deps, spec = deployments_by_name()
     assert set(deps) == {"nightly", "cpu", "gpu"}
@@ -65,20 +65,20 @@ def test_prefect_yaml_deployments_pools_schedule_and_pull_step():
 
 
 def test_worker_env_persists_results_on_the_shared_root(tmp_path):
-    from flows import ops
+    from flows import servers
 
-    env = ops.worker_env(root=str(tmp_path / "store"), repo_dir="/srv/rnnlm", url="http://127.0.0.1:1/api", base={})
+    env = servers.worker_env(root=str(tmp_path / "store"), repo_dir="/srv/rnnlm", url="http://127.0.0.1:1/api", base={})
     assert env["RNNLM_STORAGE"] == str(tmp_path / "store") and env["RNNLM_REPO_DIR"] == "/srv/rnnlm"
     assert env["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] == "true"
     assert env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] == str(tmp_path / "store" / "prefect-results" / "flow-runs")
     assert env["PREFECT_API_URL"] == "http://127.0.0.1:1/api"
-    remote = ops.worker_env(root="s3://bucket/rnnlm", results_block="remote-file-system/x", base={})
+    remote = servers.worker_env(root="s3://bucket/rnnlm", results_block="remote-file-system/x", base={})
     assert remote["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] == "remote-file-system/x"
     assert "PREFECT_RESULTS_LOCAL_STORAGE_PATH" not in remote
-    assert ops.worker_command("gpu", limit=1)[-6:] == ["--pool", "gpu", "--type", "process", "--limit", "1"]
-    assert ops.pull_step_env_vars() == {"RNNLM_REPO_DIR"}  # kept out of `prefect deploy`'s environment
-    assert ops.deploy_command()[-3:] == ["--prefect-file", str(PREFECT_FILE), "--all"]
-    server = ops.server_env(root=str(tmp_path / "store"), database_url="postgresql+asyncpg://u:p@db/prefect", base={})
+    assert servers.worker_command("gpu", limit=1)[-6:] == ["--pool", "gpu", "--type", "process", "--limit", "1"]
+    assert servers.pull_step_env_vars() == {"RNNLM_REPO_DIR"}  # kept out of `prefect deploy`'s environment
+    assert servers.deploy_command()[-3:] == ["--prefect-file", str(PREFECT_FILE), "--all"]
+    server = servers.server_env(root=str(tmp_path / "store"), database_url="postgresql+asyncpg://u:p@db/prefect", base={})
     assert server["PREFECT_HOME"] == str(tmp_path / "store" / "prefect")
     assert server["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
 
@@ -86,7 +86,7 @@ def test_worker_env_persists_results_on_the_shared_root(tmp_path):
 def test_dispatch_option_is_validated():
     from pydantic import ValidationError
 
-    from tasks.common import PipelineOptions
+    from tasks.options import PipelineOptions
 
     assert PipelineOptions().dispatch == "local"
     with pytest.raises(ValidationError):
@@ -175,8 +175,8 @@ def clean_env(**extra) -> dict:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, request):
     """Server + deployments + one worker per pool; yields a dict of what the test needs."""
-    from flows import ops
-    from pipeline import registry
+    from flows import servers
+    from pipeline.tracking import ensure_tracking_db
 
     base = tmp_path_factory.mktemp("deployments")
     (base / "logs").mkdir()
@@ -187,15 +187,15 @@ def stack(tmp_path_factory, request):
 
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    server_env = ops.server_env(home=str(base / "server-home"), base=clean_env(
+    server_env = servers.server_env(home=str(base / "server-home"), base=clean_env(
         PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="10", PREFECT_LOGGING_LEVEL="WARNING"))
-    server = procs.start("server", ops.server_command("127.0.0.1", port), server_env)
+    server = procs.start("server", servers.server_command("127.0.0.1", port), server_env)
     wait_http(f"{api}/health", server, procs, "server")
     timings["server_ready_s"] = time.perf_counter() - t0
 
     store = base / "store"
     tracking = "sqlite:///" + str(base / "mlflow.db")
-    registry.ensure_tracking_db(tracking)  # created once, before workers use it concurrently
+    ensure_tracking_db(tracking)  # created once, before workers use it concurrently
     client_home = str(base / "client-home")
 
     # deploy from somewhere else than the repo root, with a deployer-side RNNLM_REPO_DIR that
@@ -210,7 +210,7 @@ def stack(tmp_path_factory, request):
     worker_env = clean_env(PREFECT_HOME=client_home, PREFECT_WORKER_QUERY_SECONDS="1", RNNLM_STORAGE=str(store),
                            MLFLOW_TRACKING_URI=tracking, RNNLM_REPO_DIR=str(REPO), RNNLM_NUM_THREADS="1")
     workers = {}
-    for pool in ops.POOLS:
+    for pool in servers.POOLS:
         workers[pool] = procs.start(f"worker-{pool}", [str(BIN / "rnnlm"), "worker", "--pool", pool,
                                                         "--name", f"test-{pool}", "--api-url", api], worker_env)
     yield {"api": api, "store": store, "tracking": tracking, "procs": procs, "workers": workers,
