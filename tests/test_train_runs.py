@@ -4,7 +4,6 @@ two launches of one run, a killed launcher. Real processes, tiny models, no mock
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pipeline.checkpoint import list_checkpoints
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import NonFiniteLossError
 from pipeline.evaluate import perplexity
-from pipeline.launch import launch_training, run_directory
+from pipeline.launch import run_directory
 from pipeline.models import build_model
 from pipeline.train import train
 from tests.test_cli import RNNLM, SMALL, env, rnnlm
