@@ -33,6 +33,7 @@ import torch
 
 from pipeline.config import ModelConfig, TokenizerConfig
 from pipeline.errors import CheckpointError
+from pipeline.evaluate import EVAL_BATCH_SIZE, EVAL_NUM_STEPS  # noqa: F401  (the registry reads them here)
 from pipeline.generate import generate, join_tokens
 from pipeline.models import RNNLM, build_model
 from pipeline.tokenizer import UNK, tokenize
@@ -42,11 +43,6 @@ MODEL_FILE = "model.pt"
 MODEL_CONFIG_FILE = "model_config.json"
 LM_FORMAT = 1
 
-# Fixed evaluation settings for every perplexity the registry compares: perplexity depends
-# on the number of parallel streams (each starts cold), so figures are only comparable
-# when computed with the same batch size.
-EVAL_BATCH_SIZE = 32
-EVAL_NUM_STEPS = 35
 
 
 # ------------------------------------------------------------------------- metadata

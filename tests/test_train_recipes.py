@@ -67,7 +67,7 @@ def test_nt_asgd_follows_sgd_until_the_trigger_then_validates_and_ships_the_aver
     tr, va, vocab = corpus(4000, val_tokens=2000)
     model = build_model(ModelConfig(**GRU), vocab)
     model.load_state_dict(shipped)
-    assert perplexity(model, va, batch_size=8, num_steps=20) == pytest.approx(nt["val_ppl"], rel=1e-6)
+    assert perplexity(model, va) == nt["val_ppl"]  # the one evaluation setting, bit for bit
     assert nt["val_ppl"] == min(averaged)
 
 
