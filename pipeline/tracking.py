@@ -34,7 +34,7 @@ from filelock import FileLock
 
 from pipeline import storage
 from pipeline.config import RunConfig
-from pipeline.errors import ConfigError, RegistryError
+from pipeline.errors import ConfigError, PipelineError, RegistryError, RegistryUnavailableError
 from pipeline.launch import read_epochs
 from pipeline.run_checks import check_training_succeeded, load_run_lm
 from pipeline.run_record import code_version, flatten, plot_perplexity
@@ -143,6 +143,30 @@ def using_tracking(root: str | None = None) -> Iterator[str]:
                 os.environ[k] = v
 
 
+def _is_registry_failure(e: BaseException) -> bool:
+    from mlflow.exceptions import MlflowException
+    from requests import RequestException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return isinstance(e, (MlflowException, SQLAlchemyError, RequestException, ConnectionError, TimeoutError))
+
+
+@contextlib.contextmanager
+def registry_access(what: str) -> Iterator[None]:
+    """Fail closed: an MLflow, database or network error inside becomes a retryable
+    ``RegistryUnavailableError`` naming ``what``, so a failed read never counts as "absent".
+    Also a decorator."""
+    try:
+        yield
+    except PipelineError:
+        raise
+    except Exception as e:
+        if not _is_registry_failure(e):
+            raise
+        raise RegistryUnavailableError(f"{what}: the MLflow registry failed ({type(e).__name__}: {e}); "
+                                       f"nothing was promoted, retrying may help") from e
+
+
 def client(root: str | None = None):
     """An ``MlflowClient`` on our tracking and registry URI (the database created if new)."""
     from mlflow import MlflowClient
@@ -173,6 +197,7 @@ def get_or_create_experiment(c, name: str, root: str | None = None) -> str:
 # ----------------------------------------------------------------------------- logging
 
 
+@registry_access("logging a training run in MLflow")
 def log_training_run(run_dir: str, dataset, *, preset: str, config: RunConfig,
                      flow_run_id: str | None = None, flow_run_url: str | None = None,
                      samples: list[str] | None = None, sample_prefixes: list[str] | None = None,
@@ -186,7 +211,8 @@ def log_training_run(run_dir: str, dataset, *, preset: str, config: RunConfig,
     ``lm.json``, ``result.json``, ``metrics.jsonl``. Tags: lineage (Prefect flow run, dataset,
     sources, code version). ``samples`` are texts logged as given; otherwise samples are
     generated (greedy and seeded sampling, 100 tokens) from ``sample_prefixes``, by default
-    the first 10 tokens of the validation split. Raises TrainingFailedError for a failed run.
+    the first 10 tokens of the validation split. Raises UnregistrableRunError for a failed run,
+    RegistryUnavailableError (retryable) when MLflow fails.
 
     Idempotent: the run is tagged ``rnnlm.run_key`` (``run_key``, default a hash of
     ``run_dir``), and a FINISHED run with the same key in the experiment is returned
