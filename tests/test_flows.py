@@ -314,3 +314,9 @@ def test_retrain_registers_a_champion_with_lineage(tmp_path, store):
     assert run.data.tags["prefect.flow_run_id"] == result["flow_run_id"]
     assert run.data.tags["data.dataset_id"] == result["dataset"]["dataset_id"]
     assert float(champion.tags["test_ppl"]) > 1
+    assert reg["new_version"] and not reg["gate"]["decided_before"]
+
+    # The same inputs again (every stage cached): nothing new is registered, and the result says so.
+    again = retrain(cfg, store, register_model=True)["registered"]
+    assert (again["version"], again["new_version"], again["gate"]["decided_before"]) == (reg["version"], False, True)
+    assert len(client.search_model_versions("name='rnnlm-custom'")) == 1

@@ -186,32 +186,47 @@ def faulty_server(tmp_path, monkeypatch):
         stop_server(proc, log_file)
 
 
+def champion_and_worse_candidate(runs: Runs, model: str) -> tuple[str, str]:
+    good = runs.register("good", model)
+    assert gate.promote_if_better(model, good.version, runs.full).promoted
+    bad = runs.register("bad", model)
+    assert bad.test_ppl > good.test_ppl  # the setup: "bad" must never become champion
+    return good.version, bad.version
+
+
 @pytest.mark.slow
 def test_registry_failure_during_gate_moves_no_alias(runs, faulty_server):
-    good = runs.register("good", "rnnlm-fc")
-    assert gate.promote_if_better("rnnlm-fc", good.version, runs.full).promoted
-    bad = runs.register("bad", "rnnlm-fc")
-    assert bad.test_ppl > good.test_ppl  # the setup: "bad" must never become champion
+    # 1. The champion alias lookup fails: that is not "no champion".
+    good, bad = champion_and_worse_candidate(runs, "rnnlm-fc")
+    faulty_server.fail = lambda method, path: method == "GET" and path.endswith("/registered-models/alias")
+    try:
+        decision = gate.promote_if_better("rnnlm-fc", bad, runs.full)
+        assert not decision.promoted  # this gate reads the champion another way, and it worked
+    except RegistryUnavailableError:
+        pass
+    faulty_server.fail = lambda method, path: False
+    assert champion("rnnlm-fc") == good
 
-    # Reads of the registered model (alias lookups) fail; version reads and every write work.
+    # 2. Every read of the registered model fails (its aliases included): the gate fails,
+    # retryable, having moved and recorded nothing; the retry decides properly.
+    good, bad = champion_and_worse_candidate(runs, "rnnlm-fc2")
     faulty_server.fail = lambda method, path: method == "GET" and "/registered-models/" in path
     with pytest.raises(RegistryUnavailableError) as info:
-        gate.promote_if_better("rnnlm-fc", bad.version, runs.full)
+        gate.promote_if_better("rnnlm-fc2", bad, runs.full)
     assert info.value.retryable
     faulty_server.fail = lambda method, path: False
-    assert champion("rnnlm-fc") == good.version
-    assert "gate.decision" not in tracking.client().get_model_version("rnnlm-fc", bad.version).tags
-    # The retry, with the registry back, decides properly.
-    assert not gate.promote_if_better("rnnlm-fc", bad.version, runs.full).promoted
-    assert champion("rnnlm-fc") == good.version
+    assert champion("rnnlm-fc2") == good
+    assert "gate.decision" not in tracking.client().get_model_version("rnnlm-fc2", bad).tags
+    assert not gate.promote_if_better("rnnlm-fc2", bad, runs.full).promoted
+    assert champion("rnnlm-fc2") == good
 
-    # A failed version search is not "not registered yet": retrying the registration fails
+    # 3. A failed version search is not "not registered yet": retrying the registration fails
     # (retryable) instead of registering the same training run a second time.
     faulty_server.fail = lambda method, path: method == "GET" and path.endswith("/model-versions/search")
     with pytest.raises(RegistryUnavailableError):
-        runs.register("bad", "rnnlm-fc")
+        runs.register("bad", "rnnlm-fc2")
     faulty_server.fail = lambda method, path: False
-    assert len(tracking.client().search_model_versions("name='rnnlm-fc'")) == 2
+    assert len(tracking.client().search_model_versions("name='rnnlm-fc2'")) == 2
 
 
 @pytest.mark.slow
