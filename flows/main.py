@@ -18,6 +18,7 @@ import sys
 import time
 from typing import Any, Optional
 
+from flows.reports import make_summary, prefect_ui_hint, print_report
 from pipeline import storage
 from pipeline.config import DEFAULT_PRESET
 
@@ -45,7 +46,7 @@ def run_main(preset: str = DEFAULT_PRESET, root: Optional[str] = None, overrides
     root = storage.storage_root(root)
     with _prefect_settings(root):
         from flows.retrain import retrain_flow
-        from tasks.common import PipelineOptions
+        from tasks.options import PipelineOptions
 
         opts = PipelineOptions(**{**(options or {}), "root": root})
         started = time.perf_counter()
@@ -55,65 +56,6 @@ def run_main(preset: str = DEFAULT_PRESET, root: Optional[str] = None, overrides
     if print_summary:
         print_report(summary)
     return summary
-
-
-def make_summary(result: dict[str, Any], wall_s: float) -> dict[str, Any]:
-    ds, run, ev = result["dataset"], result["run"], result["evaluation"]
-    stages = result["stages"]
-    states = [s for names in stages.values() for s in names]
-    return {
-        "flow_run_id": result["flow_run_id"],
-        "tokens": ds["num_tokens"], "splits": ds["splits"], "vocab_size": ds["vocab_size"], "level": ds["level"],
-        "dataset_uri": ds["uri"],
-        "epochs": run["epochs"], "finished": run["finished"], "tokens_per_s": run["tokens_per_s"],
-        "train_wall_s": run["wall_s"], "val_ppl": ev["val_ppl"], "test_ppl": ev["test_ppl"],
-        "run_dir": run["run_dir"], "model_uri": run["model_uri"],
-        "samples": [s["text"] for s in ev["samples"]],
-        "stages": stages, "cached_stages": sum(s == "Cached" for s in states), "total_stages": len(states),
-        "registered": result.get("registered"),
-        "wall_s": wall_s,
-    }
-
-
-def prefect_ui_hint(flow_run_id: Optional[str]) -> str:
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_UI_URL
-
-    path = f"/runs/flow-run/{flow_run_id}" if flow_run_id else ""
-    if PREFECT_API_URL.value():
-        ui = PREFECT_UI_URL.value() or PREFECT_API_URL.value().removesuffix("/api")
-        return f"open {ui}{path}"
-    return (f"PREFECT_HOME={PREFECT_HOME.value()} prefect server start   "
-            f"# then open http://127.0.0.1:4200{path}")
-
-
-def print_report(s: dict[str, Any], file=sys.stdout) -> None:
-    def f(x, spec=".3f"):
-        return "n/a" if x is None else format(x, spec)
-
-    p = lambda *a: print(*a, file=file)  # noqa: E731
-    p("")
-    p("=" * 72)
-    p("rnnlm run: done" + (f" ({s['cached_stages']}/{s['total_stages']} stages from cache)" if s["cached_stages"] else ""))
-    p(f"  tokens            {s['tokens']:,} ({s['level']}; train {s['splits']['train']:,}, val {s['splits']['val']:,}, test {s['splits']['test']:,})")
-    p(f"  vocabulary        {s['vocab_size']:,}")
-    p(f"  epochs            {s['epochs']}{'' if s['finished'] else ' (stopped at max_minutes)'}")
-    p(f"  training          {f(s['tokens_per_s'], ',.0f')} tokens/s, {f(s['train_wall_s'], '.1f')} s")
-    p(f"  perplexity        validation {f(s['val_ppl'])}, test {f(s['test_ppl'])}")
-    p(f"  model             {s['model_uri']}")
-    for i, text in enumerate(s["samples"], 1):
-        p(f"  sample {i}          {text!r}")
-    p(f"  wall time         {s['wall_s']:.1f} s")
-    p(f"  Prefect UI        {s['prefect_ui']}")
-    reg = s.get("registered")
-    if reg and reg.get("registered"):
-        gate = reg["gate"]
-        p(f"  registered        {reg['name']} version {reg['version']} "
-          f"({'champion' if gate['promoted'] else 'challenger; champion stays version ' + str(gate['champion_version'])})")
-        p(f"  gate              {gate['reason']}")
-        p(f"  MLflow UI         mlflow ui --backend-store-uri {reg['tracking_uri']} --host 127.0.0.1 --port 5000"
-          if reg["tracking_uri"].startswith("sqlite") else f"  MLflow UI         open {reg['tracking_uri']}")
-        p(f"  consume           mlflow.pyfunc.load_model('models:/{reg['name']}@champion')")
-    p("=" * 72)
 
 
 if __name__ == "__main__":

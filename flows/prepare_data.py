@@ -6,17 +6,15 @@ from typing import Any
 
 from prefect import flow, unmapped
 
-from flows.runtime import default_task_runner, flow_run_id, state_names
+from flows.reports import state_names
+from flows.run_context import flow_run_id
+from flows.task_runners import default_task_runner
 from pipeline.config import DataConfig
-from tasks.common import PipelineOptions, bind, retry_if_retryable
+from pipeline.corpus import located_sources
+from tasks.caching import bind
 from tasks.data import build_vocab, count_tokens, encode_shards, fetch_corpus, plan, write_shards
-
-
-def fetch_retry_options(options: PipelineOptions) -> dict[str, Any]:
-    """Exponential backoff with jitter, on retryable errors only (network), never on checksum mismatch."""
-    delays = [options.fetch_retry_delay_s * 2**i for i in range(options.fetch_retries)]
-    return {"retries": options.fetch_retries, "retry_delay_seconds": delays or 0, "retry_jitter_factor": 0.5,
-            "retry_condition_fn": retry_if_retryable}
+from tasks.options import PipelineOptions
+from tasks.retries import backoff_options
 
 
 @flow(name="prepare-data", task_runner=default_task_runner(), validate_parameters=True)
@@ -24,13 +22,14 @@ def prepare_data_flow(data: DataConfig = DataConfig(), options: PipelineOptions 
     """Turn raw text into a prepared dataset; returns its manifest (and each stage's task-run states)."""
     root = options.store_root()
 
-    fetches = bind(fetch_corpus, options, **fetch_retry_options(options)).map(source=list(data.sources), root=unmapped(root))
+    fetcher = bind(fetch_corpus, options, **backoff_options(options.fetch_retries, options.fetch_retry_delay_s))
+    fetches = fetcher.map(source=list(located_sources(data)), root=unmapped(root))
     fetched = [f.result() for f in fetches]
 
     chunks = plan([d for f in fetched for d in f["documents"]], data.chunk_bytes)
 
     counts = bind(count_tokens, options).map(chunk=chunks, tokenizer=unmapped(data.tokenizer), root=unmapped(root))
-    vocab = bind(build_vocab, options).submit(counts, data.vocab, root)
+    vocab = bind(build_vocab, options).submit(chunks, counts, data, root)
 
     encoded = bind(encode_shards, options).map(chunk=chunks, tokenizer=unmapped(data.tokenizer), vocab=unmapped(vocab),
                                                root=unmapped(root))

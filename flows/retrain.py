@@ -8,10 +8,13 @@ from typing import Any, Optional
 from prefect import flow
 
 from flows.prepare_data import prepare_data_flow
-from flows.runtime import dispatch_stages, flow_run_id, flow_run_url, registry_preset, resolve_config, task_runner_for
+from flows.dispatch import dispatch_stages
+from flows.run_context import flow_run_id, flow_run_url, registry_preset, resolve_config
+from flows.task_runners import task_runner_for
 from flows.train import train_flow
 from pipeline.config import RunConfig
-from tasks.common import PipelineOptions, bind
+from tasks.caching import bind
+from tasks.options import PipelineOptions
 from tasks.register import register_model
 
 
@@ -28,7 +31,7 @@ def retrain_flow(config: Optional[RunConfig] = None, preset: Optional[str] = Non
     ``options.dispatch``: ``"local"`` (default) runs both stages as subflows in this
     process; ``"deployments"`` runs each as a flow run of its deployment
     (``options.prepare_deployment`` / ``options.train_deployment``) on that deployment's
-    work pool and waits for it (``flows.runtime.dispatch_stages``); registration stays here.
+    work pool and waits for it (``flows.dispatch.dispatch_stages``); registration stays here.
     """
     started = time.perf_counter()
     cfg = resolve_config(config, preset, overrides)

@@ -11,10 +11,13 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.runtime import epochs_table, flow_run_id, markdown_report
+from flows.reports import epochs_table, markdown_report
+from flows.run_context import flow_run_id
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.launch import read_epochs
-from tasks.common import PipelineOptions, bind, retry_if_retryable
+from tasks.caching import bind
+from tasks.options import PipelineOptions
+from tasks.retries import retry_if_retryable
 from tasks.train import TerminationGuard, evaluate_model, train_model
 
 

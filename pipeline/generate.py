@@ -17,8 +17,8 @@ from typing import Literal
 import torch
 
 from pipeline.models import RNNLM
+from pipeline.tokenizer import UNK
 
-UNK = "<unk>"
 Level = Literal["char", "word"]
 
 
@@ -35,9 +35,6 @@ def join_tokens(tokens: list[str], level: Level) -> str:
 class Generation:
     tokens: list[str]  # the generated continuation, without the prefix
     unknown: list[str]  # prefix tokens not in the vocabulary (fed to the model as <unk>)
-
-    def text(self, level: Level) -> str:
-        return join_tokens(self.tokens, level)
 
 
 def generate(model: RNNLM, vocab_tokens: list[str], prefix_tokens: list[str], num_tokens: int, *,
@@ -77,7 +74,7 @@ def generate(model: RNNLM, vocab_tokens: list[str], prefix_tokens: list[str], nu
         else:
             generator.manual_seed(seed)
 
-    device = device if device is not None else model.output.weight.device
+    device = device if device is not None else model.embedding.weight.device
     was_training = model.training
     model.eval()
     try:

@@ -1,7 +1,8 @@
 """Prefect tasks: thin wrappers over ``pipeline``, named by verbs, returning small manifests."""
 
-from tasks.common import PipelineOptions, StagePolicy, bind
+from tasks.caching import StagePolicy, bind
 from tasks.data import build_vocab, count_tokens, encode_shards, fetch_corpus, write_shards
+from tasks.options import PipelineOptions
 from tasks.register import register_model
 from tasks.train import evaluate_model, train_model
 

@@ -60,7 +60,7 @@ def run_config(path: Path, **train):
 
 
 def options(store: str, **kw):
-    from tasks.common import PipelineOptions
+    from tasks.options import PipelineOptions
 
     kw.setdefault("register_model", False)  # registration has its own test below and in tests/test_registry.py
     return PipelineOptions(root=store, sample_tokens=10, fetch_retry_delay_s=0.05, train_retry_delay_s=0, grace_s=5, **kw)
@@ -167,6 +167,47 @@ def test_deleted_dataset_is_recomputed_not_a_dangling_cache_hit(tmp_path, store)
     assert sorted(states(third)["encode_shards"]).count("Completed") == 1
 
 
+@pytest.mark.parametrize("level", ["char", "word", "named splits", "pinned vocabulary"])
+def test_flow_and_prepare_dataset_write_byte_identical_datasets(tmp_path, store, level):
+    """One data chain: the mapped flow and the in-process ``prepare_dataset`` write the same bytes."""
+    import json
+    import shutil
+
+    from flows.prepare_data import prepare_data_flow
+    from pipeline.config import DataConfig, SourceConfig
+    from pipeline.prepare import prepare_dataset
+
+    if level == "named splits":  # PTB-style files, vocabulary counted on train only
+        ptb = Path(__file__).parent / "fixtures" / "ptb"
+        data = DataConfig.model_validate({
+            "sources": [{"url": str(ptb / f"ptb.{name}.txt"), "split": split}
+                        for name, split in (("valid", "val"), ("train", "train"), ("test", "test"))],
+            "tokenizer": {"level": "word", "normalizer": "none", "eos": True},
+            "chunk_bytes": 1024, "tokens_per_shard": 100, "splits": {"max_tokens": 500}})
+    else:
+        data = run_config(corpus(tmp_path)).data.model_copy(update={"tokens_per_shard": 100})
+        tokenizer = data.tokenizer.model_copy(update={"level": "word" if level == "word" else "char"})
+        data = data.model_copy(update={"tokenizer": tokenizer})
+    if level == "pinned vocabulary":  # char level, a smaller corpus's vocabulary: unseen characters become <unk>
+        (tmp_path / "small").mkdir()
+        smaller = data.model_copy(update={"sources": (SourceConfig(url=str(corpus(tmp_path / "small", "the time\n"))),)})
+        pin = prepare_dataset(smaller, str(tmp_path / "elsewhere")).uri
+        data = DataConfig.model_validate({**data.model_dump(mode="json"), "vocab": {"pinned": pin}})
+
+    def files(uri: str) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(uri).iterdir())}
+
+    direct = prepare_dataset(data, store)
+    direct_files, direct_manifest = files(direct.uri), json.loads((Path(direct.uri) / "manifest.json").read_text())
+    assert len([f for f in direct_files if f.startswith("train-")]) >= 2  # several shards, so chunk order matters
+    shutil.rmtree(direct.uri)  # same root, so the manifests' corpus paths agree too
+
+    flowed = prepare_data_flow(data=data, options=options(store))
+    assert flowed["uri"] == direct.uri and len(states(flowed)["count_tokens"]) >= 3
+    assert files(flowed["uri"]) == direct_files
+    assert json.loads((Path(flowed["uri"]) / "manifest.json").read_text()) == direct_manifest
+
+
 def _encoded_uris(store: str) -> list[str]:
     return sorted(str(p) for p in (Path(store) / "work" / "encoded").glob("*.parquet"))
 
@@ -264,7 +305,7 @@ def test_checksum_mismatch_fails_at_once_naming_the_source(tmp_path, store):
 
 def test_map_stages_on_a_local_dask_cluster(tmp_path, store):
     from flows.prepare_data import prepare_data_flow
-    from flows.runtime import task_runner_for
+    from flows.task_runners import task_runner_for
     from pipeline.prepare import prepare_dataset
 
     opts = options(store, dask="local-threads")
@@ -283,7 +324,8 @@ def test_a_lock_left_by_a_dead_process_is_broken_not_waited_on(tmp_path):
     import subprocess
     import sys
 
-    from tasks.common import PipelineOptions, lock_manager
+    from tasks.caching import lock_manager
+    from tasks.options import PipelineOptions
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -82,18 +82,18 @@ def cmd_generate(args) -> int:
 
 
 def cmd_server(args) -> int:
-    from flows import ops
+    from flows import servers
 
-    env = ops.server_env(home=args.home, database_url=args.database_url, root=args.root)
+    env = servers.server_env(home=args.home, database_url=args.database_url, root=args.root)
     print(f"Prefect server on http://{args.host}:{args.port} (PREFECT_HOME={env.get('PREFECT_HOME', '~/.prefect')}"
           f"{', database from PREFECT_API_DATABASE_CONNECTION_URL' if env.get('PREFECT_API_DATABASE_CONNECTION_URL') else ''})",
           flush=True)
-    ops.exec_(ops.server_command(args.host, args.port), env)
+    servers.exec_(servers.server_command(args.host, args.port), env)
     return 0  # not reached
 
 
 def cmd_deploy(args) -> int:
-    from flows import ops
+    from flows import servers
 
     limits = {}
     for item in args.pool_limit:
@@ -104,21 +104,21 @@ def cmd_deploy(args) -> int:
             raise ConfigError(f"--pool-limit {item!r}: expected POOL=N, e.g. gpu=1")
         limits[name] = int(value)
     if limits:
-        ops.ensure_pools(limits=limits, url=args.api_url)
-    return ops.deploy(args.prefect_file, tuple(args.name), url=args.api_url, pools=not args.no_pools)
+        servers.ensure_pools(limits=limits, url=args.api_url)
+    return servers.deploy(args.prefect_file, tuple(args.name), url=args.api_url, pools=not args.no_pools)
 
 
 def cmd_worker(args) -> int:
-    from flows import ops
+    from flows import servers
     from pipeline import storage
 
     root = storage.storage_root(args.root)
-    block = None if storage.is_local(root) else ops.results_block_for(root, args.api_url)
-    env = ops.worker_env(root=root, repo_dir=args.repo_dir, url=args.api_url, results_block=block)
-    ops.prepare_tracking_db(env)
-    print(f"worker for pool {args.pool}: API {env['PREFECT_API_URL']}, storage {root}, repo {env[ops.ENV_REPO_DIR]}",
+    block = None if storage.is_local(root) else servers.results_block_for(root, args.api_url)
+    env = servers.worker_env(root=root, repo_dir=args.repo_dir, url=args.api_url, results_block=block)
+    servers.prepare_tracking_db(env)
+    print(f"worker for pool {args.pool}: API {env['PREFECT_API_URL']}, storage {root}, repo {env[servers.ENV_REPO_DIR]}",
           flush=True)
-    ops.exec_(ops.worker_command(args.pool, args.name, args.limit), env)
+    servers.exec_(servers.worker_command(args.pool, args.name, args.limit), env)
     return 0  # not reached
 
 

@@ -1,7 +1,5 @@
-"""What every Prefect task of the pipeline shares: run options, content-addressed caching, retry rules.
+"""Content-addressed caching of the pipeline's stages: cache keys, dangling records, locks, binding.
 
-Caching
--------
 Every stage's cache key is ``<stage>-<hash>`` of three things:
 
 * the **content identity** of the stage's real inputs, built by a small per-stage
@@ -27,7 +25,7 @@ Concurrency: keys are looked up and written under ``SERIALIZABLE`` isolation wit
 lock manager, so two runs of a stage on the same inputs compute once: the second waits
 for the first's lock, then finds its record (state ``Cached``). Locally the lock manager
 is Prefect's ``FileSystemLockManager`` (``options.locks``, default ``<root>/locks``). For
-runs on several hosts use a shared lock service: ``pip install prefect-redis`` and set
+runs on several hosts use a shared lock service: ``pip install 'rnnlm[redis]'`` and set
 ``options.redis_url`` (``redis://host:6379/0``), which selects
 ``prefect_redis.locking.RedisLockManager``; with a file lock directory this only works if
 every host sees the same directory with working ``O_EXCL`` creation (not on object stores).
@@ -39,76 +37,21 @@ import functools
 import hashlib
 import inspect
 import logging
-import os
 import socket
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Optional
 
 import psutil
 from prefect.cache_policies import CachePolicy
 from prefect.locking.filesystem import FileSystemLockManager
 from prefect.tasks import Task
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 from pipeline import storage
-from pipeline.errors import PipelineError
+from tasks.options import PipelineOptions
 
 log = logging.getLogger("tasks")
-
-ENV_DASK = "RNNLM_DASK"
-ENV_RESULTS = "RNNLM_RESULTS"
-
-
-class PipelineOptions(BaseModel):
-    """How the flows run (not what they compute: that is the RunConfig). A flow parameter."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    root: Optional[str] = Field(default=None, description="artifact root; default $RNNLM_STORAGE or ./.rnnlm")
-    results: Optional[str] = Field(default=None, description="task result storage (fsspec URL); default $RNNLM_RESULTS or <root>/prefect-results")
-    locks: Optional[str] = Field(default=None, description="lock directory; default <root>/locks (local roots) or $PREFECT_HOME/rnnlm-locks")
-    redis_url: Optional[str] = Field(default=None, description="redis://host:port/db: a Redis lock manager (prefect-redis) for runs on several hosts")
-    dask: Optional[str] = Field(default=None, description="map stages on Dask: 'local' (LocalCluster), 'local-threads' (processes=False) or a scheduler address; default $RNNLM_DASK, else a thread pool")
-    max_workers: Optional[int] = Field(default=None, ge=1, description="thread pool size for map stages")
-    fetch_retries: int = Field(default=4, ge=0)
-    fetch_retry_delay_s: float = Field(default=2.0, ge=0, description="first backoff delay; doubles each retry, with jitter")
-    train_retries: int = Field(default=2, ge=0)
-    train_retry_delay_s: float = Field(default=5.0, ge=0)
-    nproc: int = Field(default=1, ge=1, description="training processes on this node (torchrun when > 1)")
-    grace_s: float = Field(default=30.0, ge=0, description="seconds a training process gets after SIGTERM before it is killed")
-    sample_prefixes: tuple[str, ...] = ("time traveller", "the time machine")
-    sample_tokens: int = Field(default=100, ge=1)
-    sample_temperature: float = Field(default=0.7, ge=0)
-    register_model: bool = Field(default=True, description="register the model in MLflow and run the champion gate")
-    # distributed mode (see flows/retrain.py and deployments/README.md)
-    dispatch: Literal["local", "deployments"] = Field(
-        default="local", description="'local': stages run as subflows in this process; 'deployments': each stage "
-                                     "is a flow run of its deployment (run_deployment), on that deployment's work pool")
-    prepare_deployment: str = Field(default="prepare-data/cpu", description="'flow/deployment' of the data stage (dispatch=deployments)")
-    train_deployment: str = Field(default="train/gpu", description="'flow/deployment' of the training stage (dispatch=deployments)")
-    dispatch_timeout_s: float = Field(default=6 * 3600.0, gt=0, description="how long the parent waits for one dispatched stage; then it is cancelled")
-    dispatch_poll_s: float = Field(default=5.0, gt=0, description="how often the parent polls a dispatched stage's state")
-
-    def store_root(self) -> str:
-        return storage.storage_root(self.root)
-
-    def results_url(self) -> str:
-        return (self.results or os.environ.get(ENV_RESULTS) or storage.join(self.store_root(), "prefect-results")).rstrip("/")
-
-    def lock_dir(self) -> str:
-        if self.locks:
-            return self.locks
-        root = self.store_root()
-        if storage.is_local(root):
-            return storage.join(storage.local_path(root), "locks")
-        from prefect.settings import PREFECT_HOME
-
-        return str(Path(PREFECT_HOME.value()) / "rnnlm-locks")
-
-    def dask_target(self) -> Optional[str]:
-        return self.dask or os.environ.get(ENV_DASK) or None
 
 
 # ----------------------------------------------------------------------------- identities
@@ -187,7 +130,7 @@ def drop_if_dangling(results_url: str, key: str, stage: str) -> bool:
         problem = f"unreadable cache record ({type(e).__name__}: {e})"
     if not problem:
         return False
-    _logger().warning("stage %s: cached result %s is stale, %s; recomputing", stage, key, problem)
+    run_logger().warning("stage %s: cached result %s is stale, %s; recomputing", stage, key, problem)
     try:
         fs, path = storage.filesystem(record_url)
         fs.rm(path)
@@ -196,48 +139,14 @@ def drop_if_dangling(results_url: str, key: str, stage: str) -> bool:
     return True
 
 
-def _logger():
+def run_logger():
+    """The Prefect run logger inside a run, else this package's logger."""
     try:
         from prefect.logging import get_run_logger
 
         return get_run_logger()
     except Exception:
         return log
-
-
-# --------------------------------------------------------------------------------- retries
-
-_terminating = threading.Event()  # set when the process is being stopped: retrying is pointless
-
-
-def failure_of(state) -> BaseException | None:
-    data = getattr(state, "data", None)
-    if isinstance(data, BaseException):
-        return data
-    try:
-        exc = state.result(raise_on_failure=False)
-    except Exception as e:  # noqa: BLE001
-        return e
-    return exc if isinstance(exc, BaseException) else None
-
-
-def is_retryable(exc: BaseException | None) -> bool:
-    """PipelineErrors say so themselves; network-ish OSErrors may pass; bugs do not."""
-    if _terminating.is_set() or exc is None:
-        return False
-    if isinstance(exc, PipelineError):
-        return bool(exc.retryable)
-    return isinstance(exc, (OSError, TimeoutError, ConnectionError))
-
-
-def retry_if_retryable(task, task_run, state) -> bool:
-    """``retry_condition_fn`` for every retried task: only errors that trying again can fix."""
-    exc = failure_of(state)
-    ok = is_retryable(exc)
-    if not ok and exc is not None:
-        _logger().error("%s: %s: not retrying (%s)", task.name, type(exc).__name__,
-                        "stopping" if _terminating.is_set() else "retrying cannot fix this")
-    return ok
 
 
 # ------------------------------------------------------------------------------- binding
@@ -267,12 +176,9 @@ def lock_manager(options: PipelineOptions):
         except ImportError:
             from pipeline.errors import ConfigError
 
-            raise ConfigError("options.redis_url needs the prefect-redis package: pip install prefect-redis") from None
-        from urllib.parse import urlparse
-
-        u = urlparse(options.redis_url)
-        return RedisLockManager(host=u.hostname or "localhost", port=u.port or 6379,
-                                db=int((u.path or "/0").lstrip("/") or 0), password=u.password)
+            raise ConfigError("options.redis_url needs the prefect-redis package: pip install 'rnnlm[redis]'") from None
+        # the URL as given: redis://, rediss:// (TLS), user:password@, redis+sentinel://
+        return RedisLockManager(connection_url=options.redis_url)
     return LocalLockManager(lock_files_directory=Path(options.lock_dir()))
 
 
@@ -298,7 +204,7 @@ class LocalLockManager(FileSystemLockManager):
         parts = ((info or {}).get("holder") or "").split(":")
         if len(parts) >= 2 and parts[0] == socket.gethostname() and parts[1].isdigit() \
                 and not psutil.pid_exists(int(parts[1])):
-            _logger().warning("breaking stale lock %s held by dead process %s", key, ":".join(parts))
+            run_logger().warning("breaking stale lock %s held by dead process %s", key, ":".join(parts))
             self._locks.pop(key, None)
             try:
                 self._lock_path_for_key(key).unlink()
@@ -306,9 +212,6 @@ class LocalLockManager(FileSystemLockManager):
                 pass
             return False
         return True
-
-
-
 
 def bind(task: Task, options: PipelineOptions, **task_options: Any) -> Task:
     """The task as this run needs it: result storage, serializable cached keys, retries."""

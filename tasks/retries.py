@@ -1,0 +1,50 @@
+"""Retry rules: retry only what trying again can fix, and nothing while the process is stopping."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from pipeline import storage
+from pipeline.errors import PipelineError
+from tasks.caching import run_logger
+
+terminating = threading.Event()  # set when the process is being stopped: retrying is pointless
+
+
+def failure_of(state) -> BaseException | None:
+    data = getattr(state, "data", None)
+    if isinstance(data, BaseException):
+        return data
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception as e:  # noqa: BLE001
+        return e
+    return exc if isinstance(exc, BaseException) else None
+
+
+def is_retryable(exc: BaseException | None) -> bool:
+    """PipelineErrors say so themselves; network-ish OSErrors may pass (not an object store's
+    permanent refusal: invalid bucket, access denied); bugs do not."""
+    if terminating.is_set() or exc is None:
+        return False
+    if isinstance(exc, PipelineError):
+        return bool(exc.retryable)
+    return isinstance(exc, (OSError, TimeoutError, ConnectionError)) and not storage.is_permanent_error(exc)
+
+
+def retry_if_retryable(task, task_run, state) -> bool:
+    """``retry_condition_fn`` for every retried task: only errors that trying again can fix."""
+    exc = failure_of(state)
+    ok = is_retryable(exc)
+    if not ok and exc is not None:
+        run_logger().error("%s: %s: not retrying (%s)", task.name, type(exc).__name__,
+                           "stopping" if terminating.is_set() else "retrying cannot fix this")
+    return ok
+
+
+def backoff_options(retries: int, first_delay_s: float) -> dict[str, Any]:
+    """Task options: exponential backoff with jitter, on retryable errors only (never a checksum mismatch)."""
+    delays = [first_delay_s * 2**i for i in range(retries)]
+    return {"retries": retries, "retry_delay_seconds": delays or 0, "retry_jitter_factor": 0.5,
+            "retry_condition_fn": retry_if_retryable}

@@ -1,0 +1,52 @@
+"""The layers: ``pipeline`` (the library) never imports the orchestrator (``tasks``, ``flows``, Prefect)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ORCHESTRATOR = ("prefect", "tasks", "flows")
+
+
+def library_modules() -> list[Path]:
+    return sorted((REPO / "pipeline").rglob("*.py"))
+
+
+def imported_names(path: Path) -> set[str]:
+    """Every module an ``import`` / ``from ... import`` names, at any depth (lazy imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_no_library_module_imports_the_orchestrator():
+    offenders = {str(p.relative_to(REPO)): sorted(n for n in imported_names(p) if n.split(".")[0] in ORCHESTRATOR)
+                 for p in library_modules()}
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_every_library_module_imports_with_prefect_unimportable():
+    modules = [".".join(p.relative_to(REPO).with_suffix("").parts) for p in library_modules()]
+    modules = [m.removesuffix(".__init__") for m in modules]
+    code = ("import importlib, sys\n"
+            "for name in ('prefect', 'tasks', 'flows'):\n"
+            "    sys.modules[name] = None  # any import of them raises ImportError\n"
+            f"for m in {modules!r}:\n"
+            "    importlib.import_module(m)\n"
+            "print('ok', len(sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-3000:]
+
+
+def test_the_cli_lives_outside_the_library():
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "presets"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "timemachine-char" in proc.stdout.split(), proc.stderr[-3000:]
+    assert not (REPO / "pipeline" / "cli.py").exists()
