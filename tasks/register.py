@@ -17,7 +17,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.concurrency.sync import concurrency
 
-from tasks.common import retry_if_retryable
+from tasks.retries import retry_if_retryable
 
 GATE_LIMIT = "rnnlm-gate"
 
