@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
@@ -38,7 +37,7 @@ from pipeline.errors import ConfigError, PipelineError, RegistryError, RegistryU
 from pipeline.launch import read_epochs
 from pipeline.metrics import with_bits
 from pipeline.run_checks import check_training_succeeded, load_run_lm
-from pipeline.run_record import code_version, flatten, plot_perplexity
+from pipeline.run_record import code_version, flatten, generate_samples, run_files
 
 log = logging.getLogger(__name__)
 
@@ -250,8 +249,9 @@ def log_training_run(run_dir: str, dataset, *, preset: str, config: RunConfig,
         epochs = read_epochs(run_dir)
         figures = _log_metrics(c, run_id, lm, dataset, result, epochs)
         if samples is None:
-            samples = _generate_samples(lm, dataset, sample_prefixes)
-        _log_artifacts(c, run_id, run_dir, lm, dataset.manifest, result, epochs, samples, preset)
+            samples = generate_samples(lm, dataset, sample_prefixes)
+        _log_artifacts(c, run_id, run_files(run_dir, lm, dataset.manifest, result, epochs, samples,
+                                            f"{preset} ({lm.model.cfg.cell})"))
     except BaseException:
         c.set_terminated(run_id, "FAILED")
         raise
@@ -311,35 +311,7 @@ def _log_metrics(c, run_id: str, lm, dataset, result: dict[str, Any],
     return figures
 
 
-def _generate_samples(lm, dataset, prefixes: list[str] | None) -> list[str]:
-    """Greedy and seeded-sampling continuations (100 tokens) of each prefix; by default the
-    first 10 tokens of the validation split."""
-    if prefixes is None:
-        from pipeline.generate import join_tokens
-
-        val = dataset.split("val")
-        first = [lm.vocab_tokens[i] for i in val[:10]] if len(val) else lm.vocab_tokens[1:2]
-        prefixes = [join_tokens(first, lm.level)]
-    samples = []
-    for prefix in prefixes:
-        samples.append(lm.generate(prefix, 100))
-        samples.append(lm.generate(prefix, 100, temperature=1.0, seed=0))
-    return samples
-
-
-def _log_artifacts(c, run_id: str, run_dir: str, lm, manifest: dict[str, Any], result: dict[str, Any],
-                   epochs: list[dict[str, Any]], samples: list[str], preset: str) -> None:
-    files = {
-        "perplexity.png": plot_perplexity(epochs, f"{preset} ({lm.model.cfg.cell})"),
-        "samples.txt": ("\n\n".join(samples) + "\n").encode("utf-8"),
-        "vocab.json": json.dumps(lm.vocab_tokens, ensure_ascii=False, indent=0).encode("utf-8"),
-        "manifest.json": json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"),
-        "lm.json": json.dumps(lm.meta, indent=2, sort_keys=True).encode("utf-8"),
-        "result.json": json.dumps(result, indent=2, sort_keys=True).encode("utf-8"),
-    }
-    metrics_file = storage.join(run_dir, "metrics.jsonl")
-    if storage.exists(metrics_file):
-        files["metrics.jsonl"] = storage.read_bytes(metrics_file)
+def _log_artifacts(c, run_id: str, files: dict[str, bytes]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in files.items():
             Path(tmp, name).write_bytes(data)
