@@ -162,8 +162,8 @@ def launch_training(run_dir: str, dataset_uri: str, config: str | RunConfig, npr
     with _run_dir_lock(run_dir, nnodes, on_line):
         return _launch(run_dir, dataset_uri, config, nproc, nnodes=nnodes, node_rank=node_rank,
                        rdzv_endpoint=rdzv_endpoint, rdzv_backend=rdzv_backend, rdzv_id=rdzv_id,
-                       max_restarts=max_restarts, checkpoint_dir=checkpoint_dir, on_line=on_line, env=env,
-                       grace_s=grace_s, python=python)
+                       max_restarts=max_restarts, checkpoint_dir=checkpoint_dir, ray=ray, on_line=on_line,
+                       env=env, grace_s=grace_s, python=python)
 
 
 @contextlib.contextmanager
@@ -189,8 +189,8 @@ def _run_dir_lock(run_dir: str, nnodes: int, on_line: Callable[[str], None] | No
 
 def _launch(run_dir: str, dataset_uri: str, config: str | RunConfig, nproc: int, *, nnodes: int,
             node_rank: int, rdzv_endpoint: str | None, rdzv_backend: str, rdzv_id: str, max_restarts: int,
-            checkpoint_dir: str | None, on_line: Callable[[str], None] | None, env: dict[str, str] | None,
-            grace_s: float, python: str) -> LaunchResult:
+            checkpoint_dir: str | None, ray: RayCluster | None, on_line: Callable[[str], None] | None,
+            env: dict[str, str] | None, grace_s: float, python: str) -> LaunchResult:
     fs = storage.filesystem(run_dir)[0]
     if isinstance(config, RunConfig):
         config_path = storage.join(run_dir, "run_config.yaml")

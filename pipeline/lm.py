@@ -48,6 +48,11 @@ LM_FORMAT = 1
 # ------------------------------------------------------------------------- metadata
 
 
+def vocab_sha256(tokens: list[str] | tuple[str, ...]) -> str:
+    """The identity of a vocabulary: sha256 of its tokens in id order, one per line."""
+    return hashlib.sha256("\n".join(tokens).encode("utf-8")).hexdigest()
+
+
 def lm_metadata(dataset) -> dict[str, Any]:
     """What ``lm.json`` holds for a model trained on ``dataset`` (a ``pipeline.shards.Dataset``)."""
     from pipeline import storage
@@ -65,7 +70,7 @@ def lm_metadata(dataset) -> dict[str, Any]:
         "level": tokenizer.level,
         "tokenizer": tokenizer.model_dump(mode="json"),
         "vocab": tokens,
-        "vocab_sha256": hashlib.sha256("\n".join(tokens).encode("utf-8")).hexdigest(),
+        "vocab_sha256": vocab_sha256(tokens),
         "dataset": {
             "id": dataset.dataset_id,
             "uri": dataset.uri,

@@ -361,3 +361,9 @@ def test_retrain_registers_a_champion_with_lineage(tmp_path, store):
     val, test = result["run"]["val_ppl"], result["evaluation"]["test_ppl"]
     assert result["evaluation"]["val_ppl"] == val == run.data.metrics["final_val_ppl"] == float(champion.tags["val_ppl"])
     assert run.data.metrics["final_test_ppl"] == test == float(champion.tags["test_ppl"])
+    assert reg["new_version"] and not reg["gate"]["decided_before"]
+
+    # The same inputs again (every stage cached): nothing new is registered, and the result says so.
+    again = retrain(cfg, store, register_model=True)["registered"]
+    assert (again["version"], again["new_version"], again["gate"]["decided_before"]) == (reg["version"], False, True)
+    assert len(client.search_model_versions("name='rnnlm-custom'")) == 1
