@@ -203,13 +203,16 @@ def get_or_create_experiment(c, name: str, root: str | None = None) -> str:
 def log_training_run(run_dir: str, dataset, *, preset: str, config: RunConfig,
                      flow_run_id: str | None = None, flow_run_url: str | None = None,
                      samples: list[str] | None = None, sample_prefixes: list[str] | None = None,
-                     run_key: str | None = None, root: str | None = None) -> str:
+                     run_key: str | None = None, root: str | None = None,
+                     held_out: dict[str, float | None] | None = None) -> str:
     """Log one finished training as an MLflow run in experiment ``rnnlm-<preset>``; return its id.
 
     Params: ``config`` flattened (``model.hidden_size``, ``train.lr``, ``data.sources.0.url``...).
     Metrics: every epoch of metrics.jsonl (step = epoch), ``final_val_ppl`` and
     ``final_test_ppl`` (fixed evaluation settings, the figures the gate compares), each
-    perplexity with its bits per token (``*_bits``) beside it.
+    perplexity with its bits per token (``*_bits``) beside it. ``held_out`` passes figures
+    already computed by the one evaluation (``{"val_ppl": .., "test_ppl": ..}``, the
+    evaluate task's), so they are logged as they are, not computed a second time.
     Artifacts: ``perplexity.png``, ``samples.txt``, ``vocab.json``, ``manifest.json``,
     ``lm.json``, ``result.json``, ``metrics.jsonl``. Tags: lineage (Prefect flow run, dataset,
     sources, code version). ``samples`` are texts logged as given; otherwise samples are
@@ -247,7 +250,7 @@ def log_training_run(run_dir: str, dataset, *, preset: str, config: RunConfig,
         params = {"preset": preset, **flatten(config.model_dump(mode="json"))}
         _log_batch(c, run_id, params=[Param(k, str(v)) for k, v in params.items()])
         epochs = read_epochs(run_dir)
-        figures = _log_metrics(c, run_id, lm, dataset, result, epochs)
+        figures = _log_metrics(c, run_id, lm, dataset, result, epochs, held_out)
         if samples is None:
             samples = generate_samples(lm, dataset, sample_prefixes)
         _log_artifacts(c, run_id, run_files(run_dir, lm, dataset.manifest, result, epochs, samples,
@@ -285,8 +288,8 @@ def _lineage_tags(run_dir: str, dataset, lm, preset: str, run_key: str,
     return tags
 
 
-def _log_metrics(c, run_id: str, lm, dataset, result: dict[str, Any],
-                 epochs: list[dict[str, Any]]) -> dict[str, float | None]:
+def _log_metrics(c, run_id: str, lm, dataset, result: dict[str, Any], epochs: list[dict[str, Any]],
+                 held_out: dict[str, float | None] | None = None) -> dict[str, float | None]:
     """Per-epoch metrics, training totals and the final held-out figures; returns the latter."""
     from mlflow.entities import Metric, RunTag
 
@@ -297,6 +300,9 @@ def _log_metrics(c, run_id: str, lm, dataset, result: dict[str, Any],
                if isinstance(e.get(k), (int, float)) and math.isfinite(e[k])]
     figures: dict[str, float | None] = {"final_val_ppl": None, "final_test_ppl": None}
     for split in ("val", "test"):
+        if held_out is not None:
+            figures[f"final_{split}_ppl"] = held_out.get(f"{split}_ppl")
+            continue
         ids = dataset.split(split)
         if len(ids) >= 2:
             figures[f"final_{split}_ppl"] = lm.perplexity(ids)

@@ -56,7 +56,8 @@ def register_model(run: dict[str, Any], evaluation: dict[str, Any], dataset: dic
     cfg = RunConfig.model_validate(config)
     mlflow_run = log_training_run(
         run["run_dir"], ds, preset=preset, config=cfg, root=root,
-        flow_run_id=flow_run_id, flow_run_url=flow_run_url, samples=[s["text"] for s in evaluation["samples"]])
+        flow_run_id=flow_run_id, flow_run_url=flow_run_url, samples=[s["text"] for s in evaluation["samples"]],
+        held_out={k: evaluation.get(k) for k in ("val_ppl", "test_ppl")})  # the one evaluation's figures
     version = register_version(mlflow_run, run["run_dir"], preset=preset, flow_run_id=flow_run_id, root=root)
     if version.created:
         logger.info("registered %s version %s (challenger), MLflow run %s", version.name, version.version, mlflow_run)
