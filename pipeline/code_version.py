@@ -1,0 +1,66 @@
+"""Which project modules compute each stage's output, and a digest of their source.
+
+A stage's cache key and the names of the intermediate files it writes include the digest
+of the modules it runs, so an upgrade that changes how an output is computed (a tokenizer
+fix, a new model cell) recomputes that output and everything downstream instead of
+silently reusing a stale artifact. Each stage's list includes the modules of the stages
+upstream of it: its output depends on theirs.
+
+The lists live here, in one place, as paths relative to the directory holding the
+``pipeline`` package (the repository root in a checkout): adjust them when modules are
+added, split or renamed (a listed file that does not exist is an error, and
+tests/test_flows.py checks every list). Digests are of the files' bytes, computed once per
+process.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+SOURCE_ROOT = Path(__file__).resolve().parents[1]  # holds pipeline/ (and tasks/, flows/ in a checkout)
+
+_FETCH = ("pipeline/config.py", "pipeline/errors.py", "pipeline/storage.py", "pipeline/corpus.py", "tasks/data.py")
+_DATA = _FETCH + ("pipeline/tokenizer.py", "pipeline/vocab.py", "pipeline/shards.py", "pipeline/prepare.py")
+_TRAIN = _DATA + ("pipeline/models.py", "pipeline/sampling.py", "pipeline/checkpoint.py", "pipeline/train.py",
+                  "pipeline/launch.py", "pipeline/lm.py", "pipeline/generate.py", "tasks/train.py")
+_EVALUATE = _TRAIN + ("pipeline/evaluate.py",)
+_REGISTER = _EVALUATE + ("pipeline/registry.py", "pipeline/mlflow_model.py", "tasks/register.py")
+
+STAGE_MODULES: dict[str, tuple[str, ...]] = {
+    "fetch": _FETCH,
+    "count": _DATA,
+    "vocab": _DATA,
+    "encode": _DATA,
+    "shards": _DATA,
+    "train": _TRAIN,
+    "evaluate": _EVALUATE,
+    "register": _REGISTER,
+}
+
+
+def code_digest(stage: str) -> str:
+    """A digest of the source of every module ``stage`` runs (see ``STAGE_MODULES``)."""
+    if stage not in STAGE_MODULES:
+        raise KeyError(f"no module list for stage {stage!r} in pipeline.code_version.STAGE_MODULES")
+    return _digest(str(SOURCE_ROOT), tuple(sorted(set(STAGE_MODULES[stage]))))
+
+
+@functools.lru_cache(maxsize=None)
+def _digest(root: str, paths: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    for rel in paths:
+        path = Path(root) / rel
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: listed in pipeline.code_version.STAGE_MODULES but missing; "
+                                    f"update the list") from None
+        h.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
+    return h.hexdigest()[:16]
+
+
+def clear_cache() -> None:
+    """Forget the digests computed so far (after source files changed in this process)."""
+    _digest.cache_clear()
