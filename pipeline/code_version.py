@@ -4,7 +4,8 @@ A stage's cache key and the names of the intermediate files it writes include th
 of the modules it runs, so an upgrade that changes how an output is computed (a tokenizer
 fix, a new model cell) recomputes that output and everything downstream instead of
 silently reusing a stale artifact. Each stage's list includes the modules of the stages
-upstream of it: its output depends on theirs.
+upstream of it: its output depends on theirs. Modules that only shape errors or logs
+(``errors.py``) are left out: rewording a message recomputes nothing.
 
 The lists live here, in one place, as paths relative to the directory holding the
 ``pipeline`` package (the repository root in a checkout): adjust them when modules are
@@ -21,12 +22,11 @@ from pathlib import Path
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # holds pipeline/ (and tasks/, flows/ in a checkout)
 
-_FETCH = ("pipeline/config.py", "pipeline/errors.py", "pipeline/storage.py", "pipeline/corpus.py", "tasks/data.py")
+_FETCH = ("pipeline/config.py", "pipeline/storage.py", "pipeline/corpus.py", "tasks/data.py")
 _DATA = _FETCH + ("pipeline/tokenizer.py", "pipeline/vocab.py", "pipeline/shards.py", "pipeline/prepare.py")
 _TRAIN = _DATA + ("pipeline/models.py", "pipeline/sampling.py", "pipeline/checkpoint.py", "pipeline/train.py",
-                  "pipeline/launch.py", "pipeline/lm.py", "pipeline/generate.py", "tasks/train.py")
-_EVALUATE = _TRAIN + ("pipeline/evaluate.py",)
-_REGISTER = _EVALUATE + ("pipeline/registry.py", "pipeline/mlflow_model.py", "tasks/register.py")
+                  "pipeline/launch.py", "pipeline/lm.py", "tasks/train.py")
+_EVALUATE = _TRAIN + ("pipeline/evaluate.py", "pipeline/generate.py")
 
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "fetch": _FETCH,
@@ -36,8 +36,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "shards": _DATA,
     "train": _TRAIN,
     "evaluate": _EVALUATE,
-    "register": _REGISTER,
-}
+}  # registration is not cached (it is idempotent instead), so the registry modules key nothing
 
 
 def code_digest(stage: str) -> str:

@@ -50,3 +50,16 @@ def test_the_cli_lives_outside_the_library():
                           timeout=300)
     assert proc.returncode == 0 and "timemachine-char" in proc.stdout.split(), proc.stderr[-3000:]
     assert not (REPO / "pipeline" / "cli.py").exists()
+
+
+def test_every_cached_stage_has_a_module_list_of_existing_files():
+    import tasks
+    from pipeline.code_version import STAGE_MODULES, code_digest
+    from tasks.caching import StagePolicy
+
+    stages = {getattr(tasks, name).cache_policy.stage for name in tasks.__all__
+              if isinstance(getattr(getattr(tasks, name), "cache_policy", None), StagePolicy)}
+    assert stages == {"fetch", "count", "vocab", "encode", "shards", "train", "evaluate"}
+    assert stages < set(STAGE_MODULES)
+    for stage, modules in STAGE_MODULES.items():
+        assert len(code_digest(stage)) == 16 and all((REPO / m).is_file() for m in modules), stage
