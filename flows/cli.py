@@ -90,8 +90,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from pipeline.consumer import generate_from_uri
     from pipeline.generate import MAX_NUM_TOKENS, check_settings
-    from pipeline.registry import generate_from_uri
 
     check_settings(args.num_tokens, args.temperature, args.top_k, args.seed, max_num_tokens=MAX_NUM_TOKENS)
     target = args.run or args.model

@@ -28,7 +28,7 @@ def prepare_data_flow(data: DataConfig = DataConfig(), options: PipelineOptions 
     chunks = plan([d for f in fetched for d in f["documents"]], data.chunk_bytes)
 
     counts = bind(count_tokens, options).map(chunk=chunks, tokenizer=unmapped(data.tokenizer), root=unmapped(root))
-    vocab = bind(build_vocab, options).submit(counts, data.vocab, root)
+    vocab = bind(build_vocab, options).submit(counts, data, root)
 
     encoded = bind(encode_shards, options).map(chunk=chunks, tokenizer=unmapped(data.tokenizer), vocab=unmapped(vocab),
                                                root=unmapped(root))

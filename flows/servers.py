@@ -207,19 +207,17 @@ def results_block_for(root: str, url: Optional[str] = None) -> str:
 
 def prepare_tracking_db(env: Mapping[str, str]) -> Optional[str]:
     """Create a SQLite MLflow database once before workers use it concurrently (no-op otherwise)."""
-    from pipeline import registry
+    from pipeline.tracking import ENV_TRACKING_URI, ensure_tracking_db, local_tracking_uri, sqlite_path
 
-    uri = env.get(registry.ENV_TRACKING_URI)
+    uri = env.get(ENV_TRACKING_URI)
     if not uri:
         store = env.get(storage.ENV_STORAGE)
         if not store or not storage.is_local(store):
             return None
-        uri = "sqlite:///" + os.path.join(storage.local_path(store), registry.DB_FILE)
-    if not uri.startswith("sqlite:///"):
-        return uri
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
+        uri = local_tracking_uri(store)
+    path = sqlite_path(uri)
     if path and not os.path.exists(path):
-        registry.ensure_tracking_db(uri)
+        ensure_tracking_db(uri)
     return uri
 
 

@@ -24,9 +24,11 @@ SOURCE_ROOT = Path(__file__).resolve().parents[1]  # holds pipeline/ (and tasks/
 
 _FETCH = ("pipeline/config.py", "pipeline/storage.py", "pipeline/corpus.py", "tasks/data.py")
 _DATA = _FETCH + ("pipeline/tokenizer.py", "pipeline/vocab.py", "pipeline/shards.py", "pipeline/prepare.py")
-_TRAIN = _DATA + ("pipeline/models.py", "pipeline/sampling.py", "pipeline/checkpoint.py", "pipeline/train.py",
-                  "pipeline/launch.py", "pipeline/lm.py", "tasks/train.py")
-_EVALUATE = _TRAIN + ("pipeline/evaluate.py", "pipeline/generate.py")
+_TRAIN = _DATA + ("pipeline/training_data.py", "pipeline/sampling.py", "pipeline/models.py", "pipeline/optim.py",
+                  "pipeline/precision.py", "pipeline/distributed.py", "pipeline/divergence.py",
+                  "pipeline/evaluate.py", "pipeline/checkpoint.py", "pipeline/metrics.py", "pipeline/rundir.py",
+                  "pipeline/train.py", "pipeline/launch.py", "pipeline/lm.py", "tasks/train.py")
+_EVALUATE = _TRAIN + ("pipeline/generate.py",)
 
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "fetch": _FETCH,

@@ -122,11 +122,28 @@ class ModelConfig(Strict):
     tie_weights: bool = False
     init: Literal["normal", "uniform", "default"] = "normal"
     init_scale: float = Field(default=0.01, gt=0)  # std for "normal", range for "uniform"
+    # The output head. "adaptive" is torch's AdaptiveLogSoftmaxWithLoss (Grave et al. 2017):
+    # token ids below adaptive_cutoffs[0] form the shortlist, each further range a cluster
+    # with a smaller projection (hidden / adaptive_div_value**k). Ids must be sorted by
+    # descending frequency, which the d2l vocabulary is. For vocabularies of ~10k and more.
+    softmax: Literal["full", "adaptive"] = "full"
+    adaptive_cutoffs: tuple[int, ...] | None = None  # increasing, each in [1, vocab_size)
+    adaptive_div_value: float = Field(default=4.0, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
         if self.nonlinearity == "relu" and self.cell != "rnn":
             raise ValueError("nonlinearity='relu' applies to cell='rnn' only")
+        if self.softmax == "adaptive":
+            cuts = self.adaptive_cutoffs
+            if not cuts or cuts[0] < 1 or any(b <= a for a, b in zip(cuts, cuts[1:])):
+                raise ValueError(f"softmax='adaptive' needs adaptive_cutoffs: strictly increasing "
+                                 f"positive token ids, e.g. [2000, 10000]; got {cuts}")
+            if self.tie_weights:
+                raise ValueError("tie_weights needs softmax='full' (the adaptive head has no "
+                                 "vocabulary-sized output matrix to share)")
+        elif self.adaptive_cutoffs is not None:
+            raise ValueError("adaptive_cutoffs applies to softmax='adaptive' only")
         if self.tie_weights and self.embed_size is not None and self.embed_size != self.hidden_size:
             raise ValueError("tie_weights needs embed_size == hidden_size")
         return self
@@ -157,6 +174,11 @@ class TrainConfig(Strict):
     checkpoint_every_steps: int | None = Field(default=None, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Mixed precision (torch.autocast, see pipeline.precision): bf16 or fp16 (with a gradient
+    # scaler), on CUDA or CPU (where fp16 is slow: it exists to test the scaler path).
+    # The recurrence and the loss's log-softmax stay fp32.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    tf32: bool = True  # CUDA only: TF32 tensor-core matmuls for fp32 work (no effect on CPU)
 
 
 class RunConfig(Strict):

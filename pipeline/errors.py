@@ -51,3 +51,11 @@ class GenerationInputError(PipelineError, ValueError):
 
 class NonFiniteLossError(PipelineError, FloatingPointError):
     """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+
+
+class RegistryError(PipelineError):
+    """Something about tracking or registration is wrong (not retryable by default)."""
+
+
+class TrainingFailedError(RegistryError):
+    """The run directory holds a failed, diverged or unfinished training: nothing is registered."""

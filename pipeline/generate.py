@@ -21,8 +21,8 @@ import torch
 
 from pipeline.errors import GenerationInputError
 from pipeline.models import RNNLM
+from pipeline.tokenizer import UNK
 
-UNK = "<unk>"
 MAX_NUM_TOKENS = 10_000  # per request, for the CLI and the served model
 Level = Literal["char", "word"]
 
@@ -60,9 +60,6 @@ class Generation:
     tokens: list[str]  # the generated continuation, without the prefix
     unknown: list[str]  # prefix tokens not in the vocabulary (fed to the model as <unk>)
 
-    def text(self, level: Level) -> str:
-        return join_tokens(self.tokens, level)
-
 
 def generate(model: RNNLM, vocab_tokens: list[str], prefix_tokens: list[str], num_tokens: int, *,
              temperature: float | None = 0.0, top_k: int | None = None, seed: int | None = None,
@@ -96,7 +93,7 @@ def generate(model: RNNLM, vocab_tokens: list[str], prefix_tokens: list[str], nu
         else:
             generator.manual_seed(seed)
 
-    device = device if device is not None else model.output.weight.device
+    device = device if device is not None else model.embedding.weight.device
     was_training = model.training
     model.eval()
     try:

@@ -38,6 +38,7 @@ from pipeline import storage
 from pipeline.config import ModelConfig, RunConfig, TrainConfig
 from pipeline.errors import (CheckpointError, ConfigError, DatasetError, NonFiniteLossError,
                              PipelineError)
+from pipeline.metrics import read_epochs  # noqa: F401  (re-exported: its callers predate pipeline.metrics)
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +65,18 @@ def run_directory(root: str, dataset_id: str, model_cfg: ModelConfig, train_cfg:
     return storage.join(root, "runs", run_id(dataset_id, model_cfg, train_cfg))
 
 
-def read_epochs(run_dir: str) -> list[dict[str, Any]]:
-    """The per-epoch events of a run's ``metrics.jsonl`` (lines that are not JSON objects are skipped)."""
-    uri = storage.join(run_dir, "metrics.jsonl")
-    if not storage.exists(uri):
-        return []
-    events = []
-    for line in storage.read_bytes(uri).decode("utf-8").splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(event, dict) and event.get("event") == "epoch":
-            events.append(event)
-    return events
+# libgomp (torch's OpenMP on Linux) lets a thread that waits at a barrier spin 300,000 times
+# before it sleeps. On a shared host a neighbour that takes a core for a moment stalls one
+# trainer thread while the others spin, taking the cores the stalled thread needs: an epoch
+# went from 11 s to 150 s beside a process using 20% of one core. PASSIVE waiters sleep at
+# once. libgomp reads this when torch loads, so it goes into the trainer's environment; an
+# explicit value in the caller's environment (or ``env``) wins.
+TRAINER_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def trainer_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The trainer child's environment: ours, ``env`` on top, TRAINER_ENV_DEFAULTS where unset."""
+    return {**TRAINER_ENV_DEFAULTS, **os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
 
 
 class TrainingFailedError(PipelineError):
@@ -146,7 +145,7 @@ def launch_training(run_dir: str, dataset_uri: str, config: str | RunConfig, npr
                            node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_backend=rdzv_backend,
                            rdzv_id=rdzv_id, max_restarts=max_restarts, checkpoint_dir=checkpoint_dir,
                            python=python)
-    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    child_env = trainer_env(env)
     log.info("launching: %s", " ".join(cmd))
     metrics: list[dict[str, Any]] = []
     tail: deque[str] = deque(maxlen=50)
@@ -221,16 +220,39 @@ class _Stopper:
     def stop(self) -> None:
         """SIGTERM the child (torchrun passes it on to its workers), wait, then SIGKILL the tree."""
         try:
-            root = psutil.Process(self.child.pid)
-            tree = [root, *root.children(recursive=True)]
+            stop_process_trees([psutil.Process(self.child.pid)], self.grace_s)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def stop_process_trees(roots: list[psutil.Process], grace_s: float) -> None:
+    """SIGTERM each root, wait up to ``grace_s`` for the roots to exit, then SIGKILL every
+    process of their trees (as found before the SIGTERM).
+
+    torchrun forwards the SIGTERM to its workers and waits for them, so waiting on the
+    roots gives every rank its grace; workers that run in sessions of their own are then
+    killed one by one. A root is never reaped here (that is its parent's ``wait``).
+    """
+    trees = []
+    for root in roots:
+        try:
+            trees.append([root, *root.children(recursive=True)])
             root.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
-            return
-        deadline = time.monotonic() + self.grace_s
-        while time.monotonic() < deadline and self.child.poll() is None:  # torchrun waits for its workers
-            time.sleep(0.1)
-        for proc in tree:  # workers run in sessions of their own: kill each one
+            pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_alive(root) for root in roots):
+        time.sleep(0.1)
+    for tree in trees:
+        for proc in tree:
             try:
                 proc.kill()  # psutil checks the pid still names the same process
             except psutil.NoSuchProcess:
                 pass
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

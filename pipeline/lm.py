@@ -35,9 +35,9 @@ import torch
 
 from pipeline.config import ModelConfig, TokenizerConfig
 from pipeline.errors import CheckpointError, GenerationInputError
-from pipeline.generate import UNK, generate, join_tokens
+from pipeline.generate import generate, join_tokens
 from pipeline.models import RNNLM, build_model
-from pipeline.tokenizer import tokenize
+from pipeline.tokenizer import UNK, tokenize
 
 LM_FILE = "lm.json"
 MODEL_FILE = "model.pt"
@@ -242,7 +242,7 @@ class LanguageModel:
 
     @property
     def device(self) -> torch.device:
-        return self.model.output.weight.device
+        return self.model.embedding.weight.device
 
     # -------------------------------------------------------------------- generation
 

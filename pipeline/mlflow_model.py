@@ -1,6 +1,6 @@
 """The MLflow pyfunc of an RNN language model (MLflow "models from code").
 
-``pipeline.registry`` logs this file as the model's code
+``pipeline.packaging`` logs this file as the model's code
 (``mlflow.pyfunc.log_model(python_model=<this file>, code_paths=[...], artifacts=...)``);
 MLflow copies it into the model and executes it at load time, where
 ``mlflow.models.set_model`` below names the model object. Nothing here may need the

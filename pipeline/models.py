@@ -35,24 +35,26 @@ NUM_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 
 
 # ------------------------------------------------------------------ scratch cells
-# Each cell maps one time step's input x (B, in) and state to the new state.
-# Weights are torch's stacked ones: w_ih (gates*H, in), w_hh (gates*H, H), and
-# separate input and hidden biases b_ih, b_hh (gates*H,).
+# Each cell maps one time step to the new state. Its input part, W_ih x_t + b_ih, does not
+# depend on the state, so ScratchRecurrent computes it for all time steps in one matmul
+# (``xw``, (B, gates*H)); the cell adds the recurrent part W_hh h + b_hh. Weights are
+# torch's stacked ones: w_hh (gates*H, H), b_hh (gates*H,). Where b_hh only adds to the
+# input part (rnn, lstm), it is folded into ``xw`` too and the cell gets ``b_hh=None``.
 
 
-def rnn_tanh_cell(x, state, w_ih, w_hh, b_ih, b_hh):
+def rnn_tanh_cell(xw, state, w_hh, b_hh=None):
     """h' = tanh(W_ih x + b_ih + W_hh h + b_hh)   (d2l 9.4)"""
     (h,) = state
-    return (torch.tanh(x @ w_ih.T + b_ih + h @ w_hh.T + b_hh),)
+    return (torch.tanh(torch.addmm(xw, h, w_hh.T)),)
 
 
-def rnn_relu_cell(x, state, w_ih, w_hh, b_ih, b_hh):
+def rnn_relu_cell(xw, state, w_hh, b_hh=None):
     """h' = relu(W_ih x + b_ih + W_hh h + b_hh)"""
     (h,) = state
-    return (torch.relu(x @ w_ih.T + b_ih + h @ w_hh.T + b_hh),)
+    return (torch.relu(torch.addmm(xw, h, w_hh.T)),)
 
 
-def gru_cell(x, state, w_ih, w_hh, b_ih, b_hh):
+def gru_cell(xw, state, w_hh, b_hh):
     """GRU (d2l 10.2) in torch's gate order r, z, n.
 
     d2l applies the reset gate before the hidden matmul, W_hn (r * h); cuDNN and
@@ -60,18 +62,18 @@ def gru_cell(x, state, w_ih, w_hh, b_ih, b_hh):
     backends are interchangeable.
     """
     (h,) = state
-    i_r, i_z, i_n = (x @ w_ih.T + b_ih).chunk(3, dim=1)
-    h_r, h_z, h_n = (h @ w_hh.T + b_hh).chunk(3, dim=1)
+    i_r, i_z, i_n = xw.chunk(3, dim=1)
+    h_r, h_z, h_n = torch.addmm(b_hh, h, w_hh.T).chunk(3, dim=1)
     r = torch.sigmoid(i_r + h_r)  # reset gate
     z = torch.sigmoid(i_z + h_z)  # update gate
     n = torch.tanh(i_n + r * h_n)  # candidate state
-    return ((1 - z) * n + z * h,)
+    return (torch.lerp(n, h, z),)  # (1 - z) * n + z * h
 
 
-def lstm_cell(x, state, w_ih, w_hh, b_ih, b_hh):
+def lstm_cell(xw, state, w_hh, b_hh=None):
     """LSTM (d2l 10.1) in torch's gate order i, f, g, o."""
     h, c = state
-    i, f, g, o = (x @ w_ih.T + b_ih + h @ w_hh.T + b_hh).chunk(4, dim=1)
+    i, f, g, o = torch.addmm(xw, h, w_hh.T).chunk(4, dim=1)
     i = torch.sigmoid(i)  # input gate
     f = torch.sigmoid(f)  # forget gate
     g = torch.tanh(g)  # candidate memory
@@ -125,11 +127,17 @@ class ScratchRecurrent(nn.Module):
         for layer in range(self.num_layers):
             if layer > 0:
                 x = F.dropout(x, self.dropout, self.training)
-            weights = self.layer_weights(layer)
+            w_ih, w_hh, b_ih, b_hh = self.layer_weights(layer)
+            # Time-major, and unbind rather than index: indexing step t would give each
+            # step's gradient the size of the whole sequence.
+            steps = x.transpose(0, 1).reshape(-1, x.shape[-1])
+            folded = self.cell != "gru"  # gru's b_hn sits inside the reset gate's product
+            bias, b_hh = (b_ih + b_hh, None) if folded else (b_ih, b_hh)
+            xw = torch.addmm(bias, steps, w_ih.T).reshape(x.shape[1], x.shape[0], -1)
             s = tuple(part[layer] for part in state)
             outputs = []
-            for t in range(x.shape[1]):
-                s = self.step(x[:, t], s, *weights)
+            for xw_t in xw.unbind(0):
+                s = self.step(xw_t, s, w_hh, b_hh)
                 outputs.append(s[0])
             x = torch.stack(outputs, dim=1)
             final.append(s)
@@ -171,7 +179,7 @@ class RNNLM(nn.Module):
             self.rnn = ScratchRecurrent(cfg.cell, self.embed_size, cfg.hidden_size, cfg.num_layers,
                                         dropout=between_layers, nonlinearity=cfg.nonlinearity)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.output = nn.Linear(cfg.hidden_size, vocab_size)
+        self.output = output_head(cfg, vocab_size)
         if cfg.tie_weights:
             self.output.weight = self.embedding.weight  # one tensor, two uses
         init_parameters(self, cfg.init, cfg.init_scale)
@@ -179,21 +187,54 @@ class RNNLM(nn.Module):
     def begin_state(self, batch_size: int, device=None) -> State:
         """The zero state for ``batch_size`` streams, in the model's dtype."""
         shape = (self.cfg.num_layers, batch_size, self.cfg.hidden_size)
-        dtype = self.output.weight.dtype
+        dtype = self.embedding.weight.dtype
         return tuple(torch.zeros(shape, dtype=dtype, device=device)
                      for _ in range(2 if self.cfg.cell == "lstm" else 1))
 
-    def forward(self, X: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """Token ids ``X`` (B, T) -> logits (B, T, vocab_size) and the state after step T."""
+    def forward(self, X: torch.Tensor, state: State | None = None, targets: torch.Tensor | None = None,
+                reduction: str = "mean") -> tuple[torch.Tensor, State]:
+        """Token ids ``X`` (B, T) -> logits (B, T, vocab_size) and the state after step T.
+
+        With ``targets`` (B, T) the first result is the next-token cross-entropy instead
+        (``reduction`` "mean", "sum" or "none" (B*T,)), computed without the full
+        logits when the head is adaptive. The adaptive head's "logits" are its
+        log-probabilities: softmax, argmax and temperature treat them exactly as logits.
+        """
         if X.dim() != 2:
             raise ValueError(f"X must be (batch, num_steps) token ids, got shape {tuple(X.shape)}")
         if state is None:
             state = self.begin_state(X.shape[0], X.device)
         self._check_state(state, X.shape[0])
         hx = state if self.cfg.cell == "lstm" else state[0]
-        out, hx = self.rnn(self.embedding(X), hx)
-        logits = self.output(self.dropout(out))
-        return logits, (tuple(hx) if self.cfg.cell == "lstm" else (hx,))
+        # The recurrence runs in fp32 even under autocast: its state is an accumulator
+        # carried across every step and window, where bf16's 8-bit mantissa loses it.
+        with torch.autocast(X.device.type, enabled=False):
+            out, hx = self.rnn(self.embedding(X), hx)
+        features = self.dropout(out)
+        result = self.logits(features) if targets is None else self.loss(features, targets, reduction)
+        return result, (tuple(hx) if self.cfg.cell == "lstm" else (hx,))
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Last-layer outputs (..., H) -> logits (..., vocab_size) (log-probabilities if adaptive)."""
+        if isinstance(self.output, nn.AdaptiveLogSoftmaxWithLoss):
+            with torch.autocast(features.device.type, enabled=False):
+                flat = self.output.log_prob(features.reshape(-1, features.shape[-1]))
+            return flat.reshape(*features.shape[:-1], self.vocab_size)
+        return self.output(features)
+
+    def loss(self, features: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy (nats) of last-layer outputs ``features`` (B, T, H), in fp32."""
+        flat, y = features.reshape(-1, features.shape[-1]), targets.reshape(-1)
+        if isinstance(self.output, nn.AdaptiveLogSoftmaxWithLoss):
+            # In the features' dtype (fp32 under autocast: the recurrence is): autocast
+            # would mix dtypes inside the module, which then fails in index_copy_.
+            with torch.autocast(flat.device.type, enabled=False):
+                nll = -self.output(flat, y).output
+            return {"mean": nll.mean, "sum": nll.sum, "none": lambda: nll}[reduction]()
+        logits = self.output(flat)
+        if logits.dtype in (torch.float16, torch.bfloat16):  # the log-softmax in fp32 (CPU autocast keeps bf16)
+            logits = logits.float()
+        return F.cross_entropy(logits, y, reduction=reduction)
 
     def _check_state(self, state: State, batch_size: int) -> None:
         expected = (self.cfg.num_layers, batch_size, self.cfg.hidden_size)
@@ -203,6 +244,17 @@ class RNNLM(nn.Module):
         for s in state:
             if tuple(s.shape) != expected:
                 raise ValueError(f"state tensors must be shaped {expected}, got {tuple(s.shape)}")
+
+
+def output_head(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """A full ``Linear`` projection to the vocabulary, or torch's adaptive softmax."""
+    if cfg.softmax == "full":
+        return nn.Linear(cfg.hidden_size, vocab_size)
+    if cfg.adaptive_cutoffs[-1] >= vocab_size:
+        raise ValueError(f"adaptive_cutoffs {list(cfg.adaptive_cutoffs)} must all be below the "
+                         f"vocabulary size {vocab_size}")
+    return nn.AdaptiveLogSoftmaxWithLoss(cfg.hidden_size, vocab_size, list(cfg.adaptive_cutoffs),
+                                         div_value=cfg.adaptive_div_value, head_bias=True)
 
 
 def init_parameters(model: nn.Module, init: str, scale: float) -> None:
@@ -237,7 +289,7 @@ def convert_backend(model: RNNLM, backend: str) -> RNNLM:
     """
     cfg = ModelConfig.model_validate({**model.cfg.model_dump(), "backend": backend})
     new = build_model(cfg, model.vocab_size)
-    ref = model.output.weight
+    ref = model.embedding.weight
     new.to(device=ref.device, dtype=ref.dtype)
     new.load_state_dict(model.state_dict())
     new.train(model.training)

@@ -1,28 +1,31 @@
 """Raw corpus -> vocabulary -> Parquet shards, streaming in line-aligned chunks.
 
-    documents = fetch_corpus(cfg.sources)          # verified, content-addressed copies
-    chunks    = plan_chunks(documents, cfg)        # byte ranges that end on a newline
-    counts    = merge_counts(count_chunk(c, cfg) for c in chunks)
-    vocab     = Vocab.build(counts, cfg.vocab)
-    for c in chunks: writer.add(encode_chunk(c, cfg, vocab))
+The ONE definition of the data chain::
 
-Each step touches one chunk at a time, so memory is bounded by the chunk size,
-not the corpus; and each chunk step is a pure function of (chunk, config), so
-an orchestrator can map them over workers. ``prepare_dataset`` runs the whole
-chain in one process. The dataset directory is named by a hash of the source
-hashes and the config, so the same inputs always land in the same place and a
-finished dataset is reused.
+    documents = fetch_corpus(cfg.sources)              # verified, content-addressed copies
+    chunks    = plan_chunks(documents, cfg.chunk_bytes) # byte ranges that end on a newline
+    counted   = build_vocab((count_chunk(c, cfg.tokenizer) for c in chunks), cfg)
+    write_dataset(uri, documents, cfg, counted, (encode_chunk(c, cfg.tokenizer, counted.vocab) for c in chunks))
+
+Each chunk step touches one chunk, so memory is bounded by the chunk size, not the
+corpus, and is a pure function of (chunk, config), so an orchestrator can map it over
+workers. ``prepare_dataset`` runs the chain in one process; the ``prepare-data`` flow
+(``tasks/data.py``) calls these same functions, only persisting what passes between
+them, and ``tests/test_flows.py`` checks the two write the same bytes. The dataset
+directory is named by a hash of the source hashes and the config, so the same inputs
+always land in the same place and a finished dataset is reused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 import os
 import tempfile
 import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +34,7 @@ from pipeline import storage
 from pipeline.config import DataConfig, TokenizerConfig
 from pipeline.corpus import Document, fetch_corpus
 from pipeline.errors import CorpusError
-from pipeline.shards import Dataset, DatasetWriter, is_complete, open_dataset, split_sizes
+from pipeline.shards import SPLITS, Dataset, DatasetWriter, is_complete, open_dataset, split_sizes
 from pipeline.tokenizer import char_codes, word_tokens
 from pipeline.vocab import TokenCounts, Vocab, count_codes, count_values, merge_counts
 
@@ -92,88 +95,88 @@ def _next_line_end(f, pos: int, size: int) -> int:
     return size
 
 
-def count_chunk(chunk: Chunk, cfg: TokenizerConfig) -> TokenCounts:
-    """Token counts of one chunk, in first-occurrence order."""
+def count_chunk(chunk: Chunk, cfg: TokenizerConfig, spill: str | None = None) -> TokenCounts:
+    """Token counts of one chunk, in first-occurrence order.
+
+    ``spill`` (char level, one process): a local ``.npy`` path to keep the chunk's code
+    points in for ``encode_chunk``. Normalizing is most of a char-level chunk's work and
+    the encode pass would repeat it; reading the codes back (a byte a token for ASCII)
+    is nearly free. The result is the same with or without it.
+    """
     data = chunk.read()
     if cfg.level == "char":
-        return count_codes(char_codes(data, cfg))
+        codes = char_codes(data, cfg)
+        if spill:
+            np.save(spill, codes)
+        return count_codes(codes)
     return count_values(word_tokens(data, cfg))
 
 
-def encode_chunk(chunk: Chunk, cfg: TokenizerConfig, vocab: Vocab) -> np.ndarray:
-    """Token ids of one chunk (unknown tokens -> 0)."""
-    data = chunk.read()
+@dataclass(frozen=True)
+class CountedVocab:
+    """The vocabulary and the corpus's token count, from the merged counts of every chunk."""
+
+    vocab: Vocab
+    num_tokens: int
+    distinct: int
+
+
+def build_vocab(counts: Iterable[TokenCounts], cfg: DataConfig) -> CountedVocab:
+    """Merge the chunks' counts (in chunk order) and build the d2l vocabulary; a corpus with no tokens is an error."""
+    merged = merge_counts(counts)
+    num_tokens = sum(merged.values())
+    if num_tokens == 0:
+        raise CorpusError(", ".join(s.url for s in cfg.sources), "no tokens after normalization")
+    vocab = Vocab.build(merged, cfg.vocab)
+    log.info("vocabulary: %d tokens from %d distinct; %d tokens in the corpus", len(vocab), len(merged), num_tokens)
+    return CountedVocab(vocab, num_tokens, len(merged))
+
+
+def encode_chunk(chunk: Chunk, cfg: TokenizerConfig, vocab: Vocab, spill: str | None = None) -> np.ndarray:
+    """Token ids of one chunk (unknown tokens -> 0); ``spill``: the codes ``count_chunk`` kept (then removed)."""
     if cfg.level == "char":
-        return vocab.encode_codes(char_codes(data, cfg))
-    return vocab.encode_words(word_tokens(data, cfg))
-
-
-class CodeSpill:
-    """Char level, one process: keep each chunk's code points on local disk between the passes.
-
-    Normalizing is most of the work of a char-level chunk, and the encode pass would
-    repeat it; reading the counted codes back (one byte a token for ASCII text) is
-    nearly free, and memory stays at one chunk. ``count``/``encode`` give exactly what
-    ``count_chunk``/``encode_chunk`` give.
-    """
-
-    def __init__(self, directory: str):
-        self.directory = directory
-
-    def _path(self, i: int) -> str:
-        return os.path.join(self.directory, f"{i:06d}.npy")
-
-    def count(self, i: int, chunk: Chunk, cfg: TokenizerConfig) -> TokenCounts:
-        codes = char_codes(chunk.read(), cfg)
-        np.save(self._path(i), codes)
-        return count_codes(codes)
-
-    def encode(self, i: int, vocab: Vocab) -> np.ndarray:
-        codes = np.load(self._path(i))
-        os.remove(self._path(i))
+        if spill:
+            codes = np.load(spill)
+            os.remove(spill)
+        else:
+            codes = char_codes(chunk.read(), cfg)
         return vocab.encode_codes(codes)
+    return vocab.encode_words(word_tokens(chunk.read(), cfg))
+
+
+def dataset_uri(documents: list[Document], cfg: DataConfig, root: str) -> str:
+    return storage.join(root, "datasets", dataset_id(documents, cfg))
 
 
 def prepare_dataset(cfg: DataConfig, root: str | None = None) -> Dataset:
-    """Fetch, count, build the vocabulary and write shards; reuse a finished dataset."""
+    """Fetch, count, build the vocabulary and write shards in this process; reuse a finished dataset.
+
+    The ``prepare-data`` flow maps the same chunk steps over workers and writes the same bytes.
+    """
     root = storage.storage_root(root)
     started = time.perf_counter()
     documents = fetch_corpus(cfg.sources, root)
-    did = dataset_id(documents, cfg)
-    uri = storage.join(root, "datasets", did)
+    uri = dataset_uri(documents, cfg, root)
     if is_complete(uri):
-        log.info("dataset %s already prepared at %s", did, uri)
+        log.info("dataset already prepared at %s", uri)
         return open_dataset(uri)
 
     chunks = plan_chunks(documents, cfg.chunk_bytes)
     log.info("counting %d chunk(s) of %d document(s)", len(chunks), len(documents))
     with tempfile.TemporaryDirectory(prefix="rnnlm-codes-") as spill_dir:
-        spill = CodeSpill(spill_dir) if cfg.tokenizer.level == "char" else None
-        if spill:
-            counts = merge_counts(_logged(list(enumerate(chunks)), "count", lambda ic: spill.count(*ic, cfg.tokenizer)))
-        else:
-            counts = merge_counts(_logged(chunks, "count", lambda c: count_chunk(c, cfg.tokenizer)))
-        vocab = Vocab.build(counts, cfg.vocab)
-        num_tokens = sum(counts.values())
-        if num_tokens == 0:
-            raise CorpusError(", ".join(s.url for s in cfg.sources), "no tokens after normalization")
-        log.info("vocabulary: %d tokens from %d distinct; %d tokens in the corpus", len(vocab), len(counts), num_tokens)
-
-        if spill:
-            encoded = _logged(list(range(len(chunks))), "encode", lambda i: spill.encode(i, vocab))
-        else:
-            encoded = _logged(chunks, "encode", lambda c: encode_chunk(c, cfg.tokenizer, vocab))
-        manifest = write_dataset(uri, documents, cfg, vocab, num_tokens, encoded)
-    log.info(
-        "dataset %s: %d tokens (train %d, val %d, test %d), vocab %d, %.1f s",
-        did, manifest["num_tokens"], *(manifest["splits"][s]["num_tokens"] for s in ("train", "val", "test")),
-        manifest["vocab_size"], time.perf_counter() - started,
-    )
+        spill = [os.path.join(spill_dir, f"{i:06d}.npy") if cfg.tokenizer.level == "char" else None
+                 for i in range(len(chunks))]
+        counted = build_vocab(_logged(range(len(chunks)), "count", lambda i: count_chunk(chunks[i], cfg.tokenizer, spill[i])), cfg)
+        encode = _logged(range(len(chunks)), "encode", lambda i: encode_chunk(chunks[i], cfg.tokenizer, counted.vocab, spill[i]))
+        with contextlib.closing(encode) as encoded:  # a max_tokens cap stops early: join the workers before cleanup
+            write_dataset(uri, documents, cfg, counted, encoded)
+    log.info("prepared in %.1f s", time.perf_counter() - started)
     return open_dataset(uri)
 
 
-def write_dataset(uri, documents, cfg: DataConfig, vocab: Vocab, num_tokens: int, encoded_chunks) -> dict:
+def write_dataset(uri, documents, cfg: DataConfig, counted: CountedVocab, encoded_chunks) -> dict:
     """Write shards from consecutive encoded chunks into a staging directory, then publish it."""
+    vocab, num_tokens = counted.vocab, counted.num_tokens
     total = min(num_tokens, cfg.splits.max_tokens or num_tokens)
     sizes = split_sizes(total, cfg.splits.model_dump())
     staging = storage.new_staging_dir(uri)
@@ -201,10 +204,12 @@ def write_dataset(uri, documents, cfg: DataConfig, vocab: Vocab, num_tokens: int
             fs.rm(path, recursive=True)
         raise
     storage.publish_dir(staging, uri)
+    log.info("dataset %s: %d tokens (train %d, val %d, test %d), vocab %d", manifest["dataset_id"], manifest["num_tokens"],
+             *(manifest["splits"][s]["num_tokens"] for s in SPLITS), manifest["vocab_size"])
     return manifest
 
 
-def _logged(chunks: list, verb: str, fn, workers: int = 2):
+def _logged(chunks: Sequence, verb: str, fn, workers: int = 2):
     """Yield ``fn(chunk)`` for each chunk, in order, computed on ``workers`` threads.
 
     Most of a chunk's work (numpy, pyarrow, hashing, file I/O) runs without the GIL,

@@ -47,10 +47,10 @@ def num_batches(num_tokens: int, batch_size: int, num_steps: int, sampling: Samp
     Every epoch yields exactly this many batches whatever its random offset, so
     epochs are the same length and a step count identifies a position.
     """
+    # Both samplers cut the same number of windows: random shuffles them into
+    # batches, sequential lays them side by side as streams.
     usable = num_tokens - (num_steps - 1) - 1  # minus the worst offset, minus the Y shift
-    if sampling == "random":
-        return max(usable // num_steps // batch_size, 0)
-    return max(usable // batch_size // num_steps, 0)
+    return max(usable // (batch_size * num_steps), 0)
 
 
 def batches(
@@ -105,3 +105,55 @@ def _sequential_batches(corpus, batch_size, num_steps, n, offset, rows, start):
     for i in range(start, n):
         cols = slice(i * num_steps, (i + 1) * num_steps)
         yield xs[:, cols].astype(np.int64), ys[:, cols].astype(np.int64)
+
+
+# ------------------------------------------------------------------ on the device
+
+
+def window_starts(num_tokens: int, batch_size: int, num_steps: int, sampling: Sampling, *,
+                  seed: int, epoch: int) -> np.ndarray:
+    """Where every window of the epoch starts, ``(num_batches, batch_size)``: row ``b`` of
+    batch ``i`` is ``corpus[s : s + num_steps]`` with ``s = starts[i, b]`` (``Y`` from ``s + 1``).
+    The same draws from the same generator as ``batches``, so the same windows."""
+    n = num_batches(num_tokens, batch_size, num_steps, sampling)
+    rng = epoch_rng(seed, epoch)
+    offset = int(rng.integers(0, num_steps))
+    if sampling == "random":
+        num_windows = (num_tokens - offset - 1) // num_steps
+        return (offset + num_steps * rng.permutation(num_windows)[: n * batch_size]).reshape(n, batch_size)
+    if sampling == "sequential":  # stream b is the b-th contiguous stretch of n * num_steps tokens
+        return offset + n * num_steps * np.arange(batch_size)[None, :] + num_steps * np.arange(n)[:, None]
+    raise ValueError(f"unknown sampling {sampling!r}: expected 'random' or 'sequential'")
+
+
+def device_batches(tokens, batch_size: int, num_steps: int, sampling: Sampling, *, seed: int, epoch: int,
+                   rank: int = 0, world_size: int = 1, start: int = 0):
+    """``batches`` over ``tokens``, a 1-D integer tensor that already lives on the device.
+
+    The epoch's window starts go to the device once; each batch is then one gather there,
+    with no copy from the host per step (a pageable host-to-device copy waits for the
+    device). Yields int64 ``(X, Y)`` tensors, the same values ``batches`` yields.
+    """
+    import torch
+
+    starts = window_starts(len(tokens), batch_size, num_steps, sampling, seed=seed, epoch=epoch)
+    if len(starts) == 0:
+        raise ValueError(f"corpus of {len(tokens)} tokens is too short for one batch of "
+                         f"{batch_size} x {num_steps} tokens")
+    mine = torch.from_numpy(np.ascontiguousarray(starts[:, rank_rows(batch_size, rank, world_size)]))
+    if tokens.device.type == "cuda":
+        mine = mine.pin_memory()
+    mine = mine.to(tokens.device, non_blocking=True)
+    window = torch.arange(num_steps + 1, device=tokens.device)
+    for i in range(start, len(starts)):
+        w = tokens[mine[i][:, None] + window].long()  # (rows, num_steps + 1)
+        yield w[:, :-1], w[:, 1:]
+
+
+def token_tensor(ids: np.ndarray, vocab_size: int, device):
+    """A split's token ids as a tensor on ``device`` in the smallest dtype that holds them
+    (uint8 up to 256 tokens: a byte per token at char level)."""
+    import torch
+
+    dtype = np.uint8 if vocab_size <= 256 else np.int16 if vocab_size <= 2**15 else np.int32
+    return torch.from_numpy(np.asarray(ids).astype(dtype)).to(device)  # narrowed on the host: less to copy

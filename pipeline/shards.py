@@ -46,7 +46,8 @@ def split_sizes(num_tokens: int, fractions: dict[str, float]) -> dict[str, int]:
     return {"train": num_tokens - val - test, "val": val, "test": test}
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A small uncompressed Parquet file (the vocabulary, intermediate results)."""
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="none", use_dictionary=False)
     return sink.getvalue()
@@ -155,7 +156,7 @@ class DatasetWriter:
             if self.pending_len[split]:
                 self._flush(split, self.pending_len[split])
         self.close()
-        vocab_bytes = _parquet_bytes(self.vocab.to_table())
+        vocab_bytes = parquet_bytes(self.vocab.to_table())
         storage.write_bytes_atomic(storage.join(self.directory, VOCAB_FILE), vocab_bytes)
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -191,11 +192,7 @@ class Dataset:
 
     @cached_property
     def vocab(self) -> Vocab:
-        table = _read_verified(storage.join(self.uri, VOCAB_FILE), self.manifest["vocab"]["sha256"])
-        try:
-            return Vocab.from_table(table)
-        except (KeyError, ValueError) as e:
-            raise DatasetError(f"corrupt vocabulary {storage.join(self.uri, VOCAB_FILE)}: {e}") from None
+        return read_vocab(storage.join(self.uri, VOCAB_FILE), self.manifest["vocab"]["sha256"])
 
     def split(self, name: str) -> np.ndarray:
         """All token ids of a split as one array (in the manifest's dtype)."""
@@ -231,12 +228,21 @@ def open_dataset(uri: str) -> Dataset:
     return Dataset(uri=uri, manifest=manifest)
 
 
+def read_vocab(url: str, sha256: str | None = None) -> Vocab:
+    """A vocabulary file (``Vocab.to_table`` as Parquet), checked against ``sha256`` when given."""
+    table = _read_verified(url, sha256)
+    try:
+        return Vocab.from_table(table)
+    except (KeyError, ValueError) as e:
+        raise DatasetError(f"corrupt vocabulary {url}: {e}") from None
+
+
 def is_complete(uri: str) -> bool:
     return storage.exists(storage.join(uri, MANIFEST))
 
 
-def _read_verified(url: str, sha256: str) -> pa.Table:
-    """Read a Parquet file (memory-mapped when local), check its sha256, parse it."""
+def _read_verified(url: str, sha256: str | None) -> pa.Table:
+    """Read a Parquet file (memory-mapped when local), check its sha256 (when given), parse it."""
     try:
         if storage.is_local(url):
             source = pa.memory_map(storage.local_path(url))
@@ -245,7 +251,7 @@ def _read_verified(url: str, sha256: str) -> pa.Table:
             buffer = pa.py_buffer(storage.read_bytes(url))
     except FileNotFoundError:
         raise DatasetError(f"missing file {url}") from None
-    actual = storage.sha256_bytes(memoryview(buffer))
+    actual = storage.sha256_bytes(memoryview(buffer)) if sha256 else None
     if actual != sha256:
         raise DatasetError(f"corrupt file {url}: sha256 {actual}, manifest says {sha256}")
     try:

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from pipeline.config import TokenizerConfig
 
 EOS = "<eos>"
+UNK = "<unk>"  # index 0 of every vocabulary; unknown tokens map to it
 NEWLINE = 0x0A
 
 # d2l's per-byte map: letters lowercase, newlines stay, every other byte becomes a space.

@@ -23,8 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import VocabConfig
-
-UNK = "<unk>"
+from pipeline.tokenizer import UNK
 
 TokenCounts = dict[str, int]  # insertion order = first occurrence
 

@@ -1,6 +1,7 @@
 """Data stages as Prefect tasks: fetch -> count (per chunk) -> vocab -> encode (per chunk) -> shards.
 
-Thin wrappers over ``pipeline.corpus`` / ``pipeline.prepare``. Each returns a small JSON
+Thin wrappers over ``pipeline.corpus`` / ``pipeline.prepare``: each calls the very function
+``prepare_dataset`` calls and adds only caching and the persisting of what passes between stages. Each returns a small JSON
 manifest (``tasks.caching.manifest``): a content ``id``, numbers, and the URIs of what it
 wrote (``artifacts``). Token counts and token ids never travel through Prefect: they go
 to files under ``<root>/work/`` and are passed on as URIs.
@@ -36,13 +37,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
-from pipeline import storage
-from pipeline.config import DataConfig, SourceConfig, TokenizerConfig, VocabConfig
+from pipeline import prepare, storage
+from pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from pipeline.corpus import Document, builtin_path, fetch_source
-from pipeline.errors import CorpusError, DatasetError
-from pipeline.prepare import DATA_FORMAT_VERSION, Chunk, count_chunk, dataset_id, encode_chunk, plan_chunks, write_dataset
-from pipeline.shards import MANIFEST, is_complete, open_dataset
-from pipeline.vocab import Vocab, merge_counts
+from pipeline.errors import DatasetError
+from pipeline.prepare import DATA_FORMAT_VERSION, Chunk, dataset_id, plan_chunks
+from pipeline.shards import MANIFEST, is_complete, open_dataset, parquet_bytes, read_vocab
 from tasks.caching import StagePolicy, content_id, jsonable, manifest
 
 # Bump a stage's number when its outputs change meaning (the task source is hashed too).
@@ -130,7 +130,7 @@ def count_tokens(chunk: dict[str, Any], tokenizer: TokenizerConfig, root: str | 
     """Token counts of one chunk, written to ``<root>/work/counts/<id>.json``."""
     root = storage.storage_root(root)
     cid = content_id("count", *count_identity({"chunk": chunk, "tokenizer": tokenizer, "root": root}))
-    counts = count_chunk(_chunk(chunk), tokenizer)
+    counts = prepare.count_chunk(_chunk(chunk), tokenizer)
     uri = storage.join(root, "work", "counts", f"{cid}.json")
     storage.write_bytes_atomic(uri, json.dumps(counts, ensure_ascii=False).encode("utf-8"))
     return manifest(cid, [uri], uri=uri, num_tokens=sum(counts.values()), distinct=len(counts))
@@ -140,31 +140,27 @@ def count_tokens(chunk: dict[str, Any], tokenizer: TokenizerConfig, root: str | 
 
 
 def vocab_identity(inputs: dict[str, Any]):
-    return _v("vocab"), {"counts": [c["id"] for c in inputs["counts"]], "vocab": jsonable(inputs["vocab"]),
+    data = inputs["data"] if isinstance(inputs["data"], DataConfig) else DataConfig.model_validate(inputs["data"])
+    return _v("vocab"), {"counts": [c["id"] for c in inputs["counts"]], "vocab": data.vocab.model_dump(mode="json"),
                          "root": storage.storage_root(inputs.get("root"))}
 
 
 @task(name="build_vocab", cache_policy=StagePolicy(stage="vocab", identity=vocab_identity), tags=["data"])
-def build_vocab(counts: list[dict[str, Any]], vocab: VocabConfig, root: str | None = None) -> dict[str, Any]:
-    """Merge the chunks' counts (in chunk order) and build the d2l vocabulary."""
-    logger = get_run_logger()
+def build_vocab(counts: list[dict[str, Any]], data: DataConfig, root: str | None = None) -> dict[str, Any]:
+    """``pipeline.prepare.build_vocab`` over the chunks' counts; the vocabulary goes to ``<root>/work/vocab/``."""
     root = storage.storage_root(root)
-    vid = content_id("vocab", *vocab_identity({"counts": counts, "vocab": vocab, "root": root}))
-    merged = merge_counts(json.loads(storage.read_bytes(c["uri"])) for c in counts)
-    v = Vocab.build(merged, vocab)
-    num_tokens = sum(merged.values())
+    vid = content_id("vocab", *vocab_identity({"counts": counts, "data": data, "root": root}))
+    counted = prepare.build_vocab((json.loads(storage.read_bytes(c["uri"])) for c in counts), data)
     uri = storage.join(root, "work", "vocab", f"{vid}.parquet")
-    storage.write_bytes_atomic(uri, _parquet(v.to_table()))
-    logger.info("vocabulary: %d tokens from %d distinct; %d tokens in the corpus", len(v), len(merged), num_tokens)
-    return manifest(vid, [uri], uri=uri, vocab_size=len(v), distinct=len(merged), num_tokens=num_tokens,
-                    tokens_sha256=v.sha256)
+    storage.write_bytes_atomic(uri, parquet_bytes(counted.vocab.to_table()))
+    get_run_logger().info("vocabulary: %d tokens from %d distinct; %d tokens in the corpus",
+                          len(counted.vocab), counted.distinct, counted.num_tokens)
+    return manifest(vid, [uri], uri=uri, vocab_size=len(counted.vocab), distinct=counted.distinct,
+                    num_tokens=counted.num_tokens, tokens_sha256=counted.vocab.sha256)
 
 
-def load_vocab(uri: str) -> Vocab:
-    try:
-        return Vocab.from_table(pq.read_table(io.BytesIO(storage.read_bytes(uri))))
-    except (FileNotFoundError, KeyError, ValueError, pa.ArrowException) as e:
-        raise DatasetError(f"vocabulary {uri} is missing or corrupt: {e}") from None
+def _counted(vocab: dict[str, Any]) -> prepare.CountedVocab:
+    return prepare.CountedVocab(read_vocab(vocab["uri"]), vocab["num_tokens"], vocab["distinct"])
 
 
 # -------------------------------------------------------------------------------- encode
@@ -181,9 +177,9 @@ def encode_shards(chunk: dict[str, Any], tokenizer: TokenizerConfig, vocab: dict
     """Token ids of one chunk, written to ``<root>/work/encoded/<id>.parquet``."""
     root = storage.storage_root(root)
     eid = content_id("encode", *encode_identity({"chunk": chunk, "tokenizer": tokenizer, "vocab": vocab, "root": root}))
-    ids = encode_chunk(_chunk(chunk), tokenizer, load_vocab(vocab["uri"]))
+    ids = prepare.encode_chunk(_chunk(chunk), tokenizer, read_vocab(vocab["uri"]))
     uri = storage.join(root, "work", "encoded", f"{eid}.parquet")
-    storage.write_bytes_atomic(uri, _parquet(pa.table({"ids": ids})))
+    storage.write_bytes_atomic(uri, parquet_bytes(pa.table({"ids": ids})))
     return manifest(eid, [uri], uri=uri, num_tokens=int(len(ids)))
 
 
@@ -192,12 +188,6 @@ def _read_ids(uri: str) -> np.ndarray:
         return pq.read_table(io.BytesIO(storage.read_bytes(uri))).column("ids").to_numpy()
     except (FileNotFoundError, KeyError, pa.ArrowException) as e:
         raise DatasetError(f"encoded chunk {uri} is missing or corrupt: {e}") from None
-
-
-def _parquet(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="none", use_dictionary=False)
-    return sink.getvalue()
 
 
 # -------------------------------------------------------------------------------- shards
@@ -221,14 +211,11 @@ def write_shards(fetched: list[dict[str, Any]], data: DataConfig, vocab: dict[st
     root = storage.storage_root(root)
     documents = _documents(fetched)
     did = dataset_id(documents, data)
-    uri = storage.join(root, "datasets", did)
+    uri = prepare.dataset_uri(documents, data, root)
     if is_complete(uri):
         logger.info("dataset %s already written at %s", did, uri)
     else:
-        if vocab["num_tokens"] == 0:
-            raise CorpusError(", ".join(s.url for s in data.sources), "no tokens after normalization")
-        write_dataset(uri, documents, data, load_vocab(vocab["uri"]), vocab["num_tokens"],
-                      (_read_ids(e["uri"]) for e in encoded))
+        prepare.write_dataset(uri, documents, data, _counted(vocab), (_read_ids(e["uri"]) for e in encoded))
     ds = open_dataset(uri)
     m = ds.manifest
     splits = {k: v["num_tokens"] for k, v in m["splits"].items()}

@@ -4,7 +4,7 @@ Not cached: registration is a side effect. It is idempotent instead: the MLflow 
 keyed by the run directory and a run that is already registered returns its version, so a
 retried task does not create duplicates. Gate decisions are serialized across every flow
 run and host by a Prefect global concurrency limit of one slot (alias moves are
-last-writer-wins), on top of ``pipeline.registry``'s file lock for local stores.
+last-writer-wins), on top of ``pipeline.gate``'s file lock for local stores.
 """
 
 from __future__ import annotations
@@ -38,20 +38,22 @@ def register_model(run: dict[str, Any], evaluation: dict[str, Any], dataset: dic
                    config: dict[str, Any], preset: str, root: str | None = None,
                    flow_run_id: str | None = None, flow_run_url: str | None = None) -> dict[str, Any]:
     """Log the run, register a new version of ``rnnlm-<preset>`` (alias challenger), gate it."""
-    from pipeline import registry
     from pipeline.config import RunConfig
+    from pipeline.gate import promote_if_better
+    from pipeline.packaging import register_model as register_version
     from pipeline.shards import open_dataset
+    from pipeline.tracking import log_training_run, tracking_uri
 
     logger = get_run_logger()
     ds = open_dataset(dataset["uri"])
-    mlflow_run = registry.log_training_run(
+    mlflow_run = log_training_run(
         run["run_dir"], ds, preset=preset, config=RunConfig.model_validate(config), root=root,
         flow_run_id=flow_run_id, flow_run_url=flow_run_url, samples=[s["text"] for s in evaluation["samples"]])
-    version = registry.register_model(mlflow_run, run["run_dir"], preset=preset, flow_run_id=flow_run_id, root=root)
+    version = register_version(mlflow_run, run["run_dir"], preset=preset, flow_run_id=flow_run_id, root=root)
     logger.info("registered %s version %s (challenger), MLflow run %s", version.name, version.version, mlflow_run)
     ensure_gate_limit()
     with concurrency(GATE_LIMIT, occupy=1, strict=True):
-        decision = registry.promote_if_better(version.name, version.version, ds, root=root)
+        decision = promote_if_better(version.name, version.version, ds, root=root)
     logger.info("gate: %s", decision.reason)
     return {"registered": True, "name": version.name, "version": version.version, "model_uri": version.model_uri,
-            "mlflow_run_id": mlflow_run, "tracking_uri": registry.tracking_uri(root), "gate": decision.to_dict()}
+            "mlflow_run_id": mlflow_run, "tracking_uri": tracking_uri(root), "gate": decision.to_dict()}

@@ -23,10 +23,8 @@ sampling settings.
 from __future__ import annotations
 
 import json
-import math
 import signal
 import threading
-import time
 from typing import Any
 
 import psutil
@@ -34,7 +32,8 @@ from prefect import get_run_logger, task
 
 from pipeline import storage
 from pipeline.config import ModelConfig, RunConfig, TrainConfig
-from pipeline.launch import read_epochs
+from pipeline.launch import stop_process_trees
+from pipeline.metrics import finite_or_none, read_epochs
 from tasks.caching import StagePolicy, content_id, jsonable, manifest
 from tasks.retries import terminating
 
@@ -163,14 +162,10 @@ def evaluate_model(run: dict[str, Any], dataset: dict[str, Any], prefixes: tuple
         g = lm.generate_with_info(prefix, num_tokens, temperature=temperature, seed=i)
         samples.append({"prefix": prefix, "text": g.text, "unknown": g.unknown})
         logger.info("sample %d: %s", i + 1, g.text)
-    out = {"val_ppl": _finite(ppl["val"]), "test_ppl": _finite(ppl["test"]), "samples": samples}
+    out = {"val_ppl": finite_or_none(ppl["val"]), "test_ppl": finite_or_none(ppl["test"]), "samples": samples}
     uri = storage.join(run["run_dir"], f"evaluation-{eid}.json")
     storage.write_json_atomic(uri, out)
     return manifest(eid, [uri], uri=uri, **out)
-
-
-def _finite(x):
-    return x if x is not None and math.isfinite(x) else None
 
 
 # ----------------------------------------------------------------------------- SIGTERM
@@ -195,23 +190,7 @@ def training_children() -> list[psutil.Process]:
 def terminate_children(grace_s: float) -> None:
     """SIGTERM every training child (torchrun forwards it to its ranks), wait, then kill the trees."""
     terminating.set()
-    children = training_children()
-    trees = []
-    for p in children:
-        try:
-            trees.append([p, *p.children(recursive=True)])
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in children):
-        time.sleep(0.1)
-    for tree in trees:
-        for p in tree:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+    stop_process_trees(training_children(), grace_s)
 
 
 class TerminationGuard:

@@ -22,7 +22,7 @@ import pytest
 from pipeline.config import TIMEMACHINE_SHA1, DataConfig, SourceConfig, TokenizerConfig
 from pipeline.corpus import READ_BLOCK, fetch_corpus, fetch_source
 from pipeline.errors import CorpusError, SourceUnreachableError
-from pipeline.prepare import plan_chunks, prepare_dataset, write_dataset
+from pipeline.prepare import CountedVocab, plan_chunks, prepare_dataset, write_dataset
 from pipeline.vocab import Vocab
 
 TEXT = b"The Time Machine, by H. G. Wells\nI.\n\nThe Time Traveller was expounding\n"
@@ -336,6 +336,6 @@ def test_failure_while_writing_shards_removes_the_staging_dir(tmp_path, store):
 
     uri = str(Path(store) / "datasets" / "abc123")
     with pytest.raises(OSError, match="disk went away"):
-        write_dataset(uri, docs, cfg, vocab, 100, encoded())
+        write_dataset(uri, docs, cfg, CountedVocab(vocab, 100, 27), encoded())
     assert list((Path(store) / "datasets").iterdir()) == []
     assert_clean_store(store)

@@ -20,7 +20,8 @@ import yaml
 from pipeline.checkpoint import list_checkpoints, load_checkpoint
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.launch import launch_training
-from pipeline.train import Dist, train
+from pipeline.distributed import Dist
+from pipeline.train import train
 from tests.test_train import (child_env, corpus, epochs_of, kill_after_checkpoint, one_thread,  # noqa: F401
                               weights, write_inputs)
 

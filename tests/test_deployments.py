@@ -186,7 +186,7 @@ def clean_env(**extra) -> dict:
 def stack(tmp_path_factory, request):
     """Server + deployments + one worker per pool; yields a dict of what the test needs."""
     from flows import servers
-    from pipeline import registry
+    from pipeline.tracking import ensure_tracking_db
 
     base = tmp_path_factory.mktemp("deployments")
     (base / "logs").mkdir()
@@ -205,7 +205,7 @@ def stack(tmp_path_factory, request):
 
     store = base / "store"
     tracking = "sqlite:///" + str(base / "mlflow.db")
-    registry.ensure_tracking_db(tracking)  # created once, before workers use it concurrently
+    ensure_tracking_db(tracking)  # created once, before workers use it concurrently
     client_home = str(base / "client-home")
 
     # deploy from somewhere else than the repo root, with a deployer-side RNNLM_REPO_DIR that

@@ -172,6 +172,32 @@ def test_deleted_dataset_is_recomputed_not_a_dangling_cache_hit(tmp_path, store)
     assert sorted(states(third)["encode_shards"]).count("Completed") == 1
 
 
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_flow_and_prepare_dataset_write_byte_identical_datasets(tmp_path, store, level):
+    """One data chain: the mapped flow and the in-process ``prepare_dataset`` write the same bytes."""
+    import json
+    import shutil
+
+    from flows.prepare_data import prepare_data_flow
+    from pipeline.prepare import prepare_dataset
+
+    data = run_config(corpus(tmp_path)).data.model_copy(update={"tokens_per_shard": 100})
+    data = data.model_copy(update={"tokenizer": data.tokenizer.model_copy(update={"level": level})})
+
+    def files(uri: str) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(uri).iterdir())}
+
+    direct = prepare_dataset(data, store)
+    direct_files, direct_manifest = files(direct.uri), json.loads((Path(direct.uri) / "manifest.json").read_text())
+    assert len([f for f in direct_files if f.startswith("train-")]) >= 2  # several shards, so chunk order matters
+    shutil.rmtree(direct.uri)  # same root, so the manifests' corpus paths agree too
+
+    flowed = prepare_data_flow(data=data, options=options(store))
+    assert flowed["uri"] == direct.uri and len(states(flowed)["count_tokens"]) >= 3
+    assert files(flowed["uri"]) == direct_files
+    assert json.loads((Path(flowed["uri"]) / "manifest.json").read_text()) == direct_manifest
+
+
 def _encoded_uris(store: str) -> list[str]:
     return sorted(str(p) for p in (Path(store) / "work" / "encoded").glob("*.parquet"))
 
@@ -307,13 +333,13 @@ def test_retrain_registers_a_champion_with_lineage(tmp_path, store):
     """The whole chain ends in the registry: a version with lineage tags, alias champion."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline import registry
+    from pipeline.tracking import tracking_uri
 
     cfg = run_config(corpus(tmp_path))
     result = retrain(cfg, store, register_model=True)
     reg = result["registered"]
     assert reg["registered"] and reg["name"] == "rnnlm-custom" and reg["gate"]["promoted"]
-    client = MlflowClient(registry.tracking_uri(store))
+    client = MlflowClient(tracking_uri(store))
     champion = client.get_model_version_by_alias("rnnlm-custom", "champion")
     assert str(champion.version) == reg["version"]
     run = client.get_run(champion.run_id)
@@ -379,7 +405,7 @@ def test_stage_keys_follow_the_project_code_they_run(tmp_path, store, monkeypatc
     unchanged = states(retrain(cfg, store))
     assert all(n == "Cached" for names in unchanged.values() for n in names), unchanged
 
-    edit("pipeline/registry.py")
+    edit("pipeline/gate.py")
     registry_changed = states(retrain(cfg, store))
     assert all(n == "Cached" for names in registry_changed.values() for n in names), registry_changed
 

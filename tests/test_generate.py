@@ -117,8 +117,7 @@ def test_zero_tokens_and_joining():
     assert generate(model, VOCAB, ["a"], 0).tokens == []
     assert join_tokens(["a", "b", " ", "c"], "char") == "ab c"
     assert join_tokens(["the", "time", "machine"], "word") == "the time machine"
-    assert Generation(tokens=["x", "y"], unknown=[]).text("word") == "x y"
-    assert Generation(tokens=["x", "y"], unknown=[]).text("char") == "xy"
+    assert join_tokens(Generation(tokens=["x", "y"], unknown=[]).tokens, "word") == "x y"
     with pytest.raises(ValueError, match="level"):
         join_tokens(["a"], "byte")
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from flows.servers import TELEMETRY_OFF
-from pipeline import registry
+from pipeline import consumer, errors, gate, packaging, tracking
 from pipeline.config import DataConfig, ModelConfig, RunConfig, SourceConfig, SplitConfig, TrainConfig
 from pipeline.errors import CheckpointError, NonFiniteLossError
 from pipeline.lm import LanguageModel, write_lm_metadata
@@ -93,15 +93,23 @@ def trained(tmp_path_factory) -> Trained:
     return Trained(tmp_path_factory.mktemp("trained"))
 
 
-def log_and_register(trained: Trained, name: str, flow_run_id: str | None = None) -> registry.RegisteredVersion:
-    run_id = registry.log_training_run(trained.runs[name], trained.dataset(name), preset=PRESET,
+def log_and_register(trained: Trained, name: str, flow_run_id: str | None = None) -> packaging.RegisteredVersion:
+    run_id = tracking.log_training_run(trained.runs[name], trained.dataset(name), preset=PRESET,
                                        config=trained.config(name), flow_run_id=flow_run_id,
                                        flow_run_url=f"http://prefect.invalid/runs/{flow_run_id}")
-    return registry.register_model(run_id, trained.runs[name], name=NAME)
+    return packaging.register_model(run_id, trained.runs[name], name=NAME)
+
+
+def load_champion(name: str):
+    """What a consumer does: ``mlflow.pyfunc.load_model("models:/<name>@champion")`` on our URI."""
+    import mlflow
+
+    with tracking.using_tracking():
+        return mlflow.pyfunc.load_model(f"models:/{name}@{packaging.CHAMPION}")
 
 
 def champion_version() -> str:
-    return str(registry.client().get_model_version_by_alias(NAME, registry.CHAMPION).version)
+    return str(tracking.client().get_model_version_by_alias(NAME, packaging.CHAMPION).version)
 
 
 def free_port() -> int:
@@ -224,17 +232,17 @@ def test_language_model_load_errors_name_the_file(trained, tmp_path):
 def test_tracking_uri_defaults_and_db_creation(store, monkeypatch):
     from pipeline.errors import ConfigError
 
-    uri = registry.tracking_uri()
+    uri = tracking.tracking_uri()
     assert uri == f"sqlite:///{Path(store).resolve() / 'mlflow.db'}"
-    assert registry.ensure_tracking_db() == uri == registry.ensure_tracking_db()  # idempotent
+    assert tracking.ensure_tracking_db() == uri == tracking.ensure_tracking_db()  # idempotent
     assert (Path(store) / "mlflow.db").is_file() and (Path(store) / "mlflow.db.lock").is_file()
-    exp = registry.get_or_create_experiment(registry.client(), "rnnlm-x")
-    assert registry.client().get_experiment(exp).artifact_location == str(Path(store).resolve() / "mlartifacts" / "rnnlm-x")
+    exp = tracking.get_or_create_experiment(tracking.client(), "rnnlm-x")
+    assert tracking.client().get_experiment(exp).artifact_location == str(Path(store).resolve() / "mlartifacts" / "rnnlm-x")
     monkeypatch.setenv("RNNLM_STORAGE", "s3://bucket/rnnlm")
     with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI"):
-        registry.tracking_uri()
+        tracking.tracking_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert registry.tracking_uri() == "http://127.0.0.1:5000"
+    assert tracking.tracking_uri() == "http://127.0.0.1:5000"
 
 
 # ------------------------------------------------------------------------------ the gate
@@ -242,23 +250,23 @@ def test_tracking_uri_defaults_and_db_creation(store, monkeypatch):
 
 def test_gate_better_worse_better(trained):
     mid = log_and_register(trained, "mid", "flow-1")
-    d1 = registry.promote_if_better(NAME, mid.version, trained.tm)
+    d1 = gate.promote_if_better(NAME, mid.version, trained.tm)
     assert d1.promoted and d1.champion_version is None and d1.split == "test"
 
     bad = log_and_register(trained, "bad", "flow-2")
     assert bad.test_ppl > mid.test_ppl  # the setup: "bad" really is worse
-    d2 = registry.promote_if_better(NAME, bad.version, trained.tm)
+    d2 = gate.promote_if_better(NAME, bad.version, trained.tm)
     assert not d2.promoted and d2.champion_version == mid.version
     assert d2.champion_ppl == pytest.approx(mid.test_ppl) and d2.champion_ppl_source == "stored"
     assert champion_version() == mid.version
 
     good = log_and_register(trained, "good", "flow-3")
     assert good.test_ppl < mid.test_ppl
-    d3 = registry.promote_if_better(NAME, good.version, trained.tm)
+    d3 = gate.promote_if_better(NAME, good.version, trained.tm)
     assert d3.promoted and d3.champion_version == mid.version
     assert champion_version() == good.version
 
-    c = registry.client()
+    c = tracking.client()
     mv = c.get_model_version(NAME, bad.version)
     assert mv.tags["gate.decision"] == "rejected"
     assert float(mv.tags["gate.candidate_ppl"]) == pytest.approx(bad.test_ppl)
@@ -267,7 +275,7 @@ def test_gate_better_worse_better(trained):
     mv = c.get_model_version(NAME, good.version)
     assert mv.tags["gate.decision"] == "promoted" and "PROMOTED" in mv.description
     assert mv.tags["flow_run_id"] == "flow-3" and mv.tags["dataset_id"] == trained.tm.dataset_id
-    assert str(c.get_model_version_by_alias(NAME, registry.CHALLENGER).version) == good.version
+    assert str(c.get_model_version_by_alias(NAME, packaging.CHALLENGER).version) == good.version
     # A retried task logs and registers nothing new: same MLflow run, same version.
     again = log_and_register(trained, "good", "flow-3")
     assert (again.run_id, again.version) == (good.run_id, good.version)
@@ -295,13 +303,13 @@ def test_gate_better_worse_better(trained):
 
 def test_gate_reevaluates_champion_trained_on_other_data(trained):
     ab = log_and_register(trained, "ab")
-    assert registry.promote_if_better(NAME, ab.version, trained.ab).promoted
-    stored = float(registry.client().get_model_version(NAME, ab.version).tags["test_ppl"])
+    assert gate.promote_if_better(NAME, ab.version, trained.ab).promoted
+    stored = float(tracking.client().get_model_version(NAME, ab.version).tags["test_ppl"])
 
     mid = log_and_register(trained, "mid")
     # The setup: against the champion's stored figure (on its own data) the newcomer loses...
     assert mid.test_ppl > stored
-    decision = registry.promote_if_better(NAME, mid.version, trained.tm)
+    decision = gate.promote_if_better(NAME, mid.version, trained.tm)
     # ...but the champion re-evaluated on the current test split is far worse, and that decides.
     expected = LanguageModel.from_dir(trained.runs["ab"]).perplexity(
         trained.tm.split("test"), vocab_tokens=trained.tm.vocab.tokens)
@@ -309,7 +317,7 @@ def test_gate_reevaluates_champion_trained_on_other_data(trained):
     assert decision.champion_ppl == pytest.approx(expected, rel=1e-9)
     assert decision.champion_ppl > mid.test_ppl > stored
     assert decision.promoted and champion_version() == mid.version
-    tags = registry.client().get_model_version(NAME, mid.version).tags
+    tags = tracking.client().get_model_version(NAME, mid.version).tags
     assert float(tags["gate.champion_ppl"]) == pytest.approx(expected) and tags["gate.champion_ppl_source"] == "re-evaluated"
 
 
@@ -319,7 +327,7 @@ def test_gate_reevaluates_champion_trained_on_other_data(trained):
 WORKER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from pipeline import registry
+    from pipeline import consumer, errors, gate, packaging, tracking
     from pipeline.config import RunConfig
     from pipeline.shards import open_dataset
     run_dir, dataset_uri, config_json, go = sys.argv[1:5]
@@ -327,9 +335,9 @@ WORKER = textwrap.dedent("""
     config = RunConfig.model_validate_json(config_json)
     while not Path(go).exists():
         time.sleep(0.01)
-    run_id = registry.log_training_run(run_dir, dataset, preset="test", config=config)
-    mv = registry.register_model(run_id, run_dir, name="rnnlm-test")
-    decision = registry.promote_if_better(mv.name, mv.version, dataset)
+    run_id = tracking.log_training_run(run_dir, dataset, preset="test", config=config)
+    mv = packaging.register_model(run_id, run_dir, name="rnnlm-test")
+    decision = gate.promote_if_better(mv.name, mv.version, dataset)
     print(json.dumps({"version": mv.version, "test_ppl": mv.test_ppl, "promoted": decision.promoted}))
 """)
 
@@ -345,7 +353,7 @@ def test_concurrent_registrations_get_distinct_versions(trained, tmp_path, store
         for name in ("mid", "good")}
     out = {}
     try:
-        with registry.gate_lock(NAME):  # hold the gate: both must register, then wait for it
+        with gate.gate_lock(NAME):  # hold the gate: both must register, then wait for it
             time.sleep(1.0)
             go.touch()  # both start logging at once, on a database neither has created yet
             deadline = time.monotonic() + 180
@@ -353,14 +361,14 @@ def test_concurrent_registrations_get_distinct_versions(trained, tmp_path, store
                 dead = {n: p.returncode for n, p in procs.items() if p.poll() is not None}
                 assert not dead, f"a worker ended while the gate was held: {dead} {procs[next(iter(dead))].stderr.read()[-3000:]}"
                 db = Path(store) / "mlflow.db"
-                if db.exists() and len(registry.client().search_model_versions(f"name='{NAME}'")) == 2:
+                if db.exists() and len(tracking.client().search_model_versions(f"name='{NAME}'")) == 2:
                     break
                 assert time.monotonic() < deadline, "the workers did not register in time"
                 time.sleep(0.5)
             time.sleep(1.0)
             assert all(p.poll() is None for p in procs.values())  # both blocked on the gate lock
             with pytest.raises(MlflowException):
-                registry.client().get_model_version_by_alias(NAME, registry.CHAMPION)
+                tracking.client().get_model_version_by_alias(NAME, packaging.CHAMPION)
         for name, p in procs.items():
             stdout, stderr = p.communicate(timeout=180)
             assert p.returncode == 0, f"{name} worker failed:\n{stderr[-4000:]}"
@@ -410,17 +418,17 @@ CONSUMER = textwrap.dedent("""
 
 def test_clean_process_loads_champion_and_matches(trained, tmp_path, store):
     mv = log_and_register(trained, "mid")  # trained with the scratch backend
-    assert registry.promote_if_better(NAME, mv.version, trained.tm).promoted
+    assert gate.promote_if_better(NAME, mv.version, trained.tm).promoted
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     proc = subprocess.run(
         [sys.executable, "-c", CONSUMER, str(REPO), f"models:/{NAME}@champion"],
-        env=child_env(MLFLOW_TRACKING_URI=registry.tracking_uri()), cwd=elsewhere,
+        env=child_env(MLFLOW_TRACKING_URI=tracking.tracking_uri()), cwd=elsewhere,
         capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "/code/pipeline/" in out["pipeline_file"] and str(REPO) not in out["pipeline_file"]
-    shipped = {"pipeline"} | {f"pipeline.{m[:-3]}" for m in registry.SHIPPED_MODULES if m != "__init__.py"}
+    shipped = {"pipeline"} | {f"pipeline.{m[:-3]}" for m in packaging.SHIPPED_MODULES if m != "__init__.py"}
     assert set(out["pipeline_modules"]) <= shipped
     assert out["rnn"] == "GRU"  # served with torch's GRU, whatever backend trained it
 
@@ -429,24 +437,24 @@ def test_clean_process_loads_champion_and_matches(trained, tmp_path, store):
     assert out["greedy"] == [greedy] and len(greedy) == len("time traveller") + 50
     assert out["sampled"] == [lm.generate(p, 40, temperature=1.0, top_k=5, seed=7) for p in ("Time Traveller", "the")]
     # The same through the CLI helper, from the registry and from the run directory.
-    assert registry.generate_from_uri(f"models:/{NAME}@champion", "time traveller", 50, seed=0) == greedy
-    assert registry.generate_from_uri(trained.runs["mid"], "time traveller", 50) == \
+    assert consumer.generate_from_uri(f"models:/{NAME}@champion", "time traveller", 50, seed=0) == greedy
+    assert consumer.generate_from_uri(trained.runs["mid"], "time traveller", 50) == \
         LanguageModel.from_dir(trained.runs["mid"]).generate("time traveller", 50)
-    assert registry.load_champion(NAME).predict({"prefix": ["time traveller"]},
+    assert load_champion(NAME).predict({"prefix": ["time traveller"]},
                                                 params={"num_tokens": 50}) == [greedy]
 
 
 @pytest.mark.slow
 def test_models_serve_invocations(trained, tmp_path, store):
     mv = log_and_register(trained, "good")
-    registry.promote_if_better(NAME, mv.version, trained.tm)
+    gate.promote_if_better(NAME, mv.version, trained.tm)
     expected = LanguageModel.from_dir(trained.runs["good"]).generate("time traveller", 20, seed=0)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc, log_file = start_server(
         [MLFLOW, "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
          "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        child_env(MLFLOW_TRACKING_URI=registry.tracking_uri()), tmp_path, tmp_path / "serve.log", f"{url}/ping")
+        child_env(MLFLOW_TRACKING_URI=tracking.tracking_uri()), tmp_path, tmp_path / "serve.log", f"{url}/ping")
     try:
         inv = f"{url}/invocations"
         status, body = post(inv, json.dumps({"inputs": ["time traveller"],
@@ -470,18 +478,18 @@ def test_log_and_register_against_mlflow_server(trained, tmp_path, monkeypatch):
     url, server_dir, proc, log_file = start_mlflow_server(tmp_path, child_env())
     try:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        assert registry.tracking_uri() == url
+        assert tracking.tracking_uri() == url
         mv = log_and_register(trained, "good", "flow-srv")
-        decision = registry.promote_if_better(NAME, mv.version, trained.tm)
+        decision = gate.promote_if_better(NAME, mv.version, trained.tm)
         assert decision.promoted
-        c = registry.client()
+        c = tracking.client()
         assert c.tracking_uri == url
         assert str(c.get_model_version_by_alias(NAME, "champion").version) == mv.version
         # Artifacts went through the server into its artifact store, not into our storage root.
         assert list((server_dir / "artifacts").rglob("perplexity.png"))
         assert list((server_dir / "artifacts").rglob("MLmodel"))
         assert not (Path(os.environ["RNNLM_STORAGE"]) / "mlflow.db").exists()
-        got = registry.load_champion(NAME).predict(["time traveller"], params={"num_tokens": 20, "seed": 0})
+        got = load_champion(NAME).predict(["time traveller"], params={"num_tokens": 20, "seed": 0})
         assert got == [LanguageModel.from_dir(trained.runs["good"]).generate("time traveller", 20)]
     finally:
         stop_server(proc, log_file)
@@ -509,14 +517,14 @@ def test_failed_or_nan_training_registers_nothing(trained, tmp_path):
     result = json.loads((nan_result / "result.json").read_text())
     (nan_result / "result.json").write_text(json.dumps({**result, "val_ppl": None}))
 
-    good_run = registry.log_training_run(trained.runs["good"], tm, preset=PRESET, config=trained.config("good"))
+    good_run = tracking.log_training_run(trained.runs["good"], tm, preset=PRESET, config=trained.config("good"))
     for run_dir in (diverged, str(nan_weights), str(nan_result)):
-        with pytest.raises(registry.TrainingFailedError, match="refusing"):
-            registry.log_training_run(run_dir, tm, preset=PRESET, config=trained.config("good"))
+        with pytest.raises(errors.TrainingFailedError, match="refusing"):
+            tracking.log_training_run(run_dir, tm, preset=PRESET, config=trained.config("good"))
         # Even handed a valid MLflow run id, registration refuses a failed run directory.
-        with pytest.raises(registry.TrainingFailedError, match="refusing"):
-            registry.register_model(good_run, run_dir, name=NAME)
-    c = registry.client()
+        with pytest.raises(errors.TrainingFailedError, match="refusing"):
+            packaging.register_model(good_run, run_dir, name=NAME)
+    c = tracking.client()
     assert c.search_registered_models() == []
     assert c.search_model_versions(f"name='{NAME}'") == []
     runs = c.search_runs([e.experiment_id for e in c.search_experiments()])

@@ -1,0 +1,146 @@
+"""Peer rows: d2l 0.17.6's own ``train_epoch_ch8`` against ``pipeline.train`` on the same model and data.
+
+d2l is installed with ``pip install --no-deps --target <tmp> d2l==0.17.6``; the modules it
+imports only for plotting and image data (IPython, matplotlib_inline, torchvision) are stubbed,
+and its ``read_time_machine`` reads the bundled copy instead of downloading. Data: the first
+10,000 characters of the Time Machine (d2l's ``max_tokens=10000``), batch 32 x 35, sequential.
+Models (hidden 256, one-hot input, SGD lr 1, clipping at 1): nn.RNN, nn.GRU, 2-layer nn.LSTM
+through ``d2l.RNNModel``, and the book's scratch RNN (sec. 8.5, ``d2l.RNNModelScratch``)
+against ``backend: scratch``. Each side trains ``EPOCHS`` epochs of ~8 steps; the best epoch's
+tokens/s after the first counts (both sides count the same tokens: batch x num_steps per step).
+Target: ratio (trainer over d2l) >= 1.0 for each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+D2L = "d2l==0.17.6"
+EPOCHS = 30
+HIDDEN, BATCH, NUM_STEPS, MAX_TOKENS = 256, 32, 35, 10_000
+MODELS = {"rnn": ("rnn", 1, "torch"), "gru": ("gru", 1, "torch"), "lstm-2": ("lstm", 2, "torch"),
+          "scratch-rnn": ("rnn", 1, "scratch")}
+
+
+def install_d2l(target: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", target, D2L],
+                   check=True)
+
+
+def import_d2l(target: str):
+    """d2l.torch with its plotting-only imports stubbed and the corpus read from the bundled file."""
+    for name in ("IPython", "IPython.display", "matplotlib_inline", "matplotlib_inline.backend_inline",
+                 "torchvision", "torchvision.transforms"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules["IPython"].display = sys.modules["IPython.display"]
+    sys.modules["matplotlib_inline"].backend_inline = sys.modules["matplotlib_inline.backend_inline"]
+    sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+    sys.path.insert(0, target)
+    from d2l import torch as d2l
+
+    import re
+    from importlib import resources
+
+    def read_time_machine():  # d2l's own, minus the download
+        text = (resources.files("pipeline") / "data" / "timemachine.txt").read_text(encoding="utf-8")
+        return [re.sub("[^A-Za-z]+", " ", line).strip().lower() for line in text.splitlines(keepends=True)]
+
+    d2l.read_time_machine = read_time_machine
+    return d2l
+
+
+def scratch_rnn_fns(torch):
+    """The book's sec. 8.5 scratch RNN, verbatim (these are notebook code, not in the package)."""
+    def get_params(vocab_size, num_hiddens, device):
+        num_inputs = num_outputs = vocab_size
+
+        def normal(shape):
+            return torch.randn(size=shape, device=device) * 0.01
+        W_xh, W_hh = normal((num_inputs, num_hiddens)), normal((num_hiddens, num_hiddens))
+        b_h = torch.zeros(num_hiddens, device=device)
+        W_hq, b_q = normal((num_hiddens, num_outputs)), torch.zeros(num_outputs, device=device)
+        params = [W_xh, W_hh, b_h, W_hq, b_q]
+        for param in params:
+            param.requires_grad_(True)
+        return params
+
+    def init_rnn_state(batch_size, num_hiddens, device):
+        return (torch.zeros((batch_size, num_hiddens), device=device),)
+
+    def rnn(inputs, state, params):
+        W_xh, W_hh, b_h, W_hq, b_q = params
+        H, = state
+        outputs = []
+        for X in inputs:
+            H = torch.tanh(torch.mm(X, W_xh) + torch.mm(H, W_hh) + b_h)
+            outputs.append(torch.mm(H, W_hq) + b_q)
+        return torch.cat(outputs, dim=0), (H,)
+    return get_params, init_rnn_state, rnn
+
+
+def d2l_speed(d2l, name: str, train_iter, vocab_size: int) -> float:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    cell, layers, backend = MODELS[name]
+    device = torch.device("cpu")
+    if backend == "scratch":
+        net = d2l.RNNModelScratch(vocab_size, HIDDEN, device, *scratch_rnn_fns(torch))
+        updater = lambda batch_size: d2l.sgd(net.params, 1.0, batch_size)  # noqa: E731 (the book's)
+    else:
+        layer = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[cell](vocab_size, HIDDEN, layers)
+        net = d2l.RNNModel(layer, vocab_size).to(device)
+        updater = torch.optim.SGD(net.parameters(), 1.0)
+    loss = nn.CrossEntropyLoss()
+    speeds = [d2l.train_epoch_ch8(net, train_iter, loss, updater, device, False)[1] for _ in range(EPOCHS)]
+    return max(speeds[1:])
+
+
+def ours_speed(name: str, corpus, vocab_size: int, run_dir: str) -> float:
+    import numpy as np
+
+    from pipeline.config import ModelConfig, TrainConfig
+    from pipeline.train import train
+
+    cell, layers, backend = MODELS[name]
+    ids = np.asarray(corpus, dtype=np.int32)
+    train(ids, ids[:1000], vocab_size, ModelConfig(cell=cell, num_layers=layers, hidden_size=HIDDEN, backend=backend),
+          TrainConfig(batch_size=BATCH, num_steps=NUM_STEPS, sampling="sequential", epochs=EPOCHS, optimizer="sgd",
+                      lr=1.0, clip_norm=1.0, device="cpu", keep_best=False), run_dir)
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return max(json.loads(line)["tokens_per_s"] for line in lines[1:])
+
+
+def child(target: str, workdir: str, repeats: int) -> None:
+    d2l = import_d2l(target)
+    train_iter, vocab = d2l.load_data_time_machine(BATCH, NUM_STEPS, False, MAX_TOKENS)
+    for name in MODELS:
+        theirs = ours = 0.0
+        for rep in range(repeats):  # interleaved, best of each
+            theirs = max(theirs, d2l_speed(d2l, name, train_iter, len(vocab)))
+            ours = max(ours, ours_speed(name, train_iter.corpus, len(vocab), f"{workdir}/{name}-{rep}"))
+        print("PEER " + json.dumps({"model": name, "tokens_per_s": round(ours), "d2l_tokens_per_s": round(theirs),
+                                    "ratio": round(ours / theirs, 3)}), flush=True)
+
+
+def peer_rows(repo: Path, repeats: int = 3) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        install_d2l(f"{tmp}/d2l")
+        env = {**os.environ, "PYTHONPATH": str(repo), "PYTHONUNBUFFERED": "1"}
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        proc = subprocess.run([sys.executable, __file__, f"{tmp}/d2l", f"{tmp}/runs", str(repeats)], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"peer rows failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return [json.loads(line[5:]) for line in proc.stdout.splitlines() if line.startswith("PEER ")]
+
+
+if __name__ == "__main__":
+    child(sys.argv[1], sys.argv[2], int(sys.argv[3]))

@@ -1,0 +1,65 @@
+"""Noticing that training diverged: a non-finite gradient norm or loss stops the run.
+
+A diverged run raises ``NonFiniteLossError`` (do not retry): no checkpoint is
+written past the last good step, and FAILED.json says why.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from pipeline.errors import NonFiniteLossError
+
+
+def non_finite(step: int) -> NonFiniteLossError:
+    err = NonFiniteLossError(
+        f"non-finite loss/gradient at step {step}: training diverged (lower lr, set clip_norm); "
+        f"the last good checkpoint is kept")
+    err.step = step
+    return err
+
+
+class FiniteWatch:
+    """Raises NonFiniteLossError at the first step whose watched value (the gradient norm,
+    or under fp16 the loss) is NaN or inf.
+
+    On CPU the check is immediate. On a GPU each step's flag is copied to pinned host memory
+    asynchronously and read ``lag`` steps later, so the host runs up to ``lag`` steps ahead of
+    the device and the queue never drains; the error still names the step that diverged.
+    ``flush()`` (before every checkpoint and at the end of the epoch) reads every pending flag,
+    so bad weights never reach a checkpoint.
+    """
+
+    def __init__(self, device: torch.device, lag: int = 4):
+        self.cuda = device.type == "cuda"
+        self.lag = lag
+        if self.cuda:
+            self.host = torch.ones(lag, dtype=torch.bool, pin_memory=True)
+            self.events = [torch.cuda.Event() for _ in range(lag)]
+        self.pending: deque[tuple[int, int]] = deque()  # (slot, step), oldest first
+        self.pushed = 0
+
+    def push(self, value: torch.Tensor, step: int) -> None:
+        if not self.cuda:
+            if not torch.isfinite(value):
+                raise non_finite(step)
+            return
+        if len(self.pending) == self.lag:  # the oldest slot is about to be reused: read it
+            self._read(*self.pending.popleft())
+        slot = self.pushed % self.lag
+        self.pushed += 1
+        self.host[slot].copy_(torch.isfinite(value), non_blocking=True)
+        self.events[slot].record()
+        self.pending.append((slot, step))
+
+    def flush(self) -> None:
+        while self.pending:
+            self._read(*self.pending.popleft())
+
+    def _read(self, slot: int, step: int) -> None:
+        self.events[slot].synchronize()
+        if not self.host[slot]:
+            self.pending.clear()
+            raise non_finite(step)

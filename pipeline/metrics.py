@@ -1,0 +1,64 @@
+"""A run's ``metrics.jsonl``: one JSON line per epoch, written by rank 0 and read back by everyone.
+
+The trainer ``emit``s each event to stdout (an orchestrator forwards it as it
+arrives) and appends it to the file; on resume it ``truncate_after``s the epoch
+it resumes from, so a redone epoch is written once. ``read_epochs`` is the one
+reader (tasks, flows, MLflow logging).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from pipeline import storage
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def metrics_uri(run_dir: str) -> str:
+    return storage.join(run_dir, METRICS_FILE)
+
+
+def finite_or_none(x: float | None) -> float | None:
+    """JSON has no inf/NaN: a figure that is not a finite float is reported as null."""
+    return x if x is not None and math.isfinite(x) else None
+
+
+def emit(uri: str, event: dict[str, Any]) -> None:
+    """One JSON line to stdout and to the metrics file ``uri``."""
+    line = json.dumps(event)
+    print(line, flush=True)
+    if storage.is_local(uri):
+        with open(storage.local_path(uri), "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+    else:  # object stores cannot append
+        old = storage.read_bytes(uri) if storage.exists(uri) else b""
+        storage.write_bytes_atomic(uri, old + (line + "\n").encode())
+
+
+def truncate_after(uri: str, epoch: int) -> None:
+    """Drop epoch lines past ``epoch`` (the checkpoint we resume from): they will be trained again."""
+    if not storage.exists(uri):
+        return
+    lines = storage.read_bytes(uri).decode().splitlines()
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("epoch", 0) <= epoch]
+    storage.write_bytes_atomic(uri, "".join(ln + "\n" for ln in kept).encode())
+
+
+def read_epochs(run_dir: str) -> list[dict[str, Any]]:
+    """The per-epoch events of a run's ``metrics.jsonl`` (lines that are not JSON objects are skipped)."""
+    uri = metrics_uri(run_dir)
+    if not storage.exists(uri):
+        return []
+    events = []
+    for line in storage.read_bytes(uri).decode("utf-8").splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "epoch":
+            events.append(event)
+    return events
