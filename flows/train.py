@@ -30,7 +30,7 @@ def train_flow(dataset: dict[str, Any], model: ModelConfig = ModelConfig(),
                    retry_condition_fn=retry_if_retryable)
     with TerminationGuard(options.grace_s):
         trained = trainer(dataset, model, training, options.store_root(), options.nproc, options.grace_s,
-                          return_state=True)
+                          ray=options.ray_cluster(), return_state=True)
     run = trained.result()
 
     evaluated = bind(evaluate_model, options)(

@@ -37,6 +37,16 @@ class SourceUnreachableError(CorpusError):
     retryable = True
 
 
+class StorageError(PipelineError, OSError):
+    """The artifact store refused a request; ``retryable`` says whether asking again can help
+    (a timeout can; an invalid bucket name, a missing bucket or denied access cannot)."""
+
+    def __init__(self, url: str, problem: str, retryable: bool = False):
+        self.url = url
+        self.retryable = retryable
+        super().__init__(f"artifact store {url!r}: {problem}")
+
+
 class DatasetError(PipelineError, ValueError):
     """A prepared dataset (manifest, shard or vocabulary file) is missing or corrupt."""
 

@@ -1,8 +1,9 @@
 """Start a training run as a child process and turn its outcome into a value or an error.
 
-``launch_training`` runs ``python -m pipeline.train`` directly (one process) or
+``launch_training`` runs ``python -m pipeline.train`` directly (one process), or
 under torchrun (``python -m torch.distributed.run``; ``--standalone`` on one
-node, c10d rendezvous across nodes). It streams the child's output line by line
+node, c10d rendezvous across nodes), or on a Ray cluster (``ray=RayCluster(...)``:
+``pipeline.ray_launch``'s driver runs Ray Train workers). It streams the child's output line by line
 to a callback, so an orchestrator (a Prefect task) can forward logs and the
 JSON metric lines, and it maps the outcome:
 
@@ -39,6 +40,7 @@ from pipeline.config import ModelConfig, RunConfig, TrainConfig
 from pipeline.errors import (CheckpointError, ConfigError, DatasetError, NonFiniteLossError,
                              PipelineError)
 from pipeline.metrics import read_epochs  # noqa: F401  (re-exported: its callers predate pipeline.metrics)
+from pipeline.ray_launch import RayCluster, driver_env, ray_command, worker_line
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +121,7 @@ def training_command(run_dir: str, dataset_uri: str, config_path: str, *, nproc:
 def launch_training(run_dir: str, dataset_uri: str, config: str | RunConfig, nproc: int = 1, *,
                     nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None,
                     rdzv_backend: str = "c10d", rdzv_id: str = "rnnlm", max_restarts: int = 0,
-                    checkpoint_dir: str | None = None,
+                    checkpoint_dir: str | None = None, ray: RayCluster | None = None,
                     on_line: Callable[[str], None] | None = None,
                     env: dict[str, str] | None = None, grace_s: float = 30.0,
                     python: str = sys.executable) -> LaunchResult:
@@ -127,7 +129,9 @@ def launch_training(run_dir: str, dataset_uri: str, config: str | RunConfig, npr
 
     ``config`` is a RunConfig YAML path/URL or a RunConfig (written to
     ``<run_dir>/run_config.yaml`` for the child). ``on_line`` gets every output
-    line of the child (stdout and stderr merged), without the newline.
+    line of the child (stdout and stderr merged), without the newline. With ``ray``
+    the child is a Ray Train driver (``pipeline.ray_launch``) running ``nproc`` workers
+    on that cluster instead of torchrun.
     """
     run_dir = storage.local_path(run_dir) if storage.is_local(run_dir) else run_dir
     fs, path = storage.filesystem(run_dir)
@@ -141,11 +145,17 @@ def launch_training(run_dir: str, dataset_uri: str, config: str | RunConfig, npr
     if storage.exists(failed_uri):  # a verdict from an earlier attempt must not be read as ours
         fs.rm(storage.filesystem(failed_uri)[1])
 
-    cmd = training_command(run_dir, dataset_uri, config_path, nproc=nproc, nnodes=nnodes,
-                           node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_backend=rdzv_backend,
-                           rdzv_id=rdzv_id, max_restarts=max_restarts, checkpoint_dir=checkpoint_dir,
-                           python=python)
-    child_env = trainer_env(env)
+    if ray is None:
+        cmd = training_command(run_dir, dataset_uri, config_path, nproc=nproc, nnodes=nnodes,
+                               node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_backend=rdzv_backend,
+                               rdzv_id=rdzv_id, max_restarts=max_restarts, checkpoint_dir=checkpoint_dir,
+                               python=python)
+        clean, launcher_env = str, {}
+    else:
+        cmd = ray_command(run_dir, dataset_uri, config_path, workers=nproc, cluster=ray,
+                          checkpoint_dir=checkpoint_dir, python=python)
+        clean, launcher_env = worker_line, driver_env()
+    child_env = {**trainer_env(env), **launcher_env}
     log.info("launching: %s", " ".join(cmd))
     metrics: list[dict[str, Any]] = []
     tail: deque[str] = deque(maxlen=50)
@@ -158,7 +168,7 @@ def launch_training(run_dir: str, dataset_uri: str, config: str | RunConfig, npr
     try:
         assert child.stdout is not None
         for raw in child.stdout:
-            line = raw.rstrip("\n")
+            line = clean(raw.rstrip("\n"))
             tail.append(line)
             if line.startswith("{"):
                 try:

@@ -1,7 +1,9 @@
 """Training and evaluation as Prefect tasks.
 
 ``train_model`` launches the trainer as a child process (``pipeline.launch``: plain
-``python -m pipeline.train`` for one process, torchrun for more), forwards its log lines
+``python -m pipeline.train`` for one process, torchrun for more, or with
+``options.launcher='ray'`` a Ray Train driver whose workers run on a Ray cluster,
+``pipeline.ray_launch``), forwards its log lines
 and JSON metric lines to the Prefect run logger as they arrive, and returns the run
 directory's manifest. The run directory is content-addressed,
 ``<root>/runs/<hash(dataset_id, model config, train config, VERSION)>``, so a retried
@@ -33,7 +35,8 @@ from prefect import get_run_logger, task
 from pipeline import storage
 from pipeline.config import ModelConfig, RunConfig, TrainConfig
 from pipeline.launch import stop_process_trees
-from pipeline.metrics import finite_or_none, read_epochs
+from pipeline.metrics import finite_or_none, read_epochs, with_bits
+from pipeline.ray_launch import RayCluster
 from tasks.caching import StagePolicy, content_id, jsonable, manifest
 from tasks.retries import terminating
 
@@ -64,8 +67,13 @@ def _format_epoch(e: dict[str, Any], epochs: int) -> str:
 
 @task(name="train_model", cache_policy=StagePolicy(stage="train", identity=train_identity), tags=["train"])
 def train_model(dataset: dict[str, Any], model_config: ModelConfig, train_config: TrainConfig,
-                root: str | None = None, nproc: int = 1, grace_s: float = 30.0) -> dict[str, Any]:
-    """Train (or resume) in the content-addressed run directory; return its manifest."""
+                root: str | None = None, nproc: int = 1, grace_s: float = 30.0,
+                ray: RayCluster | None = None) -> dict[str, Any]:
+    """Train (or resume) in the content-addressed run directory; return its manifest.
+
+    With ``ray`` the trainer runs as ``nproc`` Ray Train workers on that cluster; the run
+    directory, and so the cache key, is the same as under torchrun.
+    """
     from pipeline.launch import launch_training
 
     logger = get_run_logger()
@@ -101,7 +109,8 @@ def train_model(dataset: dict[str, Any], model_config: ModelConfig, train_config
                 logger.info("trainer: %s", line)
 
         cfg = RunConfig(model=model_config, train=train_config)
-        launched = launch_training(run_dir, dataset["uri"], cfg, nproc=nproc, on_line=on_line, grace_s=grace_s)
+        launched = launch_training(run_dir, dataset["uri"], cfg, nproc=nproc, on_line=on_line, grace_s=grace_s,
+                                   ray=ray)
         events = [e for e in launched.metrics if e.get("event") == "epoch"] or read_epochs(run_dir)
     from pipeline.lm import write_lm_metadata
     from pipeline.shards import open_dataset
@@ -142,7 +151,7 @@ def evaluate_identity(inputs: dict[str, Any]):
 def evaluate_model(run: dict[str, Any], dataset: dict[str, Any], prefixes: tuple[str, ...] = ("time traveller",),
                    num_tokens: int = 100, temperature: float = 0.7, batch_size: int = 32,
                    num_steps: int = 35) -> dict[str, Any]:
-    """Validation and test perplexity, and one sampled continuation per prefix."""
+    """Validation and test perplexity (and bits per token), and one sampled continuation per prefix."""
     from pipeline.lm import LanguageModel
     from pipeline.shards import open_dataset
 
@@ -162,7 +171,8 @@ def evaluate_model(run: dict[str, Any], dataset: dict[str, Any], prefixes: tuple
         g = lm.generate_with_info(prefix, num_tokens, temperature=temperature, seed=i)
         samples.append({"prefix": prefix, "text": g.text, "unknown": g.unknown})
         logger.info("sample %d: %s", i + 1, g.text)
-    out = {"val_ppl": finite_or_none(ppl["val"]), "test_ppl": finite_or_none(ppl["test"]), "samples": samples}
+    out = {**with_bits({"val_ppl": finite_or_none(ppl["val"]), "test_ppl": finite_or_none(ppl["test"])}),
+           "samples": samples}
     uri = storage.join(run["run_dir"], f"evaluation-{eid}.json")
     storage.write_json_atomic(uri, out)
     return manifest(eid, [uri], uri=uri, **out)
@@ -172,7 +182,7 @@ def evaluate_model(run: dict[str, Any], dataset: dict[str, Any], prefixes: tuple
 
 
 def training_children() -> list[psutil.Process]:
-    """Training processes this process started (``python -m pipeline.train`` or torchrun)."""
+    """Training processes this process started (``python -m pipeline.train``, torchrun, the Ray driver)."""
     found = []
     try:
         for p in psutil.Process().children(recursive=False):
@@ -180,7 +190,7 @@ def training_children() -> list[psutil.Process]:
                 cmd = p.cmdline()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-            if "pipeline.train" in cmd:
+            if "pipeline.train" in cmd or "pipeline.ray_launch" in cmd:
                 found.append(p)
     except psutil.NoSuchProcess:
         pass
