@@ -35,8 +35,7 @@ def train_flow(dataset: dict[str, Any], model: ModelConfig = ModelConfig(),
 
     evaluated = bind(evaluate_model, options)(
         run, dataset, prefixes=tuple(options.sample_prefixes), num_tokens=options.sample_tokens,
-        temperature=options.sample_temperature, batch_size=training.batch_size, num_steps=training.num_steps,
-        return_state=True)
+        temperature=options.sample_temperature, return_state=True)
     evaluation = evaluated.result()
 
     epochs = read_epochs(run["run_dir"])

@@ -181,9 +181,11 @@ def fit(run_dir: str, dataset_uri: str, run_cfg: RunConfig, *, workers: int, clu
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     from pipeline import storage
+    from pipeline.launch import LAUNCHER_PID_ENV
 
     fs, path = storage.filesystem(run_dir)
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    # Not the launcher's pid: it names a process of this host, meaningless on a worker's.
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) and k != LAUNCHER_PID_ENV}
     ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=True)
     try:
         resources = {"CPU": cluster.cpus_per_worker, **({"GPU": cluster.gpus_per_worker}
