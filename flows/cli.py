@@ -11,17 +11,26 @@
 
 ``--config`` takes a preset name (``rnnlm presets`` lists them) or a YAML file;
 ``--set section.key=value`` overrides single values.
+
+A failure ends with one line, ``rnnlm: error: ...``, and exit code 3 when retrying cannot
+help (bad input or config), 1 otherwise. ``rnnlm run`` also writes its whole log, tracebacks
+included, to ``<root>/logs/run-<time>.log`` (named in that line); ``--verbose`` shows the
+tracebacks on the terminal too. Every command runs with telemetry off
+(``flows.servers.TELEMETRY_OFF``), and so does every process it starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
 import sys
 
+from flows.servers import TELEMETRY_OFF
+from flows.terminal import configure_logging, run_log_file, verdict
 from pipeline.config import DEFAULT_PRESET, load_run_config, preset_names
-from pipeline.errors import EXIT_DO_NOT_RETRY, EXIT_FAILED, ConfigError, PipelineError
+from pipeline.errors import EXIT_DO_NOT_RETRY, EXIT_FAILED, ConfigError, GenerationInputError, PipelineError
+
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -46,8 +55,12 @@ def cmd_presets(args) -> int:
 
 
 def cmd_run(args) -> int:
+    import prefect  # noqa: F401 (sets up its logging on import: ours goes on top)
+
     from flows.main import run_main
 
+    args.log_file = run_log_file(args.root)
+    configure_logging(args.verbose, args.log_file)
     options = {"nproc": args.nproc, "register_model": not args.no_register, **_launcher_options(args)}
     if args.dask:
         options["dask"] = args.dask
@@ -96,10 +109,17 @@ def cmd_train(args) -> int:
 
 def cmd_generate(args) -> int:
     from pipeline.consumer import generate_from_uri
+    from pipeline.generate import MAX_NUM_TOKENS, check_settings
 
+    check_settings(args.num_tokens, args.temperature, args.top_k, args.seed, max_num_tokens=MAX_NUM_TOKENS)
     target = args.run or args.model
-    text = generate_from_uri(target, args.prefix, num_tokens=args.num_tokens, temperature=args.temperature,
-                             top_k=args.top_k, seed=args.seed, root=args.root)
+    try:
+        text = generate_from_uri(target, args.prefix, num_tokens=args.num_tokens, temperature=args.temperature,
+                                 top_k=args.top_k, seed=args.seed, root=args.root)
+    except Exception as e:  # the registered model answers bad input as the served model does: HTTP 400
+        if getattr(e, "error_code", None) == "INVALID_PARAMETER_VALUE":
+            raise GenerationInputError(getattr(e, "message", str(e))) from e
+        raise
     print(text)
     return 0
 
@@ -208,17 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.update(TELEMETRY_OFF)  # before Prefect or MLflow is imported: nothing phones home
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+    args.log_file = None
+    configure_logging(args.verbose)
     try:
         return args.fn(args)
     except PipelineError as e:
-        print(f"rnnlm: error: {e}", file=sys.stderr)
+        verdict(str(e), args)
         return EXIT_FAILED if e.retryable else EXIT_DO_NOT_RETRY
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if not args.log_file:
+            raise  # no log file to hold the traceback: let Python print it
+        verdict(f"{type(e).__name__}: {e} (unexpected; retrying may help)", args)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":
