@@ -10,6 +10,7 @@ from flows.reports import state_names
 from flows.run_context import flow_run_id
 from flows.task_runners import default_task_runner
 from pipeline.config import DataConfig
+from pipeline.corpus import located_sources
 from tasks.caching import bind
 from tasks.data import build_vocab, count_tokens, encode_shards, fetch_corpus, plan, write_shards
 from tasks.options import PipelineOptions
@@ -22,13 +23,13 @@ def prepare_data_flow(data: DataConfig = DataConfig(), options: PipelineOptions 
     root = options.store_root()
 
     fetcher = bind(fetch_corpus, options, **backoff_options(options.fetch_retries, options.fetch_retry_delay_s))
-    fetches = fetcher.map(source=list(data.sources), root=unmapped(root))
+    fetches = fetcher.map(source=list(located_sources(data)), root=unmapped(root))
     fetched = [f.result() for f in fetches]
 
     chunks = plan([d for f in fetched for d in f["documents"]], data.chunk_bytes)
 
     counts = bind(count_tokens, options).map(chunk=chunks, tokenizer=unmapped(data.tokenizer), root=unmapped(root))
-    vocab = bind(build_vocab, options).submit(counts, data, root)
+    vocab = bind(build_vocab, options).submit(chunks, counts, data, root)
 
     encoded = bind(encode_shards, options).map(chunk=chunks, tokenizer=unmapped(data.tokenizer), vocab=unmapped(vocab),
                                                root=unmapped(root))

@@ -16,12 +16,17 @@ def state_names(*futures_or_states) -> list[str]:
 
 
 def epochs_table(epochs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    keys = ("epoch", "step", "train_ppl", "val_ppl", "tokens_per_s", "grad_norm", "lr", "elapsed_s")
+    keys = ("epoch", "step", "train_ppl", "val_ppl", "train_bits", "val_bits", "tokens_per_s", "grad_norm", "lr",
+            "elapsed_s")
     return [{k: (round(e[k], 4) if isinstance(e.get(k), float) else e.get(k)) for k in keys} for e in epochs]
 
 
 def _fmt(x, spec=".3f") -> str:
     return "n/a" if x is None else format(x, spec)
+
+
+def _unit(level: str) -> str:
+    return "word" if level == "word" else "char"
 
 
 def markdown_report(dataset: dict[str, Any], run: dict[str, Any], evaluation: dict[str, Any],
@@ -38,15 +43,17 @@ def markdown_report(dataset: dict[str, Any], run: dict[str, Any], evaluation: di
         f"| train perplexity (last epoch) | {_fmt(run.get('train_ppl'))} |",
         f"| validation perplexity | {_fmt(evaluation.get('val_ppl'))} |",
         f"| test perplexity | {_fmt(evaluation.get('test_ppl'))} |",
+        f"| validation / test bits per {_unit(dataset['level'])} | {_fmt(evaluation.get('val_bits'))} / {_fmt(evaluation.get('test_bits'))} |",
         f"| model | `{run['model_uri']}` |", "",
         "## Samples", "",
     ]
     for s in evaluation.get("samples", []):
         lines += [f"**{s['prefix']}**", "", "```", s["text"], "```", ""]
     if epochs:
-        lines += ["## Per-epoch metrics", "", "| epoch | train ppl | val ppl | tokens/s | lr |", "|---|---|---|---|---|"]
+        lines += ["## Per-epoch metrics", "", "| epoch | train ppl | val ppl | val bits | tokens/s | lr |",
+                  "|---|---|---|---|---|---|"]
         for e in epochs[-20:]:
-            lines.append(f"| {e['epoch']} | {_fmt(e.get('train_ppl'))} | {_fmt(e.get('val_ppl'))} | {_fmt(e.get('tokens_per_s'), ',.0f')} | {_fmt(e.get('lr'), '.3g')} |")
+            lines.append(f"| {e['epoch']} | {_fmt(e.get('train_ppl'))} | {_fmt(e.get('val_ppl'))} | {_fmt(e.get('val_bits'))} | {_fmt(e.get('tokens_per_s'), ',.0f')} | {_fmt(e.get('lr'), '.3g')} |")
         if len(epochs) > 20:
             lines.append(f"\n(last 20 of {len(epochs)} epochs; all in the `rnnlm-epochs` table artifact)")
     return "\n".join(lines)
@@ -65,6 +72,7 @@ def make_summary(result: dict[str, Any], wall_s: float) -> dict[str, Any]:
         "dataset_uri": ds["uri"],
         "epochs": run["epochs"], "finished": run["finished"], "tokens_per_s": run["tokens_per_s"],
         "train_wall_s": run["wall_s"], "val_ppl": ev["val_ppl"], "test_ppl": ev["test_ppl"],
+        "val_bits": ev.get("val_bits"), "test_bits": ev.get("test_bits"),
         "run_dir": run["run_dir"], "model_uri": run["model_uri"],
         "samples": [s["text"] for s in ev["samples"]],
         "stages": stages, "cached_stages": sum(s == "Cached" for s in states), "total_stages": len(states),
@@ -94,6 +102,7 @@ def print_report(s: dict[str, Any], file=sys.stdout) -> None:
     p(f"  epochs            {s['epochs']}{'' if s['finished'] else ' (stopped at max_minutes)'}")
     p(f"  training          {_fmt(s['tokens_per_s'], ',.0f')} tokens/s, {_fmt(s['train_wall_s'], '.1f')} s")
     p(f"  perplexity        validation {_fmt(s['val_ppl'])}, test {_fmt(s['test_ppl'])}")
+    p(f"  bits per {_unit(s['level'])}     validation {_fmt(s.get('val_bits'))}, test {_fmt(s.get('test_bits'))}")
     p(f"  model             {s['model_uri']}")
     for i, text in enumerate(s["samples"], 1):
         p(f"  sample {i}          {text!r}")

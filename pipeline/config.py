@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -28,65 +28,108 @@ class Strict(BaseModel):
 # --------------------------------------------------------------------------- data
 
 
+SPLIT_NAMES = ("train", "val", "test")
+DEFAULT_FRACTIONS = {"train": 0.9, "val": 0.05, "test": 0.05}
+
+
 class SourceConfig(Strict):
-    """One corpus source: a local path, an fsspec URL (globs allowed) or ``builtin://NAME``."""
+    """One corpus source: a local path, an fsspec URL (globs allowed) or ``builtin://NAME``.
+
+    ``split``: the split this file is (PTB's ``ptb.train.txt``, WikiText's ``wiki.valid.tokens``).
+    """
 
     url: str
     sha1: str | None = Field(default=None, pattern=r"^[0-9a-f]{40}$")
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    split: Literal["train", "val", "test"] | None = None
 
 
 class TokenizerConfig(Strict):
     """How text becomes tokens.
 
     ``normalizer``: ``d2l`` reproduces the book (per line: non-letters -> one space,
-    strip, lowercase); ``lower`` lowercases; ``none`` keeps raw Unicode.
+    strip, lowercase); ``lower`` lowercases; ``none`` keeps raw Unicode. ``d2l`` would
+    turn PTB/WikiText's literal ``<unk>`` into the word ``unk``, so a word-level corpus
+    holding one is refused with it: use ``none`` (or ``lower``) there.
     ``newlines``: what happens to line breaks. ``drop`` concatenates lines with no
     separator (what d2l does), ``space`` turns each into a space (the lyrics example),
     ``keep`` keeps ``\\n`` as a character. Default: ``drop`` for d2l, ``keep`` otherwise.
-    ``eos``: word level only, append ``<eos>`` after every line (the PTB convention).
+    ``eos``: word level only, append ``<eos>`` after every non-empty line (the PTB convention);
+    ``eos_on_empty_lines`` after empty lines too (WikiText's, as pytorch/examples counts it).
     """
 
     level: Literal["char", "word"] = "char"
     normalizer: Literal["d2l", "lower", "none"] = "d2l"
     newlines: Literal["drop", "space", "keep"] | None = None
     eos: bool = False
+    eos_on_empty_lines: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "TokenizerConfig":
         if self.eos and self.level != "word":
             raise ValueError("eos=true needs level='word'")
+        if self.eos_on_empty_lines and not self.eos:
+            raise ValueError("eos_on_empty_lines=true needs eos=true")
         if self.newlines is None:
             object.__setattr__(self, "newlines", "drop" if self.normalizer == "d2l" else "keep")
         return self
 
 
+class PinnedVocab(Strict):
+    """A vocabulary to reuse: a prepared dataset (its directory) or its ``vocab.parquet``;
+    ``sha256``, if given, that vocab.parquet's."""
+
+    uri: str
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+
 class VocabConfig(Strict):
-    """d2l vocabulary: ``<unk>`` at 0, reserved tokens next, then by descending frequency."""
+    """d2l vocabulary: ``<unk>`` at 0, reserved tokens next, then by descending frequency.
+
+    ``count_on``: the tokens counted for it: ``train`` (only with named splits, and their
+    default: valid/test words unseen in train become ``<unk>``) or ``all``. ``pinned`` (a URI,
+    or ``{uri, sha256}``) reuses that vocabulary instead: tokens outside it become ``<unk>``.
+    """
 
     min_freq: int = Field(default=0, ge=0)
     max_size: int | None = Field(default=None, ge=1)
     reserved_tokens: tuple[str, ...] = ()
+    count_on: Literal["train", "all"] | None = None
+    pinned: PinnedVocab | None = None
 
-
-class SplitConfig(Strict):
-    """Contiguous train/val/test fractions of the token stream, after an optional cap."""
-
-    train: float = Field(default=0.9, gt=0, le=1)
-    val: float = Field(default=0.05, ge=0, lt=1)
-    test: float = Field(default=0.05, ge=0, lt=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    @field_validator("pinned", mode="before")
+    @classmethod
+    def _uri_alone(cls, v: Any) -> Any:
+        return {"uri": v} if isinstance(v, str) else v
 
     @model_validator(mode="after")
-    def _sum_to_one(self) -> "SplitConfig":
-        total = self.train + self.val + self.test
-        if abs(total - 1.0) > 1e-9:
-            raise ValueError(f"split fractions must sum to 1, got {total:g}")
+    def _check(self) -> "VocabConfig":
+        if self.pinned and (self.min_freq or self.max_size or self.reserved_tokens):
+            raise ValueError("vocab.pinned fixes the vocabulary: min_freq, max_size and reserved_tokens do not apply")
         return self
 
 
+class SplitConfig(Strict):
+    """Contiguous train/val/test fractions of the token stream, after an optional cap.
+
+    Fractions left out take the defaults (0.9 / 0.05 / 0.05); with sources that name
+    their splits there are no fractions, and ``max_tokens`` caps the train split only.
+    """
+
+    train: float | None = Field(default=None, gt=0, le=1)
+    val: float | None = Field(default=None, ge=0, lt=1)
+    test: float | None = Field(default=None, ge=0, lt=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+
+
+
 class DataConfig(Strict):
-    """Everything that determines a prepared dataset (and so its content address)."""
+    """Everything that determines a prepared dataset (and so its content address).
+
+    ``root_dir``: a local copy of the corpus (behind a firewall): each source is read from
+    ``root_dir/<its file name>`` instead of its URL (for ``zip://member::URL``, the
+    member's name), checksums still checked. Where the files are is not part of the dataset id.
+    """
 
     sources: tuple[SourceConfig, ...] = (SourceConfig(url=BUILTIN_TIMEMACHINE, sha1=TIMEMACHINE_SHA1),)
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -94,12 +137,39 @@ class DataConfig(Strict):
     splits: SplitConfig = SplitConfig()
     tokens_per_shard: int = Field(default=1_000_000, ge=1)
     chunk_bytes: int = Field(default=16 * 2**20, ge=1024)
+    root_dir: str | None = None
 
     @model_validator(mode="after")
-    def _nonempty(self) -> "DataConfig":
+    def _check(self) -> "DataConfig":
         if not self.sources:
             raise ValueError("sources must name at least one corpus")
+        named = [s.split for s in self.sources if s.split]
+        fractions = [k for k in SPLIT_NAMES if getattr(self.splits, k) is not None]
+        if named:
+            if len(named) != len(self.sources):
+                unnamed = ", ".join(s.url for s in self.sources if not s.split)
+                raise ValueError(f"when a source names its split, every source must: no split for {unnamed}")
+            if "train" not in named:
+                raise ValueError("sources name their splits but none is split: train")
+            if fractions:
+                raise ValueError(f"sources name their splits, so split fractions do not apply: remove "
+                                 f"{', '.join('splits.' + k for k in fractions)}")
+            # each split is its files in the order given; splits in train, val, test order
+            object.__setattr__(self, "sources", tuple(sorted(self.sources, key=lambda s: SPLIT_NAMES.index(s.split))))
+        elif self.vocab.count_on == "train":
+            raise ValueError("vocab.count_on=train needs sources that name their splits (split: train|val|test)")
+        else:
+            filled = {**DEFAULT_FRACTIONS, **{k: getattr(self.splits, k) for k in fractions}}
+            if abs(sum(filled.values()) - 1.0) > 1e-9:
+                raise ValueError(f"splits: the fractions must sum to 1, got {sum(filled.values()):g}")
+            object.__setattr__(self, "splits", self.splits.model_copy(update=filled))
+        if self.vocab.count_on is None:
+            object.__setattr__(self, "vocab", self.vocab.model_copy(update={"count_on": "train" if named else "all"}))
         return self
+
+    @property
+    def named_splits(self) -> bool:
+        return self.sources[0].split is not None
 
 
 # -------------------------------------------------------------------------- model

@@ -16,13 +16,13 @@ import hashlib
 import logging
 import os
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 
 import fsspec
 
 from pipeline import storage
-from pipeline.config import SourceConfig
+from pipeline.config import DataConfig, SourceConfig
 from pipeline.errors import CorpusError, SourceUnreachableError
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class Document:
     sha1: str
     sha256: str
     num_bytes: int
+    split: str | None = None  # the split its source names, if any
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,6 +61,22 @@ def fetch_corpus(sources: tuple[SourceConfig, ...] | list[SourceConfig], root: s
     return documents
 
 
+def located_sources(cfg: DataConfig) -> tuple[SourceConfig, ...]:
+    """The sources to fetch: with ``cfg.root_dir``, each from ``root_dir/<its file name>``."""
+    if cfg.root_dir is None:
+        return cfg.sources
+    root = cfg.root_dir.rstrip("/")
+    return tuple(s.model_copy(update={"url": f"{root}/{source_file_name(s.url)}"}) for s in cfg.sources)
+
+
+def source_file_name(url: str) -> str:
+    """The file a source URL names: the last path part of its first link (``zip://d/b.txt::https://..`` -> ``b.txt``)."""
+    name = url.split("::", 1)[0].split("://", 1)[-1].rstrip("/").rsplit("/", 1)[-1]
+    if not name or any(c in name for c in "*?["):
+        raise CorpusError(url, "data.root_dir cannot place this source: its URL names no single file")
+    return name
+
+
 def fetch_source(source: SourceConfig, root: str | None = None) -> list[Document]:
     root = storage.storage_root(root)
     files = _expand(source.url)
@@ -67,7 +84,7 @@ def fetch_source(source: SourceConfig, root: str | None = None) -> list[Document
         raise CorpusError(source.url, f"a checksum was given but the URL matches {len(files)} files; give one file per checksum")
     documents = []
     for open_file, display in files:
-        doc = _fetch_file(open_file, display, root)
+        doc = replace(_fetch_file(open_file, display, root), split=source.split)
         for algo in ("sha1", "sha256"):
             expected = getattr(source, algo)
             actual = getattr(doc, algo)

@@ -26,9 +26,25 @@ def finite_or_none(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
+def bits_per_token(ppl: float | None) -> float | None:
+    """log2 of a perplexity: bits per character at char level, per word at word level
+    (the unit character-level papers report). None stays None, inf stays inf."""
+    return None if ppl is None else math.log2(ppl)
+
+
+def with_bits(figures: dict) -> dict:
+    """``figures`` with ``<x>_bits`` (``bits_per_token``) beside every ``<x>_ppl``."""
+    out = {}
+    for key, value in figures.items():
+        out[key] = value
+        if key.endswith("_ppl"):
+            out[key.removesuffix("_ppl") + "_bits"] = bits_per_token(value)
+    return out
+
+
 def emit(uri: str, event: dict[str, Any]) -> None:
-    """One JSON line to stdout and to the metrics file ``uri``."""
-    line = json.dumps(event)
+    """One JSON line to stdout and to the metrics file ``uri``; bits per token beside every perplexity."""
+    line = json.dumps(with_bits(event))
     print(line, flush=True)
     if storage.is_local(uri):
         with open(storage.local_path(uri), "a", encoding="utf-8") as f:

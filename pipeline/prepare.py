@@ -32,10 +32,10 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.config import DataConfig, TokenizerConfig
-from pipeline.corpus import Document, fetch_corpus
-from pipeline.errors import CorpusError
-from pipeline.shards import SPLITS, Dataset, DatasetWriter, is_complete, open_dataset, split_sizes
-from pipeline.tokenizer import char_codes, word_tokens
+from pipeline.corpus import Document, fetch_corpus, located_sources
+from pipeline.errors import ConfigError, CorpusError
+from pipeline.shards import SPLITS, Dataset, DatasetWriter, is_complete, open_dataset, read_pinned_vocab, split_bounds
+from pipeline.tokenizer import UNK, char_codes, word_tokens
 from pipeline.vocab import TokenCounts, Vocab, count_codes, count_values, merge_counts
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ class Chunk:
     uri: str
     start: int
     end: int
+    split: str | None = None  # the split its source names, if any
+    source: str = ""  # the source as the user wrote it, for errors
 
     def read(self) -> bytes:
         fs, path = storage.filesystem(self.uri)
@@ -59,10 +61,19 @@ class Chunk:
             return f.read(self.end - self.start)
 
 
-def dataset_id(documents: list[Document], cfg: DataConfig) -> str:
-    """The content address of a dataset: what the text is and how it is cut, never where it came from."""
-    settings = cfg.model_dump(mode="json", exclude={"sources", "chunk_bytes"})
-    return storage.stable_hash({"version": DATA_FORMAT_VERSION, "documents": [d.sha256 for d in documents], "settings": settings})
+def dataset_id(documents: list[Document], cfg: DataConfig, pinned_sha256: str | None = None) -> str:
+    """The content address of a dataset: what the text is and how it is cut, never where it came from.
+
+    ``pinned_sha256``: the token hash of the ``vocab.pinned`` vocabulary (its content, not its URI).
+    """
+    if (cfg.vocab.pinned is None) != (pinned_sha256 is None):
+        raise ValueError("dataset_id needs the pinned vocabulary's token hash exactly when vocab.pinned is set")
+    settings = cfg.model_dump(mode="json", exclude={"sources": True, "chunk_bytes": True, "root_dir": True,
+                                                    "vocab": {"pinned"}})
+    if pinned_sha256:
+        settings["pinned_vocab"] = pinned_sha256
+    docs = [d.sha256 if d.split is None else [d.split, d.sha256] for d in documents]
+    return storage.stable_hash({"version": DATA_FORMAT_VERSION, "documents": docs, "settings": settings})
 
 
 def plan_chunks(documents: list[Document], chunk_bytes: int) -> list[Chunk]:
@@ -76,7 +87,7 @@ def plan_chunks(documents: list[Document], chunk_bytes: int) -> list[Chunk]:
                 end = min(start + chunk_bytes, doc.num_bytes)
                 if end < doc.num_bytes:
                     end = _next_line_end(f, end, doc.num_bytes)
-                chunks.append(Chunk(doc.uri, start, end))
+                chunks.append(Chunk(doc.uri, start, end, doc.split, doc.source))
                 start = end
     return chunks
 
@@ -104,6 +115,9 @@ def count_chunk(chunk: Chunk, cfg: TokenizerConfig, spill: str | None = None) ->
     is nearly free. The result is the same with or without it.
     """
     data = chunk.read()
+    if cfg.level == "word" and cfg.normalizer == "d2l" and UNK.encode() in data:
+        raise CorpusError(chunk.source or chunk.uri, f"holds literal {UNK} markers, which the d2l normalizer would turn "
+                          "into the word 'unk': use tokenizer.normalizer none (or lower) for this corpus")
     if cfg.level == "char":
         codes = char_codes(data, cfg)
         if spill:
@@ -114,22 +128,52 @@ def count_chunk(chunk: Chunk, cfg: TokenizerConfig, spill: str | None = None) ->
 
 @dataclass(frozen=True)
 class CountedVocab:
-    """The vocabulary and the corpus's token count, from the merged counts of every chunk."""
+    """The vocabulary, and the tokens counted: in all (``num_tokens``) and per named split (else None)."""
 
     vocab: Vocab
     num_tokens: int
     distinct: int
+    split_tokens: dict[str, int] | None = None
 
 
-def build_vocab(counts: Iterable[TokenCounts], cfg: DataConfig) -> CountedVocab:
-    """Merge the chunks' counts (in chunk order) and build the d2l vocabulary; a corpus with no tokens is an error."""
-    merged = merge_counts(counts)
-    num_tokens = sum(merged.values())
-    if num_tokens == 0:
-        raise CorpusError(", ".join(s.url for s in cfg.sources), "no tokens after normalization")
-    vocab = Vocab.build(merged, cfg.vocab)
-    log.info("vocabulary: %d tokens from %d distinct; %d tokens in the corpus", len(vocab), len(merged), num_tokens)
-    return CountedVocab(vocab, num_tokens, len(merged))
+def pinned_vocab(cfg: DataConfig) -> Vocab | None:
+    """The vocabulary ``vocab.pinned`` names (verified), or None. A dataset's must come from this tokenizer."""
+    pin = cfg.vocab.pinned
+    if pin is None:
+        return None
+    vocab, manifest = read_pinned_vocab(pin.uri, pin.sha256)
+    if manifest is not None and TokenizerConfig.model_validate(manifest["tokenizer"]) != cfg.tokenizer:
+        raise ConfigError(f"vocab.pinned: {pin.uri} was tokenized with {manifest['tokenizer']}, this dataset with "
+                          f"{cfg.tokenizer.model_dump(mode='json')}: its vocabulary does not fit")
+    return vocab
+
+
+def build_vocab(chunks: Sequence[Chunk], counts: Iterable[TokenCounts], cfg: DataConfig,
+                pinned: Vocab | None = None) -> CountedVocab:
+    """Merge the counts of ``chunks`` (in chunk order) and build the d2l vocabulary from them.
+
+    With ``vocab.count_on=train`` only the train chunks' counts make the vocabulary;
+    every chunk's tokens are tallied for the split sizes. No tokens to build on is an error.
+    ``pinned`` (``pinned_vocab``): keep that vocabulary's tokens, recounted on this corpus.
+    """
+    tally: dict[str, int] = {}
+
+    def vocab_counts():
+        for chunk, part in zip(chunks, counts, strict=True):
+            tally[chunk.split or "all"] = tally.get(chunk.split or "all", 0) + sum(part.values())
+            if cfg.vocab.count_on == "all" or chunk.split == "train":
+                yield part
+
+    merged = merge_counts(vocab_counts())
+    if not merged:
+        counted_on = [s.url for s in cfg.sources if cfg.vocab.count_on == "all" or s.split == "train"]
+        raise CorpusError(", ".join(counted_on), "no tokens after normalization")
+    vocab = Vocab.recount(pinned.tokens, merged) if pinned else Vocab.build(merged, cfg.vocab)
+    num_tokens = sum(tally.values())
+    log.info("vocabulary: %d tokens from %d distinct (counted on %s); %d tokens in the corpus",
+             len(vocab), len(merged), cfg.vocab.count_on, num_tokens)
+    split_tokens = {split: tally.get(split, 0) for split in SPLITS} if cfg.named_splits else None
+    return CountedVocab(vocab, num_tokens, len(merged), split_tokens)
 
 
 def encode_chunk(chunk: Chunk, cfg: TokenizerConfig, vocab: Vocab, spill: str | None = None) -> np.ndarray:
@@ -144,8 +188,8 @@ def encode_chunk(chunk: Chunk, cfg: TokenizerConfig, vocab: Vocab, spill: str | 
     return vocab.encode_words(word_tokens(chunk.read(), cfg))
 
 
-def dataset_uri(documents: list[Document], cfg: DataConfig, root: str) -> str:
-    return storage.join(root, "datasets", dataset_id(documents, cfg))
+def dataset_uri(documents: list[Document], cfg: DataConfig, root: str, pinned_sha256: str | None = None) -> str:
+    return storage.join(root, "datasets", dataset_id(documents, cfg, pinned_sha256))
 
 
 def prepare_dataset(cfg: DataConfig, root: str | None = None) -> Dataset:
@@ -155,8 +199,9 @@ def prepare_dataset(cfg: DataConfig, root: str | None = None) -> Dataset:
     """
     root = storage.storage_root(root)
     started = time.perf_counter()
-    documents = fetch_corpus(cfg.sources, root)
-    uri = dataset_uri(documents, cfg, root)
+    documents = fetch_corpus(located_sources(cfg), root)
+    pinned = pinned_vocab(cfg)
+    uri = dataset_uri(documents, cfg, root, pinned.sha256 if pinned else None)
     if is_complete(uri):
         log.info("dataset already prepared at %s", uri)
         return open_dataset(uri)
@@ -166,7 +211,8 @@ def prepare_dataset(cfg: DataConfig, root: str | None = None) -> Dataset:
     with tempfile.TemporaryDirectory(prefix="rnnlm-codes-") as spill_dir:
         spill = [os.path.join(spill_dir, f"{i:06d}.npy") if cfg.tokenizer.level == "char" else None
                  for i in range(len(chunks))]
-        counted = build_vocab(_logged(range(len(chunks)), "count", lambda i: count_chunk(chunks[i], cfg.tokenizer, spill[i])), cfg)
+        counts = _logged(range(len(chunks)), "count", lambda i: count_chunk(chunks[i], cfg.tokenizer, spill[i]))
+        counted = build_vocab(chunks, counts, cfg, pinned)
         encode = _logged(range(len(chunks)), "encode", lambda i: encode_chunk(chunks[i], cfg.tokenizer, counted.vocab, spill[i]))
         with contextlib.closing(encode) as encoded:  # a max_tokens cap stops early: join the workers before cleanup
             write_dataset(uri, documents, cfg, counted, encoded)
@@ -176,11 +222,9 @@ def prepare_dataset(cfg: DataConfig, root: str | None = None) -> Dataset:
 
 def write_dataset(uri, documents, cfg: DataConfig, counted: CountedVocab, encoded_chunks) -> dict:
     """Write shards from consecutive encoded chunks into a staging directory, then publish it."""
-    vocab, num_tokens = counted.vocab, counted.num_tokens
-    total = min(num_tokens, cfg.splits.max_tokens or num_tokens)
-    sizes = split_sizes(total, cfg.splits.model_dump())
     staging = storage.new_staging_dir(uri)
-    writer = DatasetWriter(staging, vocab, sizes, cfg.tokens_per_shard)
+    bounds = split_bounds(counted.num_tokens, counted.split_tokens, cfg.splits)
+    writer = DatasetWriter(staging, counted.vocab, bounds, cfg.tokens_per_shard)
     try:
         for ids in encoded_chunks:
             writer.add(ids)
@@ -190,9 +234,10 @@ def write_dataset(uri, documents, cfg: DataConfig, counted: CountedVocab, encode
             {
                 "dataset_id": uri.rstrip("/").rsplit("/", 1)[-1],
                 "sources": [d.to_dict() for d in documents],
+                "split_sources": {s: [d.source for d in documents if d.split == s] for s in SPLITS} if cfg.named_splits else None,
                 "tokenizer": cfg.tokenizer.model_dump(mode="json"),
                 "config": cfg.model_dump(mode="json"),
-                "corpus_tokens": num_tokens,
+                "corpus_tokens": counted.num_tokens,
                 "format_version": DATA_FORMAT_VERSION,
             }
         )
@@ -236,7 +281,8 @@ def summary(dataset: Dataset) -> dict:
     return {
         "uri": dataset.uri,
         "dataset_id": m["dataset_id"],
-        "sources": [{"source": s["source"], "sha256": s["sha256"], "bytes": s["num_bytes"]} for s in m["sources"]],
+        "sources": [{"source": s["source"], "split": s.get("split"), "sha256": s["sha256"], "bytes": s["num_bytes"]}
+                    for s in m["sources"]],
         "level": m["tokenizer"]["level"],
         "num_tokens": m["num_tokens"],
         "vocab_size": m["vocab_size"],

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.config import SplitConfig
 from pipeline.errors import DatasetError
 from pipeline.vocab import Vocab
 
@@ -44,6 +45,25 @@ def split_sizes(num_tokens: int, fractions: dict[str, float]) -> dict[str, int]:
     val = round(num_tokens * fractions["val"])
     test = round(num_tokens * fractions["test"])
     return {"train": num_tokens - val - test, "val": val, "test": test}
+
+
+def split_bounds(num_tokens: int, split_tokens: dict[str, int] | None, splits: SplitConfig) -> list[tuple[str, int, int]]:
+    """``(split, start, end)`` of each split in the stream of a corpus's tokens; tokens outside are dropped.
+
+    Fractions cut the stream after the ``max_tokens`` cap; named splits (``split_tokens``,
+    each split's files back to back) are their files' tokens, the cap keeping the first
+    tokens of train only.
+    """
+    cap = splits.max_tokens
+    if split_tokens is None:
+        sizes = split_sizes(min(num_tokens, cap or num_tokens), splits.model_dump())
+        split_tokens, cap = sizes, None
+    bounds, start = [], 0
+    for split in SPLITS:
+        n = split_tokens[split]
+        bounds.append((split, start, start + (min(n, cap) if split == "train" and cap else n)))
+        start += n
+    return bounds
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -69,9 +89,10 @@ def _shard_bytes(ids: np.ndarray) -> bytes:
 class DatasetWriter:
     """Routes a stream of token ids into contiguous train/val/test shards.
 
-    Feed ``add`` the ids of consecutive chunks. ``sizes`` are known up front
-    (from counting), so the split a token falls in is decided by its position
-    alone. Tokens past the total are dropped (the ``max_tokens`` cap).
+    Feed ``add`` the ids of consecutive chunks. ``bounds`` — ``(split, start, end)``
+    positions in that stream, known up front from counting — decide the split a
+    token falls in by its position alone; tokens outside every split are dropped
+    (the ``max_tokens`` cap).
 
     Shards are encoded, hashed and written on two background threads (pyarrow,
     hashlib and file I/O release the GIL), overlapping the tokenizing of the next
@@ -80,17 +101,13 @@ class DatasetWriter:
 
     MAX_IN_FLIGHT = 8
 
-    def __init__(self, directory: str, vocab: Vocab, sizes: dict[str, int], tokens_per_shard: int):
+    def __init__(self, directory: str, vocab: Vocab, bounds: list[tuple[str, int, int]], tokens_per_shard: int):
         self.directory = directory
         self.vocab = vocab
         self.dtype = vocab.id_dtype
         self.tokens_per_shard = tokens_per_shard
-        self.bounds = []  # (split, first position, end position)
-        start = 0
-        for split in SPLITS:
-            self.bounds.append((split, start, start + sizes[split]))
-            start += sizes[split]
-        self.total = start
+        self.bounds = bounds  # (split, first position, end position)
+        self.total = max(end for _, _, end in bounds)
         self.position = 0
         self.pending: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
         self.pending_len = dict.fromkeys(SPLITS, 0)
@@ -237,6 +254,21 @@ def read_vocab(url: str, sha256: str | None = None) -> Vocab:
         raise DatasetError(f"corrupt vocabulary {url}: {e}") from None
 
 
+def read_pinned_vocab(uri: str, sha256: str | None = None) -> tuple[Vocab, dict | None]:
+    """A vocabulary to reuse (``vocab.pinned``): a dataset directory's or a ``vocab.parquet``.
+
+    ``sha256`` is that vocab.parquet's; a dataset's is also checked against its manifest.
+    Returns the vocabulary and the dataset's manifest (None for a bare file).
+    """
+    if uri.rstrip("/").endswith(".parquet"):
+        return read_vocab(uri, sha256), None
+    ds = open_dataset(uri)
+    recorded = ds.manifest["vocab"]["sha256"]
+    if sha256 and sha256 != recorded:
+        raise DatasetError(f"pinned vocabulary {storage.join(uri, VOCAB_FILE)}: sha256 {recorded}, expected {sha256}")
+    return ds.vocab, ds.manifest
+
+
 def is_complete(uri: str) -> bool:
     return storage.exists(storage.join(uri, MANIFEST))
 
@@ -253,7 +285,7 @@ def _read_verified(url: str, sha256: str | None) -> pa.Table:
         raise DatasetError(f"missing file {url}") from None
     actual = storage.sha256_bytes(memoryview(buffer)) if sha256 else None
     if actual != sha256:
-        raise DatasetError(f"corrupt file {url}: sha256 {actual}, manifest says {sha256}")
+        raise DatasetError(f"corrupt file {url}: sha256 {actual}, expected {sha256}")
     try:
         return pq.read_table(pa.BufferReader(buffer))
     except pa.ArrowException as e:

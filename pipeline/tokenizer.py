@@ -10,7 +10,7 @@ Two steps, on UTF-8 bytes that hold whole lines:
 2. **split** into tokens. ``char``: one token per Unicode character, with line
    breaks dropped (d2l concatenates its lines), turned into spaces, or kept.
    ``word``: whitespace-separated words, plus ``<eos>`` after every non-empty
-   line when asked (the PTB convention).
+   line when asked (the PTB convention), or after every line (WikiText's).
 
 Chunk boundaries fall on line boundaries, so tokenizing a corpus chunk by chunk
 gives exactly the tokens of tokenizing it whole.
@@ -111,7 +111,7 @@ def char_codes(data: bytes, cfg: TokenizerConfig) -> np.ndarray:
 
 
 def word_tokens(data: bytes, cfg: TokenizerConfig) -> pa.StringArray:
-    """Whitespace-separated words of the normalized text, ``<eos>`` after each non-empty line if asked."""
+    """Whitespace-separated words of the normalized text, ``<eos>`` after each (non-empty) line if asked."""
     # Trimmed first: the split yields an empty word at each edge of a line, and one for an empty line.
     if cfg.normalizer == "d2l":
         # Only ASCII letters, spaces and newlines: the byte map is enough, as the split
@@ -130,7 +130,7 @@ def word_tokens(data: bytes, cfg: TokenizerConfig) -> pa.StringArray:
     # Interleave: after the last word of each non-empty line, take the extra <eos> element.
     lengths = pc.list_value_length(words).to_numpy(zero_copy_only=False).copy()
     lengths[empty_line.to_numpy(zero_copy_only=False)] = 0
-    line_ends = np.cumsum(lengths)[lengths > 0]
+    line_ends = np.cumsum(lengths) if cfg.eos_on_empty_lines else np.cumsum(lengths)[lengths > 0]
     order = np.insert(np.arange(len(flat)), line_ends, len(flat))
     return pa.concat_arrays([flat, pa.array([EOS], pa.string())]).take(pa.array(order))
 

@@ -36,6 +36,7 @@ from pipeline import storage
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, RegistryError
 from pipeline.launch import read_epochs
+from pipeline.metrics import with_bits
 from pipeline.run_checks import check_training_succeeded, load_run_lm
 from pipeline.run_record import code_version, flatten, plot_perplexity
 
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-EPOCH_METRICS = ("train_ppl", "val_ppl", "tokens_per_s", "grad_norm", "lr")
+EPOCH_METRICS = ("train_ppl", "val_ppl", "train_bits", "val_bits", "tokens_per_s", "grad_norm", "lr")
 
 
 # ---------------------------------------------------------------------------- tracking URI
@@ -183,7 +184,8 @@ def log_training_run(run_dir: str, dataset, *, preset: str, config: RunConfig,
 
     Params: ``config`` flattened (``model.hidden_size``, ``train.lr``, ``data.sources.0.url``...).
     Metrics: every epoch of metrics.jsonl (step = epoch), ``final_val_ppl`` and
-    ``final_test_ppl`` (fixed evaluation settings, the figures the gate compares).
+    ``final_test_ppl`` (fixed evaluation settings, the figures the gate compares), each
+    perplexity with its bits per token (``*_bits``) beside it.
     Artifacts: ``perplexity.png``, ``samples.txt``, ``vocab.json``, ``manifest.json``,
     ``lm.json``, ``result.json``, ``metrics.jsonl``. Tags: lineage (Prefect flow run, dataset,
     sources, code version). ``samples`` are texts logged as given; otherwise samples are
@@ -275,7 +277,7 @@ def _log_metrics(c, run_id: str, lm, dataset, result: dict[str, Any],
     for k in ("wall_s", "tokens_per_s", "epochs", "steps"):
         if isinstance(result.get(k), (int, float)):
             metrics.append(Metric(f"train_{k}" if not k.startswith("train") else k, float(result[k]), now, 0))
-    metrics += [Metric(k, v, now, len(epochs)) for k, v in figures.items() if v is not None]
+    metrics += [Metric(k, v, now, len(epochs)) for k, v in with_bits(figures).items() if v is not None]
     _log_batch(c, run_id, metrics=metrics)
     _log_batch(c, run_id, tags=[RunTag("eval.batch_size", str(EVAL_BATCH_SIZE)),
                                 RunTag("eval.num_steps", str(EVAL_NUM_STEPS)),

@@ -87,8 +87,14 @@ class Vocab:
             if token not in seen:
                 tokens.append(token)
                 seen.add(token)
+        return cls.recount(tokens, counts)
+
+    @classmethod
+    def recount(cls, tokens: Sequence[str], counts: TokenCounts) -> "Vocab":
+        """The vocabulary ``tokens`` as it is, with each token's count in ``counts`` (``<unk>``'s: all the others)."""
+        index = set(tokens)
         kept_counts = [counts.get(t, 0) for t in tokens]
-        kept_counts[0] = sum(n for t, n in counts.items() if t not in seen) + counts.get(UNK, 0)
+        kept_counts[0] = sum(n for t, n in counts.items() if t not in index) + counts.get(UNK, 0)
         return cls(tuple(tokens), tuple(kept_counts))
 
     def __len__(self) -> int:

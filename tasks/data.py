@@ -21,7 +21,8 @@ Cache identities (see ``tasks.caching``):
   uncached fetch; declare a checksum to pin the content.
 * ``count_tokens`` / ``encode_shards``: the document's sha256 + the chunk's byte range
   + the tokenizer config (+ the vocabulary's id for encode).
-* ``build_vocab``: the count manifests' ids + the vocab config.
+* ``build_vocab``: the count manifests' ids (with their chunks' splits) + the vocab config
+  + the token hash of a pinned vocabulary (its content, read at each cache check).
 * ``write_shards``: ``pipeline.prepare.dataset_id`` (document hashes + every dataset
   setting + ``DATA_FORMAT_VERSION``) + the vocab and encoded manifests' ids.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -40,7 +42,7 @@ from prefect import get_run_logger, task
 from pipeline import prepare, storage
 from pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from pipeline.corpus import Document, builtin_path, fetch_source
-from pipeline.errors import DatasetError
+from pipeline.errors import DatasetError, PipelineError
 from pipeline.prepare import DATA_FORMAT_VERSION, Chunk, dataset_id, plan_chunks
 from pipeline.shards import MANIFEST, is_complete, open_dataset, parquet_bytes, read_vocab
 from tasks.caching import StagePolicy, content_id, jsonable, manifest
@@ -106,11 +108,11 @@ def plan(documents: list[dict[str, Any]], chunk_bytes: int) -> list[dict[str, An
     """Line-aligned byte ranges of the fetched documents; cheap (seeks), so not a task."""
     docs = [Document(**d) for d in documents]
     sha = {d.uri: d.sha256 for d in docs}
-    return [{"uri": c.uri, "sha256": sha[c.uri], "start": c.start, "end": c.end} for c in plan_chunks(docs, chunk_bytes)]
+    return [{**asdict(c), "sha256": sha[c.uri]} for c in plan_chunks(docs, chunk_bytes)]
 
 
 def _chunk(ref: dict[str, Any]) -> Chunk:
-    return Chunk(ref["uri"], ref["start"], ref["end"])
+    return Chunk(ref["uri"], ref["start"], ref["end"], ref.get("split"), ref.get("source", ""))
 
 
 def _chunk_identity(ref: dict[str, Any]) -> dict[str, Any]:
@@ -141,26 +143,35 @@ def count_tokens(chunk: dict[str, Any], tokenizer: TokenizerConfig, root: str | 
 
 def vocab_identity(inputs: dict[str, Any]):
     data = inputs["data"] if isinstance(inputs["data"], DataConfig) else DataConfig.model_validate(inputs["data"])
-    return _v("vocab"), {"counts": [c["id"] for c in inputs["counts"]], "vocab": data.vocab.model_dump(mode="json"),
-                         "root": storage.storage_root(inputs.get("root"))}
+    counts = [[ref.get("split"), c["id"]] for ref, c in zip(inputs["chunks"], inputs["counts"], strict=True)]
+    try:  # a pinned vocabulary by content: the file at its URI may change
+        pinned = prepare.pinned_vocab(data)
+    except PipelineError:
+        return None  # not cached: the task itself reports the problem
+    return _v("vocab"), {"counts": counts, "vocab": data.vocab.model_dump(mode="json"),
+                         "pinned": pinned.sha256 if pinned else None, "root": storage.storage_root(inputs.get("root"))}
 
 
 @task(name="build_vocab", cache_policy=StagePolicy(stage="vocab", identity=vocab_identity), tags=["data"])
-def build_vocab(counts: list[dict[str, Any]], data: DataConfig, root: str | None = None) -> dict[str, Any]:
+def build_vocab(chunks: list[dict[str, Any]], counts: list[dict[str, Any]], data: DataConfig,
+                root: str | None = None) -> dict[str, Any]:
     """``pipeline.prepare.build_vocab`` over the chunks' counts; the vocabulary goes to ``<root>/work/vocab/``."""
     root = storage.storage_root(root)
-    vid = content_id("vocab", *vocab_identity({"counts": counts, "data": data, "root": root}))
-    counted = prepare.build_vocab((json.loads(storage.read_bytes(c["uri"])) for c in counts), data)
+    vid = content_id("vocab", *vocab_identity({"chunks": chunks, "counts": counts, "data": data, "root": root}))
+    pinned = prepare.pinned_vocab(data)
+    counted = prepare.build_vocab([_chunk(c) for c in chunks], (json.loads(storage.read_bytes(c["uri"])) for c in counts),
+                                  data, pinned)
     uri = storage.join(root, "work", "vocab", f"{vid}.parquet")
     storage.write_bytes_atomic(uri, parquet_bytes(counted.vocab.to_table()))
     get_run_logger().info("vocabulary: %d tokens from %d distinct; %d tokens in the corpus",
                           len(counted.vocab), counted.distinct, counted.num_tokens)
     return manifest(vid, [uri], uri=uri, vocab_size=len(counted.vocab), distinct=counted.distinct,
-                    num_tokens=counted.num_tokens, tokens_sha256=counted.vocab.sha256)
+                    num_tokens=counted.num_tokens, split_tokens=counted.split_tokens, tokens_sha256=counted.vocab.sha256,
+                    pinned_sha256=pinned.sha256 if pinned else None)
 
 
 def _counted(vocab: dict[str, Any]) -> prepare.CountedVocab:
-    return prepare.CountedVocab(read_vocab(vocab["uri"]), vocab["num_tokens"], vocab["distinct"])
+    return prepare.CountedVocab(read_vocab(vocab["uri"]), vocab["num_tokens"], vocab["distinct"], vocab["split_tokens"])
 
 
 # -------------------------------------------------------------------------------- encode
@@ -199,7 +210,8 @@ def _documents(fetched: list[dict[str, Any]]) -> list[Document]:
 
 def shards_identity(inputs: dict[str, Any]):
     cfg = inputs["data"] if isinstance(inputs["data"], DataConfig) else DataConfig.model_validate(inputs["data"])
-    return _v("shards"), {"dataset_id": dataset_id(_documents(inputs["fetched"]), cfg), "vocab": inputs["vocab"]["id"],
+    did = dataset_id(_documents(inputs["fetched"]), cfg, inputs["vocab"].get("pinned_sha256"))
+    return _v("shards"), {"dataset_id": did, "vocab": inputs["vocab"]["id"],
                           "encoded": [e["id"] for e in inputs["encoded"]], "root": storage.storage_root(inputs.get("root"))}
 
 
@@ -210,8 +222,8 @@ def write_shards(fetched: list[dict[str, Any]], data: DataConfig, vocab: dict[st
     logger = get_run_logger()
     root = storage.storage_root(root)
     documents = _documents(fetched)
-    did = dataset_id(documents, data)
-    uri = prepare.dataset_uri(documents, data, root)
+    did = dataset_id(documents, data, vocab.get("pinned_sha256"))
+    uri = prepare.dataset_uri(documents, data, root, vocab.get("pinned_sha256"))
     if is_complete(uri):
         logger.info("dataset %s already written at %s", did, uri)
     else:

@@ -33,7 +33,7 @@ from prefect import get_run_logger, task
 from pipeline import storage
 from pipeline.config import ModelConfig, RunConfig, TrainConfig
 from pipeline.launch import stop_process_trees
-from pipeline.metrics import finite_or_none, read_epochs
+from pipeline.metrics import finite_or_none, read_epochs, with_bits
 from tasks.caching import StagePolicy, content_id, jsonable, manifest
 from tasks.retries import terminating
 
@@ -142,7 +142,7 @@ def evaluate_identity(inputs: dict[str, Any]):
 def evaluate_model(run: dict[str, Any], dataset: dict[str, Any], prefixes: tuple[str, ...] = ("time traveller",),
                    num_tokens: int = 100, temperature: float = 0.7, batch_size: int = 32,
                    num_steps: int = 35) -> dict[str, Any]:
-    """Validation and test perplexity, and one sampled continuation per prefix."""
+    """Validation and test perplexity (and bits per token), and one sampled continuation per prefix."""
     from pipeline.lm import LanguageModel
     from pipeline.shards import open_dataset
 
@@ -162,7 +162,8 @@ def evaluate_model(run: dict[str, Any], dataset: dict[str, Any], prefixes: tuple
         g = lm.generate_with_info(prefix, num_tokens, temperature=temperature, seed=i)
         samples.append({"prefix": prefix, "text": g.text, "unknown": g.unknown})
         logger.info("sample %d: %s", i + 1, g.text)
-    out = {"val_ppl": finite_or_none(ppl["val"]), "test_ppl": finite_or_none(ppl["test"]), "samples": samples}
+    out = {**with_bits({"val_ppl": finite_or_none(ppl["val"]), "test_ppl": finite_or_none(ppl["test"])}),
+           "samples": samples}
     uri = storage.join(run["run_dir"], f"evaluation-{eid}.json")
     storage.write_json_atomic(uri, out)
     return manifest(eid, [uri], uri=uri, **out)

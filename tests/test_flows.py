@@ -167,17 +167,32 @@ def test_deleted_dataset_is_recomputed_not_a_dangling_cache_hit(tmp_path, store)
     assert sorted(states(third)["encode_shards"]).count("Completed") == 1
 
 
-@pytest.mark.parametrize("level", ["char", "word"])
+@pytest.mark.parametrize("level", ["char", "word", "named splits", "pinned vocabulary"])
 def test_flow_and_prepare_dataset_write_byte_identical_datasets(tmp_path, store, level):
     """One data chain: the mapped flow and the in-process ``prepare_dataset`` write the same bytes."""
     import json
     import shutil
 
     from flows.prepare_data import prepare_data_flow
+    from pipeline.config import DataConfig, SourceConfig
     from pipeline.prepare import prepare_dataset
 
-    data = run_config(corpus(tmp_path)).data.model_copy(update={"tokens_per_shard": 100})
-    data = data.model_copy(update={"tokenizer": data.tokenizer.model_copy(update={"level": level})})
+    if level == "named splits":  # PTB-style files, vocabulary counted on train only
+        ptb = Path(__file__).parent / "fixtures" / "ptb"
+        data = DataConfig.model_validate({
+            "sources": [{"url": str(ptb / f"ptb.{name}.txt"), "split": split}
+                        for name, split in (("valid", "val"), ("train", "train"), ("test", "test"))],
+            "tokenizer": {"level": "word", "normalizer": "none", "eos": True},
+            "chunk_bytes": 1024, "tokens_per_shard": 100, "splits": {"max_tokens": 500}})
+    else:
+        data = run_config(corpus(tmp_path)).data.model_copy(update={"tokens_per_shard": 100})
+        tokenizer = data.tokenizer.model_copy(update={"level": "word" if level == "word" else "char"})
+        data = data.model_copy(update={"tokenizer": tokenizer})
+    if level == "pinned vocabulary":  # char level, a smaller corpus's vocabulary: unseen characters become <unk>
+        (tmp_path / "small").mkdir()
+        smaller = data.model_copy(update={"sources": (SourceConfig(url=str(corpus(tmp_path / "small", "the time\n"))),)})
+        pin = prepare_dataset(smaller, str(tmp_path / "elsewhere")).uri
+        data = DataConfig.model_validate({**data.model_dump(mode="json"), "vocab": {"pinned": pin}})
 
     def files(uri: str) -> dict[str, str]:
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(uri).iterdir())}

@@ -122,7 +122,8 @@ def test_round_trip_many_shards_and_manifest(store, timemachine_text):
     assert src["source"] == "builtin://timemachine" and src["sha1"] == TIMEMACHINE_SHA1
     assert src["sha256"] == hashlib.sha256(timemachine_text.encode()).hexdigest()
     assert src["num_bytes"] == len(timemachine_text.encode())
-    assert m["tokenizer"] == {"level": "char", "normalizer": "d2l", "newlines": "drop", "eos": False}
+    assert m["tokenizer"] == {"level": "char", "normalizer": "d2l", "newlines": "drop", "eos": False,
+                             "eos_on_empty_lines": False}
     assert m["vocab_size"] == 28 and m["num_tokens"] == m["corpus_tokens"] == 170_580
     assert m["vocab"]["file"] == "vocab.parquet"
     assert m["vocab"]["sha256"] == sha256_file(Path(ds.uri) / "vocab.parquet")

@@ -192,8 +192,9 @@ def test_each_cell_learns(tmp_path, cell, sampling):
     events = epochs_of(tmp_path)
     assert [e["epoch"] for e in events] == [1, 2, 3]
     assert events[-1]["val_ppl"] < events[0]["val_ppl"]
-    assert set(events[0]) == {"event", "epoch", "step", "train_ppl", "val_ppl", "tokens_per_s",
-                              "grad_norm", "lr", "elapsed_s"}
+    assert set(events[0]) == {"event", "epoch", "step", "train_ppl", "val_ppl", "train_bits", "val_bits",
+                              "tokens_per_s", "grad_norm", "lr", "elapsed_s"}
+    assert events[0]["val_bits"] == math.log2(events[0]["val_ppl"])  # bits per token beside perplexity
     for name in ("model.pt", "model_config.json", "train_config.json", "result.json"):
         assert (tmp_path / name).exists()
     assert json.loads((tmp_path / "model_config.json").read_text())["vocab_size"] == vocab
