@@ -104,15 +104,15 @@ def fetch_corpus(source: SourceConfig, root: str | None = None) -> dict[str, Any
 # ------------------------------------------------------------------------ plan (no task)
 
 
-def plan(documents: list[dict[str, Any]], chunk_bytes: int) -> list[dict[str, Any]]:
+def plan(documents: list[dict[str, Any]], chunk_bytes: int, tokenizer: TokenizerConfig) -> list[dict[str, Any]]:
     """Line-aligned byte ranges of the fetched documents; cheap (seeks), so not a task."""
     docs = [Document(**d) for d in documents]
     sha = {d.uri: d.sha256 for d in docs}
-    return [{**asdict(c), "sha256": sha[c.uri]} for c in plan_chunks(docs, chunk_bytes)]
+    return [{**asdict(c), "sha256": sha[c.uri]} for c in plan_chunks(docs, chunk_bytes, tokenizer)]
 
 
 def _chunk(ref: dict[str, Any]) -> Chunk:
-    return Chunk(ref["uri"], ref["start"], ref["end"], ref.get("split"), ref.get("source", ""))
+    return Chunk(ref["uri"], ref["start"], ref["end"], ref.get("split"), ref.get("source", ""), ref.get("continues", False))
 
 
 def _chunk_identity(ref: dict[str, Any]) -> dict[str, Any]:
