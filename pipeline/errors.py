@@ -37,6 +37,15 @@ class SourceUnreachableError(CorpusError):
     retryable = True
 
 
+class StorageError(PipelineError):
+    """The storage root cannot be written (read-only, no permission): says which root and what."""
+
+    def __init__(self, root: str, what: str, cause: BaseException | str):
+        self.root = root
+        reason = getattr(cause, "strerror", None) or str(cause)
+        super().__init__(f"storage root {root!r} is not writable: could not write {what} ({reason})")
+
+
 class DatasetError(PipelineError, ValueError):
     """A prepared dataset (manifest, shard or vocabulary file) is missing or corrupt."""
 

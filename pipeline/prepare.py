@@ -33,8 +33,9 @@ import numpy as np
 from pipeline import storage
 from pipeline.config import DataConfig, TokenizerConfig
 from pipeline.corpus import Document, fetch_corpus, located_sources
-from pipeline.errors import ConfigError, CorpusError
-from pipeline.shards import SPLITS, Dataset, DatasetWriter, is_complete, open_dataset, read_pinned_vocab, split_bounds
+from pipeline.errors import ConfigError, CorpusError, StorageError
+from pipeline.shards import (MANIFEST, SPLITS, Dataset, DatasetWriter, is_complete, open_dataset, read_pinned_vocab,
+                             split_bounds, verify_dataset)
 from pipeline.tokenizer import UNK, char_codes, safe_cuts, word_tokens
 from pipeline.vocab import TokenCounts, Vocab, count_codes, count_values, merge_counts
 
@@ -224,9 +225,9 @@ def prepare_dataset(cfg: DataConfig, root: str | None = None) -> Dataset:
     documents = fetch_corpus(located_sources(cfg), root)
     pinned = pinned_vocab(cfg)
     uri = dataset_uri(documents, cfg, root, pinned.sha256 if pinned else None)
-    if is_complete(uri):
+    if (ready := verified_dataset(uri, root)) is not None:
         log.info("dataset already prepared at %s", uri)
-        return open_dataset(uri)
+        return ready
 
     chunks = plan_chunks(documents, cfg.chunk_bytes, cfg.tokenizer)
     log.info("counting %d chunk(s) of %d document(s)", len(chunks), len(documents))
@@ -240,6 +241,27 @@ def prepare_dataset(cfg: DataConfig, root: str | None = None) -> Dataset:
             write_dataset(uri, documents, cfg, counted, encoded)
     log.info("prepared in %.1f s", time.perf_counter() - started)
     return open_dataset(uri)
+
+
+def verified_dataset(uri: str, root: str) -> Dataset | None:
+    """The dataset at ``uri`` if it is there and verifies; else None, to be (re)built.
+
+    One that fails verification (a file corrupt or missing, a broken manifest) is moved
+    to ``<root>/quarantine/`` with a warning naming the file, never deleted. Locally, a
+    directory without a manifest is a broken one too (publishing is one rename); on an
+    object store it may be another worker's publish in progress, so it is left alone.
+    """
+    if not is_complete(uri):
+        if not (storage.is_local(uri) and storage.exists(uri)):
+            return None
+        problem = f"no {MANIFEST}"
+    else:
+        problem = verify_dataset(uri)
+        if problem is None:
+            return open_dataset(uri)
+    moved = storage.quarantine(uri, root)
+    log.warning("dataset %s fails verification (%s): moved to %s; rebuilding it", uri, problem, moved)
+    return None
 
 
 def write_dataset(uri, documents, cfg: DataConfig, counted: CountedVocab, encoded_chunks) -> dict:
@@ -263,12 +285,14 @@ def write_dataset(uri, documents, cfg: DataConfig, counted: CountedVocab, encode
                 "format_version": DATA_FORMAT_VERSION,
             }
         )
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(Exception):  # the original error is the one to report
             writer.close()  # and no write may land in the staging dir after it is removed
         fs, path = storage.filesystem(staging)
         if fs.exists(path):
             fs.rm(path, recursive=True)
+        if isinstance(e, OSError) and storage.is_unwritable(e):
+            raise StorageError(uri.rstrip("/").rsplit("/", 2)[0], f"the dataset {uri}", e) from None
         raise
     storage.publish_dir(staging, uri)
     log.info("dataset %s: %d tokens (train %d, val %d, test %d), vocab %d", manifest["dataset_id"], manifest["num_tokens"],

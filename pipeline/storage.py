@@ -8,10 +8,12 @@ and the manifest is always the last thing written.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import posixpath
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -93,13 +95,13 @@ def new_staging_dir(final_url: str) -> str:
     return f"{final_url.rstrip('/')}.tmp-{uuid.uuid4().hex[:12]}"
 
 
-def publish_dir(staging_url: str, final_url: str) -> bool:
+def publish_dir(staging_url: str, final_url: str, marker: str = "manifest.json") -> bool:
     """Move a fully written staging directory to its final name.
 
     Locally this is one atomic rename. If another worker published the same
     content-addressed artifact first, ours is discarded and False is returned.
-    On object stores a directory "rename" copies files, so there the manifest,
-    written last, is what marks the artifact complete.
+    On object stores a directory "rename" copies files, so there the ``marker``
+    file (the manifest) is copied last: its presence marks the artifact complete.
     """
     fs, staging = filesystem(staging_url)
     _, final = filesystem(final_url)
@@ -115,8 +117,45 @@ def publish_dir(staging_url: str, final_url: str) -> bool:
     if fs.exists(final):
         fs.rm(staging, recursive=True)
         return False
-    fs.mv(staging, final, recursive=True)
+    files = sorted(fs.find(staging), key=lambda f: f.rsplit("/", 1)[-1] == marker)  # the marker last
+    for f in files:
+        fs.copy(f, final + f[len(staging.rstrip("/")):])
+    fs.rm(staging, recursive=True)
     return True
+
+
+QUARANTINE = "quarantine"
+
+
+def quarantine(url: str, root: str) -> str | None:
+    """Move a file or directory that failed verification out of the way of its rebuild, to
+    ``<root>/quarantine/<its path under root>.<UTC time>-<random>``: kept for a post-mortem,
+    never silently deleted. None if it was already gone (a concurrent run moved it first).
+    A root that cannot be written raises ``StorageError``."""
+    from pipeline.errors import StorageError
+
+    rel = url[len(root):].strip("/") if url.startswith(root) else url.rstrip("/").rsplit("/", 1)[-1]
+    dest = join(root, QUARANTINE, f"{rel}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}")
+    fs, src = filesystem(url)
+    _, dst = filesystem(dest)
+    try:
+        fs.makedirs(posixpath.dirname(dst) if "://" in dest else os.path.dirname(dst), exist_ok=True)
+        if isinstance(fs, LocalFileSystem):
+            os.rename(src, dst)
+        else:
+            fs.mv(src, dst, recursive=True)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if is_unwritable(e):
+            raise StorageError(root, f"{dest} (to quarantine {url})", e) from None
+        raise
+    return dest
+
+
+def is_unwritable(e: OSError) -> bool:
+    """A write refused for good: no permission or a read-only filesystem."""
+    return isinstance(e, PermissionError) or e.errno == errno.EROFS
 
 
 def sha256_bytes(data: bytes | memoryview) -> str:

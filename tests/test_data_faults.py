@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -20,8 +21,10 @@ import numpy as np
 import pytest
 
 from pipeline.config import DataConfig, SourceConfig, TokenizerConfig
-from pipeline.corpus import fetch_corpus
+from pipeline.corpus import fetch_corpus, fetch_source
+from pipeline.errors import CorpusError
 from pipeline.prepare import plan_chunks, prepare_dataset
+from pipeline.shards import open_dataset
 from pipeline.tokenizer import char_codes, tokenize, word_tokens
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,3 +140,103 @@ def test_memory_of_one_long_line_is_bounded_by_chunk_bytes(tmp_path, level):
     peak = json.loads(out.stdout.strip().splitlines()[-1])
     assert peak["tokens"] > 500_000
     assert peak["python"] + peak["arrow"] < size / 4, peak
+
+
+# ------------------------------------------------------------- nothing unverified is kept
+
+
+@pytest.mark.parametrize("algo", ["sha1", "sha256"])
+def test_checksum_mismatch_keeps_no_copy(tmp_path, store, algo):
+    path = tmp_path / "text.txt"
+    path.write_bytes(b"some text that is not what was declared\n")
+    with pytest.raises(CorpusError, match=f"checksum mismatch: expected {algo}"):
+        fetch_source(SourceConfig(url=str(path), **{algo: "0" * (40 if algo == "sha1" else 64)}), store)
+    corpus = Path(store) / "corpus"
+    assert not corpus.exists() or list(corpus.iterdir()) == []
+
+
+# ---------------------------------------------------------------- corrupt artifacts heal
+
+
+def quarantined(store: str) -> list[Path]:
+    q = Path(store) / "quarantine"
+    return sorted(p for p in q.rglob("*") if p.is_file()) if q.exists() else []
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {  # how a prepared dataset gets broken -> the file its warning must name
+    "flipped-shard": lambda d, m: (flip_byte(d / m["splits"]["train"]["shards"][1]["file"]),
+                                   m["splits"]["train"]["shards"][1]["file"])[1],
+    "deleted-shard": lambda d, m: ((d / m["splits"]["val"]["shards"][0]["file"]).unlink(),
+                                   m["splits"]["val"]["shards"][0]["file"])[1],
+    "truncated-vocab": lambda d, m: ((d / "vocab.parquet").write_bytes((d / "vocab.parquet").read_bytes()[:-9]),
+                                     "vocab.parquet")[1],
+    "garbled-manifest": lambda d, m: ((d / "manifest.json").write_text('{"schema_version": 1, "spl'), "manifest.json")[1],
+    "no-manifest": lambda d, m: ((d / "manifest.json").unlink(), "manifest.json")[1],
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_prepare_quarantines_and_rebuilds_a_corrupt_dataset(store, caplog, damage):
+    cfg = DataConfig(tokens_per_shard=20_000)
+    first = prepare_dataset(cfg, store)
+    expected = {s: first.split(s).copy() for s in ("train", "val", "test")}
+    name = DAMAGE[damage](Path(first.uri), first.manifest)
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        again = prepare_dataset(cfg, store)
+    assert again.uri == first.uri
+    for split, ids in expected.items():
+        assert np.array_equal(open_dataset(again.uri).split(split), ids)
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert first.uri in warning and name in warning and "quarantine" in warning
+    kept = quarantined(store)
+    assert kept and all(p.relative_to(Path(store) / "quarantine").parts[0] == "datasets" for p in kept)
+    if damage not in ("deleted-shard", "no-manifest"):
+        assert name in [p.name for p in kept]  # the bad file is kept for a post-mortem, not deleted
+
+
+def test_a_corrupt_corpus_copy_is_quarantined_and_replaced(tmp_path, store, caplog):
+    path = tmp_path / "text.txt"
+    path.write_bytes(b"The Time Traveller was expounding a recondite matter to us.\n" * 50)
+    [doc] = fetch_source(SourceConfig(url=str(path)), store)
+    flip_byte(Path(doc.uri))
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        [again] = fetch_source(SourceConfig(url=str(path)), store)
+    assert Path(again.uri).read_bytes() == path.read_bytes()
+    assert any(doc.uri in r.getMessage() and "quarantine" in r.getMessage() for r in caplog.records)
+    [kept] = quarantined(store)
+    assert kept.name.startswith(Path(doc.uri).name) and kept.read_bytes() != path.read_bytes()
+
+
+def test_rnnlm_prepare_and_train_heal_a_corrupt_shard(tmp_path):
+    root = tmp_path / "store"
+    small = ["--set", "data.splits.max_tokens=20000", "--set", "data.tokens_per_shard=5000", "--set", "model.hidden_size=16",
+             "--set", "model.embed_size=8", "--set", "train.epochs=1", "--set", "train.max_minutes=null"]
+    first = json.loads(_rnnlm("prepare", "--root", str(root), *small).stdout)
+    shard = root / "datasets" / first["dataset_id"] / "train-00001.parquet"
+    flip_byte(shard)
+    healed = _rnnlm("prepare", "--root", str(root), *small)
+    assert f"{shard}" in healed.stderr and "quarantine" in healed.stderr
+    assert json.loads(healed.stdout)["dataset_id"] == first["dataset_id"]
+    flip_byte(shard)
+    trained = _rnnlm("train", "--root", str(root), *small)
+    assert f"{shard}" in trained.stderr and "quarantine" in trained.stderr
+    assert json.loads(trained.stdout[trained.stdout.rindex('{\n  "run_dir"'):])["finished"] is True
+    assert len(list((root / "quarantine" / "datasets").iterdir())) == 2
+
+
+def _rnnlm(*args: str, user: int | None = None, check: bool = True, **env) -> subprocess.CompletedProcess:
+    cmd = [str(Path(sys.executable).with_name("rnnlm")), *args]
+    if user is not None:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+    environ = {k: v for k, v in os.environ.items() if k not in ("RNNLM_STORAGE", "PYTHONPATH")}
+    environ.update(RNNLM_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=environ, cwd=env.get("HOME"))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
