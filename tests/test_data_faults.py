@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -232,11 +234,96 @@ def test_rnnlm_prepare_and_train_heal_a_corrupt_shard(tmp_path):
 
 def _rnnlm(*args: str, user: int | None = None, check: bool = True, **env) -> subprocess.CompletedProcess:
     cmd = [str(Path(sys.executable).with_name("rnnlm")), *args]
-    if user is not None:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
     environ = {k: v for k, v in os.environ.items() if k not in ("RNNLM_STORAGE", "PYTHONPATH")}
+    if user is not None:  # this venv's interpreter may sit in a directory only its owner can enter
+        python, path = interpreter_for_others()
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", python, "-m", "flows.cli", *args]
+        environ["PYTHONPATH"] = path
     environ.update(RNNLM_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=environ, cwd=env.get("HOME"))
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+# ------------------------------------------------------------------------ read-only roots
+
+NOBODY = 65534
+AS_ROOT = os.geteuid() == 0
+SMALL = ["--set", "data.splits.max_tokens=20000", "--set", "model.hidden_size=16", "--set", "model.embed_size=8",
+         "--set", "train.epochs=1", "--set", "train.max_minutes=null"]
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory another user can reach: pytest's own tmp dirs are private to the user running it.
+
+    Root ignores file permissions, so as root the commands under test run as ``nobody``
+    (``setpriv``), and "read-only" means owned by root; as any other user it means chmod.
+    """
+    d = Path(tempfile.mkdtemp(prefix="rnnlm-readonly-", dir="/tmp"))
+    d.chmod(0o755)
+    home = d / "home"
+    home.mkdir()
+    if AS_ROOT:
+        os.chown(home, NOBODY, NOBODY)
+    try:
+        yield d
+    finally:
+        for p in [d, *d.rglob("*")]:
+            if p.is_dir() and not p.is_symlink():
+                p.chmod(0o755)
+        shutil.rmtree(d)
+
+
+def read_only(*paths: Path) -> None:
+    """Take write permission away (as root, ownership already does: the tested process is nobody)."""
+    if AS_ROOT:
+        return
+    for top in paths:
+        for p in [top, *top.rglob("*")]:
+            p.chmod(p.stat().st_mode & ~0o222)
+
+
+def interpreter_for_others() -> tuple[str, str]:
+    """A Python of this version that any user can run, and the PYTHONPATH giving it this venv's packages."""
+    import sysconfig
+
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for python in (sys.executable, f"/usr/bin/{version}", f"/usr/local/bin/{version}"):
+        probe = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "test", "-x",
+                                os.path.realpath(python)], capture_output=True)
+        if probe.returncode == 0:
+            return python, os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"]])
+    pytest.skip(f"no {version} interpreter that user {NOBODY} may run, so a read-only root cannot be tested as root")
+
+
+def as_user(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return _rnnlm(*args, user=NOBODY if AS_ROOT else None, check=check, HOME=str(home))
+
+
+def test_read_only_root_error_names_the_root_and_what(shared_dir):
+    root = shared_dir / "store"
+    root.mkdir(mode=0o755)
+    read_only(root)
+    proc = as_user("prepare", "--root", str(root), home=shared_dir / "home", check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"storage root '{root}' is not writable" in last and f"{root}/corpus" in last, last
+    assert "Traceback" not in proc.stderr
+
+
+def test_prepared_dataset_trains_from_a_read_only_data_part(shared_dir):
+    root = shared_dir / "store"
+    summary = json.loads(_rnnlm("prepare", "--root", str(root), *SMALL).stdout)
+    runs = root / "runs"
+    runs.mkdir()
+    if AS_ROOT:
+        os.chown(runs, NOBODY, NOBODY)
+    data_part = [root / "corpus", root / "datasets"]
+    before = sorted(str(p) for d in data_part for p in d.rglob("*"))
+    read_only(*data_part)
+    proc = as_user("train", "--root", str(root), *SMALL, home=shared_dir / "home")
+    assert json.loads(proc.stdout[proc.stdout.rindex('{\n  "run_dir"'):])["finished"] is True
+    assert summary["uri"] in proc.stdout
+    assert sorted(str(p) for d in data_part for p in d.rglob("*")) == before
