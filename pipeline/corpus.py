@@ -6,7 +6,9 @@ expands to several files, or ``builtin://NAME`` for a corpus that ships inside
 the package (``builtin://timemachine``, the offline default). Each file is one
 document. Fetching streams the bytes once: it hashes them (sha1 and sha256),
 checks they are UTF-8 text, and stores them as ``<root>/corpus/<sha256>.txt``,
-so every later stage reads an immutable copy named by its content.
+so every later stage reads an immutable copy named by its content. Only bytes that
+verified (text, declared checksums) are kept; a copy already stored is checked against
+its name and quarantined if it fails; a store that cannot be written is only read.
 """
 
 from __future__ import annotations
