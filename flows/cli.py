@@ -10,6 +10,12 @@
 
 ``--config`` takes a preset name (``rnnlm presets`` lists them) or a YAML file;
 ``--set section.key=value`` overrides single values.
+
+A failure ends with one line, ``rnnlm: error: ...``, and exit code 3 when retrying cannot
+help (bad input or config), 1 otherwise. ``rnnlm run`` also writes its whole log, tracebacks
+included, to ``<root>/logs/run-<time>.log`` (named in that line); ``--verbose`` shows the
+tracebacks on the terminal too. Every command runs with telemetry off
+(``flows.servers.TELEMETRY_OFF``), and so does every process it starts.
 """
 
 from __future__ import annotations
@@ -17,10 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
+import time
+from typing import Optional
 
+from flows.servers import TELEMETRY_OFF
 from pipeline.config import DEFAULT_PRESET, load_run_config, preset_names
-from pipeline.errors import EXIT_DO_NOT_RETRY, EXIT_FAILED, PipelineError
+from pipeline.errors import EXIT_DO_NOT_RETRY, EXIT_FAILED, GenerationInputError, PipelineError
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+log = logging.getLogger("rnnlm")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -36,8 +50,12 @@ def cmd_presets(args) -> int:
 
 
 def cmd_run(args) -> int:
+    import prefect  # noqa: F401 (sets up its logging on import: ours goes on top)
+
     from flows.main import run_main
 
+    args.log_file = run_log_file(args.root)
+    configure_logging(args.verbose, args.log_file)
     options = {"nproc": args.nproc, "register_model": not args.no_register}
     if args.dask:
         options["dask"] = args.dask
@@ -73,10 +91,17 @@ def cmd_train(args) -> int:
 
 def cmd_generate(args) -> int:
     from pipeline.consumer import generate_from_uri
+    from pipeline.generate import MAX_NUM_TOKENS, check_settings
 
+    check_settings(args.num_tokens, args.temperature, args.top_k, args.seed, max_num_tokens=MAX_NUM_TOKENS)
     target = args.run or args.model
-    text = generate_from_uri(target, args.prefix, num_tokens=args.num_tokens, temperature=args.temperature,
-                             top_k=args.top_k, seed=args.seed, root=args.root)
+    try:
+        text = generate_from_uri(target, args.prefix, num_tokens=args.num_tokens, temperature=args.temperature,
+                                 top_k=args.top_k, seed=args.seed, root=args.root)
+    except Exception as e:  # the registered model answers bad input as the served model does: HTTP 400
+        if getattr(e, "error_code", None) == "INVALID_PARAMETER_VALUE":
+            raise GenerationInputError(getattr(e, "message", str(e))) from e
+        raise
     print(text)
     return 0
 
@@ -186,18 +211,79 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
+# ---------------------------------------------------------------------------------- logging
+
+
+class WithoutTraceback(logging.Formatter):
+    """A record's message without its traceback: the terminal's view when a log file has the whole."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def run_log_file(root: Optional[str]) -> str:
+    """``<root>/logs/run-<UTC time>-<pid>.log`` for a local root, else the same under the temp dir."""
+    from pipeline import storage
+
+    store = storage.storage_root(root)
+    base = storage.local_path(store) if storage.is_local(store) else os.path.join(tempfile.gettempdir(), "rnnlm")
+    os.makedirs(os.path.join(base, "logs"), exist_ok=True)
+    return os.path.join(base, "logs", f"run-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}.log")
+
+
+def configure_logging(verbose: bool, log_file: Optional[str] = None) -> None:
+    """The terminal (stderr) gets INFO (DEBUG with --verbose); with a log file, the file gets
+    every record in full and the terminal loses the tracebacks, unless --verbose."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(WithoutTraceback(LOG_FORMAT) if log_file and not verbose else logging.Formatter(LOG_FORMAT))
+    root.addHandler(console)
+    if log_file:
+        file = logging.FileHandler(log_file, encoding="utf-8")
+        file.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(file)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+
+
+def verdict(message: str, args) -> None:
+    """The last line: what failed, and where the whole story is. The traceback goes to the log
+    file (and the terminal with --verbose); after this line only problems print."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (message,), sys.exc_info())
+    for h in logging.getLogger().handlers:
+        if args.verbose or isinstance(h, logging.FileHandler):
+            h.handle(record)
+        if not isinstance(h, logging.FileHandler):
+            h.setLevel(logging.WARNING)  # e.g. Prefect's "Stopping temporary server" at exit
+    where = f" (full log: {args.log_file})" if args.log_file else ""
+    print(f"rnnlm: error: {message}{where}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.update(TELEMETRY_OFF)  # before Prefect or MLflow is imported: nothing phones home
+    args = build_parser().parse_args(argv)
+    args.log_file = None
+    configure_logging(args.verbose)
     try:
         return args.fn(args)
     except PipelineError as e:
-        print(f"rnnlm: error: {e}", file=sys.stderr)
+        verdict(str(e), args)
         return EXIT_FAILED if e.retryable else EXIT_DO_NOT_RETRY
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if not args.log_file:
+            raise  # no log file to hold the traceback: let Python print it
+        verdict(f"{type(e).__name__}: {e} (unexpected; retrying may help)", args)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

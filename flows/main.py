@@ -6,33 +6,39 @@
   ``PREFECT_API_URL`` set, runs are reported to that server instead.
 * Artifacts under ``./.rnnlm/`` (or ``root`` / ``$RNNLM_STORAGE``).
 * The ``timemachine-char`` preset unless told otherwise.
+* Telemetry off (``flows.servers.TELEMETRY_OFF``): in this process, so in the embedded
+  server and the trainers it starts too.
 
 Running it twice: the second run finishes from cache (every stage ``Cached``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
 from typing import Any, Optional
 
 from flows.reports import make_summary, prefect_ui_hint, print_report
+from flows.servers import TELEMETRY_OFF
 from pipeline import storage
 from pipeline.config import DEFAULT_PRESET
 
 
 def _prefect_settings(root: str):
-    """Point PREFECT_HOME under the store unless the user chose a home or a server."""
-    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+    """Server analytics off, time for a first start; PREFECT_HOME under the store unless the user chose a home or a server."""
+    from prefect.settings import (PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED,
+                                  PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings)
 
-    if os.environ.get("PREFECT_HOME") or os.environ.get("PREFECT_API_URL") or not storage.is_local(root):
-        return contextlib.nullcontext()
-    home = os.path.join(storage.local_path(root), "prefect")
-    os.makedirs(home, exist_ok=True)  # the SQLite database lives here
-    # analytics off: its heartbeat races the first migrations on a fresh SQLite file ("database is locked")
-    return temporary_settings(updates={PREFECT_HOME: home, PREFECT_SERVER_ANALYTICS_ENABLED: False})
+    updates = {PREFECT_SERVER_ANALYTICS_ENABLED: False}
+    if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" not in os.environ:
+        # a fresh SQLite database runs every migration first: more than Prefect's 20 s on a busy machine
+        updates[PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS] = 120
+    if not (os.environ.get("PREFECT_HOME") or os.environ.get("PREFECT_API_URL") or not storage.is_local(root)):
+        home = os.path.join(storage.local_path(root), "prefect")
+        os.makedirs(home, exist_ok=True)  # the SQLite database lives here
+        updates[PREFECT_HOME] = home
+    return temporary_settings(updates=updates)
 
 
 def run_main(preset: str = DEFAULT_PRESET, root: Optional[str] = None, overrides: Optional[list[str]] = None,
@@ -43,6 +49,7 @@ def run_main(preset: str = DEFAULT_PRESET, root: Optional[str] = None, overrides
     strings; ``options``: PipelineOptions fields (``dask``, ``nproc``, ``register_model``, ...).
     Raises the pipeline's error (a PipelineError for expected failures) if the flow fails.
     """
+    os.environ.update(TELEMETRY_OFF)  # before Prefect starts its server or sends an event
     root = storage.storage_root(root)
     with _prefect_settings(root):
         from flows.retrain import retrain_flow

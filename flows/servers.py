@@ -30,6 +30,10 @@ PREFECT_FILE = REPO_DIR / "deployments" / "prefect.yaml"
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"
 ENV_REPO_DIR = "RNNLM_REPO_DIR"  # where the worker's host has this repository (the pull step's working dir)
 
+# Nothing the project starts may contact a host its user did not configure: Prefect's server
+# analytics and client SDK events (DO_NOT_TRACK), MLflow's client and server telemetry.
+TELEMETRY_OFF = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
 # The pools deployments/prefect.yaml uses: retrain waits on its own pool so that it never
 # holds a slot the stages it waits for need.
 POOLS = {
@@ -59,7 +63,7 @@ def server_command(host: str = "127.0.0.1", port: int = 4200) -> list[str]:
 def server_env(home: Optional[str] = None, database_url: Optional[str] = None, root: Optional[str] = None,
                base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
     """The server's environment: ``PREFECT_HOME`` (default ``<root>/prefect`` for a local storage
-    root, which holds the SQLite database), analytics off, and the database URL if given
+    root, which holds the SQLite database), telemetry off, and the database URL if given
     (``postgresql+asyncpg://user:pass@host:5432/prefect``)."""
     env = dict(os.environ if base is None else base)
     env.pop("PREFECT_API_URL", None)  # the server is the API; a client setting would only confuse it
@@ -70,8 +74,8 @@ def server_env(home: Optional[str] = None, database_url: Optional[str] = None, r
     if home:
         os.makedirs(home, exist_ok=True)
         env["PREFECT_HOME"] = str(home)
-    # analytics' heartbeat races the first migrations on a fresh SQLite file ("database is locked")
-    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    # (also: analytics' heartbeat races the first migrations on a fresh SQLite file, "database is locked")
+    env.update(TELEMETRY_OFF)
     if database_url:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     return env
@@ -164,7 +168,7 @@ def worker_env(root: Optional[str] = None, repo_dir: Optional[str] = None, url: 
                results_block: Optional[str] = None, base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
     """What a worker (and so every flow run it starts) needs.
 
-    * ``PREFECT_API_URL``;
+    * ``PREFECT_API_URL``; telemetry off (:data:`TELEMETRY_OFF`);
     * ``RNNLM_STORAGE``: the shared artifact root (the same URL on every host; a local path
       only works when all workers share the directory, as in tests);
     * ``RNNLM_REPO_DIR``: where this host has the repository: the deployments' pull step
@@ -175,7 +179,7 @@ def worker_env(root: Optional[str] = None, repo_dir: Optional[str] = None, url: 
       see :func:`results_block_for`) for s3:// / gs://. The retrain parent reads its
       children's results from there.
     """
-    env = dict(os.environ if base is None else base)
+    env = {**(os.environ if base is None else base), **TELEMETRY_OFF}
     store = storage.storage_root(root or env.get(storage.ENV_STORAGE))
     env[storage.ENV_STORAGE] = store
     env["PREFECT_API_URL"] = api_url(url or env.get("PREFECT_API_URL"))

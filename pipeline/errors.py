@@ -54,6 +54,10 @@ class CheckpointError(PipelineError, ValueError):
     """A checkpoint or model file is missing or corrupt."""
 
 
+class GenerationInputError(PipelineError, ValueError):
+    """A generation request is invalid: a prefix without tokens, a setting out of range."""
+
+
 class NonFiniteLossError(PipelineError, FloatingPointError):
     """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
 

@@ -3,6 +3,9 @@
 Tokens in, tokens out: turning text into tokens is the tokenizer's job. Prefix
 tokens missing from the vocabulary map to index 0 (``<unk>``) and are reported.
 
+:func:`check_settings` holds the rules for generation settings that every entry point
+applies (``generate`` itself, ``rnnlm generate``, the served model's params).
+
 Greedy decoding (argmax) is the default. With ``temperature > 0`` the next token
 is sampled from ``softmax(logits / temperature)``, optionally restricted to the
 ``top_k`` most likely tokens, from a local ``torch.Generator`` seeded by
@@ -16,9 +19,11 @@ from typing import Literal
 
 import torch
 
+from pipeline.errors import GenerationInputError
 from pipeline.models import RNNLM
 from pipeline.tokenizer import UNK
 
+MAX_NUM_TOKENS = 10_000  # per request, for the CLI and the served model
 Level = Literal["char", "word"]
 
 
@@ -29,6 +34,25 @@ def join_tokens(tokens: list[str], level: Level) -> str:
     if level == "word":
         return " ".join(tokens)
     raise ValueError(f"unknown token level {level!r}: expected 'char' or 'word'")
+
+
+def check_settings(num_tokens: int, temperature: float | None = 0.0, top_k: int | None = None,
+                   seed: int | None = None, *, max_num_tokens: int | None = None) -> None:
+    """The rules for generation settings; raises GenerationInputError naming the setting.
+
+    ``num_tokens`` >= 0 (and at most ``max_num_tokens`` if given); ``temperature`` >= 0
+    (0 or None: greedy); ``top_k`` None (no limit) or >= 1; ``seed`` None (a fresh random
+    seed) or >= 0.
+    """
+    if num_tokens < 0 or (max_num_tokens is not None and num_tokens > max_num_tokens):
+        bound = f"in [0, {max_num_tokens}]" if max_num_tokens is not None else ">= 0"
+        raise GenerationInputError(f"num_tokens must be {bound}, got {num_tokens}")
+    if temperature is not None and not temperature >= 0:  # NaN fails too
+        raise GenerationInputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise GenerationInputError(f"top_k must be >= 1, got {top_k}")
+    if seed is not None and seed < 0:
+        raise GenerationInputError(f"seed must be >= 0, got {seed}")
 
 
 @dataclass
@@ -48,18 +72,13 @@ def generate(model: RNNLM, vocab_tokens: list[str], prefix_tokens: list[str], nu
     model's mode; ``device`` defaults to the model's.
     """
     if not prefix_tokens:
-        raise ValueError("prefix_tokens is empty: generation needs at least one token to start from")
-    if num_tokens < 0:
-        raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        raise GenerationInputError("prefix_tokens is empty: generation needs at least one token to start from")
+    check_settings(num_tokens, temperature, top_k, seed)
     if len(vocab_tokens) != model.vocab_size:
         raise ValueError(f"vocab_tokens has {len(vocab_tokens)} tokens but the model has "
                          f"vocab_size {model.vocab_size}")
     if vocab_tokens[0] != UNK:
         raise ValueError(f"vocab_tokens[0] must be {UNK!r}, got {vocab_tokens[0]!r}")
-    if temperature is not None and temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
 
     index = {token: i for i, token in enumerate(vocab_tokens)}
     unknown = [t for t in prefix_tokens if t not in index]

@@ -11,7 +11,8 @@ becomes tokens for this model (the dataset's tokenizer config and vocabulary)::
 
 The prefix is tokenized with the model's own ``TokenizerConfig`` (so the d2l preset
 normalizes "Time Traveller" to "time traveller"); tokens missing from the vocabulary
-are fed as ``<unk>`` and reported by ``generate_with_info``.
+are fed as ``<unk>``, reported by ``generate_with_info`` and logged as a warning (the
+continuation of a prefix the model cannot read is not a continuation of that prefix).
 
 Loading a model reads only local files with stdlib + torch + the modules it imports
 (``config``, ``errors``, ``models``, ``generate``, ``tokenizer``, ``evaluate``): this
@@ -24,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 
 from pipeline.config import ModelConfig, TokenizerConfig
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, GenerationInputError
 from pipeline.generate import generate, join_tokens
 from pipeline.models import RNNLM, build_model
 from pipeline.tokenizer import UNK, tokenize
@@ -41,6 +43,8 @@ LM_FILE = "lm.json"
 MODEL_FILE = "model.pt"
 MODEL_CONFIG_FILE = "model_config.json"
 LM_FORMAT = 1
+
+log = logging.getLogger(__name__)
 
 # Fixed evaluation settings for every perplexity the registry compares: perplexity depends
 # on the number of parallel streams (each starts cold), so figures are only comparable
@@ -250,17 +254,21 @@ class LanguageModel:
         """Continue ``prefix`` by ``num_tokens`` tokens; see ``pipeline.generate.generate``.
 
         ``temperature`` 0 is greedy; above 0 samples (``top_k``, ``seed`` apply), and
-        the same seed gives the same text on any device. Raises ValueError when the
-        prefix has no tokens after normalization (e.g. only digits under ``d2l``).
+        the same seed gives the same text on any device. Raises GenerationInputError (a
+        ValueError) when the prefix has no tokens after normalization (e.g. only digits
+        under ``d2l``) or a setting is out of range; warns when prefix tokens are unknown.
         """
         if not isinstance(prefix, str):
-            raise ValueError(f"prefix must be a string, got {type(prefix).__name__}")
+            raise GenerationInputError(f"prefix must be a string, got {type(prefix).__name__}")
         tokens = self.tokenize(prefix)
         if not tokens:
-            raise ValueError(f"prefix {prefix!r} has no tokens after {self.tokenizer.normalizer!r} "
-                             f"normalization: give at least one letter/word")
+            raise GenerationInputError(f"prefix {prefix!r} has no tokens after {self.tokenizer.normalizer!r} "
+                                       f"normalization: give at least one letter/word")
         gen = generate(self.model, self.vocab_tokens, tokens, num_tokens, temperature=temperature,
                        top_k=top_k, seed=seed)
+        if gen.unknown:
+            log.warning("prefix %r: %d of its %d tokens are not in the model's vocabulary and are read as %s: %s",
+                        prefix, len(gen.unknown), len(tokens), UNK, " ".join(repr(t) for t in dict.fromkeys(gen.unknown)))
         continuation = join_tokens(gen.tokens, self.level)
         sep = " " if self.level == "word" and prefix and continuation and not prefix[-1].isspace() else ""
         return GenerationResult(text=prefix + sep + continuation, continuation=continuation,

@@ -28,7 +28,6 @@ import mlflow
 from mlflow.pyfunc import PythonModel
 
 DEFAULT_PARAMS: dict[str, Any] = {"num_tokens": 50, "temperature": 0.0, "top_k": 0, "seed": 0}
-MAX_NUM_TOKENS = 10_000
 
 
 def _invalid(message: str):
@@ -92,16 +91,19 @@ def params_of(params: dict[str, Any] | None) -> dict[str, Any]:
         top_k, seed = int(p["top_k"]), int(p["seed"])
     except (TypeError, ValueError) as e:
         raise _invalid(f"bad params {params!r}: {e}") from None
-    if not 0 <= num_tokens <= MAX_NUM_TOKENS:
-        raise _invalid(f"num_tokens must be in [0, {MAX_NUM_TOKENS}], got {num_tokens}")
-    if temperature < 0 or temperature != temperature:
-        raise _invalid(f"temperature must be >= 0, got {temperature}")
     if top_k < 0:
         raise _invalid(f"top_k must be >= 0 (0 = no limit), got {top_k}")
     if seed < -1:
         raise _invalid(f"seed must be >= 0, or -1 for a fresh random seed; got {seed}")
-    return {"num_tokens": num_tokens, "temperature": temperature, "top_k": top_k or None,
-            "seed": None if seed == -1 else seed}
+    settings = {"num_tokens": num_tokens, "temperature": temperature, "top_k": top_k or None,
+                "seed": None if seed == -1 else seed}
+    from pipeline.generate import MAX_NUM_TOKENS, check_settings  # shipped with the model (code_paths)
+
+    try:
+        check_settings(**settings, max_num_tokens=MAX_NUM_TOKENS)  # the same rules as `rnnlm generate`
+    except ValueError as e:
+        raise _invalid(str(e)) from None
+    return settings
 
 
 class RNNLMPyfunc(PythonModel):

@@ -8,9 +8,12 @@ Every stage's cache key is ``<stage>-<hash>`` of three things:
 * the stage's **config** (the pydantic section that affects it, as JSON);
 * the stage's **code version**: the ``VERSION`` constant of the stage's module (bump it
   when a stage's meaning changes), ``pipeline.prepare.DATA_FORMAT_VERSION`` for data
-  stages, and a hash of the task function's source.
+  stages, a hash of the task function's source, and a digest of the source of every
+  project module the stage runs, upstream stages' included
+  (``pipeline.code_version.STAGE_MODULES``): editing ``pipeline/tokenizer.py`` recomputes
+  the data stages and everything downstream; editing the registry recomputes nothing.
 
-The same identity (without the source hash) names the stage's outputs in the store
+The same identity (without the task source hash) names the stage's outputs in the store
 (``<root>/work/<stage>/<id>...``, ``<root>/datasets/<dataset_id>``,
 ``<root>/runs/<run_id>``), so a recomputation writes to the same place.
 
@@ -49,6 +52,7 @@ from prefect.tasks import Task
 from pydantic import BaseModel
 
 from pipeline import storage
+from pipeline.code_version import code_digest
 from tasks.options import PipelineOptions
 
 log = logging.getLogger("tasks")
@@ -69,8 +73,9 @@ def jsonable(value: Any) -> Any:
 
 
 def content_id(stage: str, version: int, identity: Any, length: int = 24) -> str:
-    """The content address of a stage's output: what went in and which stage version made it."""
-    return storage.stable_hash({"stage": stage, "version": version, "inputs": jsonable(identity)}, length)
+    """The content address of a stage's output: what went in and which code made it."""
+    return storage.stable_hash({"stage": stage, "version": version, "code": code_digest(stage),
+                                "inputs": jsonable(identity)}, length)
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,7 +92,8 @@ def source_hash(fn: Callable) -> str:
 
 @dataclass
 class StagePolicy(CachePolicy):
-    """Cache key = stage + content identity of the inputs + stage config + code version.
+    """Cache key = stage + content identity of the inputs + stage config + code version
+    (the modules' digest is part of :func:`content_id`).
 
     ``identity(inputs) -> (version, identity)`` comes from the stage's module; returning
     None means "do not cache this call". ``verify(cached manifest, inputs)`` (optional)

@@ -22,13 +22,33 @@ def failure_of(state) -> BaseException | None:
     return exc if isinstance(exc, BaseException) else None
 
 
+# A missing, unreadable or misplaced input is there (or not) on every attempt.
+PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# Transient errors of object-store and HTTP clients that are not OSErrors (botocore, aiohttp), by class name
+# so that no client library needs to be importable here.
+TRANSIENT_CLIENT_ERRORS = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                           "ConnectionClosedError", "ClientConnectionError", "ServerTimeoutError",
+                           "ServerDisconnectedError"}
+# Error codes an object store answers when asking again later can succeed.
+TRANSIENT_STORE_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling",
+                         "ThrottlingException", "RequestLimitExceeded", "500", "502", "503", "504"}
+
+
 def is_retryable(exc: BaseException | None) -> bool:
-    """PipelineErrors say so themselves; network-ish OSErrors may pass; bugs do not."""
+    """PipelineErrors say so themselves; network and object-store hiccups may pass; a missing
+    or unreadable input, a refused request and bugs do not."""
     if terminating.is_set() or exc is None:
         return False
     if isinstance(exc, PipelineError):
         return bool(exc.retryable)
-    return isinstance(exc, (OSError, TimeoutError, ConnectionError))
+    if isinstance(exc, PERMANENT_OS_ERRORS):
+        return False
+    if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
+        return True
+    code = ((getattr(exc, "response", None) or {}).get("Error") or {}).get("Code")  # botocore ClientError
+    if code is not None:
+        return str(code) in TRANSIENT_STORE_CODES
+    return bool({c.__name__ for c in type(exc).__mro__} & TRANSIENT_CLIENT_ERRORS)
 
 
 def retry_if_retryable(task, task_run, state) -> bool:
@@ -36,7 +56,7 @@ def retry_if_retryable(task, task_run, state) -> bool:
     exc = failure_of(state)
     ok = is_retryable(exc)
     if not ok and exc is not None:
-        run_logger().error("%s: %s: not retrying (%s)", task.name, type(exc).__name__,
+        run_logger().error("%s: %s: %s: not retrying (%s)", task.name, type(exc).__name__, exc,
                            "stopping" if terminating.is_set() else "retrying cannot fix this")
     return ok
 

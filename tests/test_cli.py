@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -92,8 +93,11 @@ def test_run_in_an_empty_directory_registers_a_champion_and_reruns_from_cache(tm
 
 @pytest.mark.slow
 def test_run_against_a_real_mlflow_server(tmp_path):
+    import psutil
+
     url, server_dir, proc, log_file = start_mlflow_server(tmp_path, env())
     try:
+        assert psutil.Process(proc.pid).environ().get("MLFLOW_DISABLE_TELEMETRY") == "true"  # no phoning home
         work = tmp_path / "work"
         work.mkdir()
         out = rnnlm("run", *SMALL, cwd=work, MLFLOW_TRACKING_URI=url).stdout
@@ -105,3 +109,81 @@ def test_run_against_a_real_mlflow_server(tmp_path):
         assert text.startswith("time traveller") and len(text) == len("time traveller") + 20
     finally:
         stop_server(proc, log_file)
+
+
+# ------------------------------------------------------------------- one-line verdicts
+
+
+def small_run_dir(path: Path, normalizer: str) -> Path:
+    """A run directory with an untrained model over 'a'-'z' and space: enough to generate from."""
+    from pipeline.config import ModelConfig, TokenizerConfig
+    from pipeline.lm import LanguageModel
+    from pipeline.models import build_model
+
+    vocab = ["<unk>", " ", *"abcdefghijklmnopqrstuvwxyz"]
+    model = build_model(ModelConfig(cell="gru", hidden_size=8, embed_size=4), len(vocab))
+    LanguageModel(model, vocab, TokenizerConfig(level="char", normalizer=normalizer)).save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--prefix", ""], "prefix ''"),
+    (["--prefix", "time", "--num-tokens", "-5"], "num_tokens"),
+    (["--prefix", "time", "--temperature", "-1"], "temperature"),
+    (["--prefix", "1984"], "no tokens"),  # digits only: nothing left after d2l normalization
+])
+def test_bad_generation_input_is_one_line_and_not_retried(tmp_path, args, problem):
+    run_dir = small_run_dir(tmp_path / "run", "d2l")
+    proc = rnnlm("generate", "--run", str(run_dir), *args, cwd=tmp_path, check=False)
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("rnnlm: error:") and problem in last, proc.stderr
+
+
+def test_unknown_prefix_tokens_are_read_as_unk_with_a_warning(tmp_path):
+    run_dir = small_run_dir(tmp_path / "run", "none")
+    proc = rnnlm("generate", "--run", str(run_dir), "--prefix", "时间机器 time", "--num-tokens", "5", cwd=tmp_path)
+    assert proc.stdout.startswith("时间机器 time")
+    warning = [line for line in proc.stderr.splitlines() if "WARNING" in line]
+    assert warning and "4 of its 9 tokens are not in the model's vocabulary" in warning[0], proc.stderr
+    assert "<unk>" in warning[0] and "'时'" in warning[0]
+
+
+@pytest.mark.slow
+def test_failed_run_ends_with_one_line_verdict_and_runs_servers_without_telemetry(tmp_path):
+    """A failing `rnnlm run`: Prefect's tracebacks go to the log file, the terminal ends with the
+    verdict; its embedded Prefect server (a child process) runs with every telemetry switch off."""
+    import psutil
+
+    missing = tmp_path / "no-such-corpus.txt"
+    proc = subprocess.Popen([RNNLM, "run", "--set", f"data.sources=[{{url: {missing}}}]"], cwd=tmp_path, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server_env = None
+    try:
+        while proc.poll() is None and server_env is None:  # the server lives as long as the run
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    if "uvicorn" in " ".join(child.cmdline()):
+                        server_env = child.environ()
+                except psutil.NoSuchProcess:
+                    pass
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 3, err
+    assert server_env is not None, "no Prefect server process seen"
+    switches = ("PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY")
+    assert [str(server_env.get(k)).lower() for k in switches] == ["false", "true", "true"], server_env
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("rnnlm: error: corpus source") and str(missing) in last and "not found" in last, err
+    log_file = Path(re.search(r"\(full log: (.+)\)$", last).group(1))
+    assert log_file.parent == tmp_path / ".rnnlm" / "logs"
+    assert "Traceback" in log_file.read_text() and str(missing) in log_file.read_text()
+
+    verbose = rnnlm("--verbose", "run", "--set", f"data.sources=[{{url: {missing}}}]", cwd=tmp_path, check=False)
+    assert verbose.returncode == 3 and "Traceback" in verbose.stderr

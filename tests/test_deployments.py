@@ -83,6 +83,16 @@ def test_worker_env_persists_results_on_the_shared_root(tmp_path):
     assert server["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
 
 
+def test_servers_and_workers_are_started_with_telemetry_off(tmp_path):
+    from flows import servers
+
+    off = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    user = {"DO_NOT_TRACK": "false", "MLFLOW_DISABLE_TELEMETRY": "false"}  # even a user's opt-in stays off
+    for env in (servers.server_env(home=str(tmp_path / "home"), base=user),
+                servers.worker_env(root=str(tmp_path / "store"), base=user)):
+        assert {k: env.get(k) for k in off} == off
+
+
 def test_dispatch_option_is_validated():
     from pydantic import ValidationError
 
@@ -329,6 +339,20 @@ def test_nightly_retrain_dispatches_stages_to_their_pools_and_registers(stack):
     assert tags["data.dataset_id"] == ds["dataset_id"]
     assert parent_id in tags["prefect.flow_run_url"]
     print(f"\ntimings: {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
+
+
+@pytest.mark.slow
+def test_the_server_and_every_worker_run_with_telemetry_off(stack):
+    import psutil
+
+    off = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    for name, proc, _ in stack["procs"].procs:  # `rnnlm worker` execs the worker: same pid, its environment
+        env = psutil.Process(proc.pid).environ()
+        assert {k: env.get(k) for k in off} == off, name
+    with prefect_client(stack["api"]) as client:
+        settings = client.request("GET", "/admin/settings").json()
+    assert settings["server"]["analytics_enabled"] is False
+    assert "Failed to send telemetry" not in stack["procs"].log("server", tail=10**6)
 
 
 @pytest.mark.slow

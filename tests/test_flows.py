@@ -33,14 +33,19 @@ TRAIN_STAGES = ("train_model", "evaluate_model")
 
 @pytest.fixture(scope="module", autouse=True)
 def prefect_server(tmp_path_factory):
-    """One temporary Prefect server (SQLite) for the module, PREFECT_HOME in a temp dir."""
+    """One temporary Prefect server (SQLite) for the module, PREFECT_HOME in a temp dir, telemetry off."""
     from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
+    from flows.servers import TELEMETRY_OFF
+
     home = tmp_path_factory.mktemp("prefect-home")
-    with temporary_settings(updates={PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}):
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in TELEMETRY_OFF.items():
+            env.setenv(name, value)
+        with temporary_settings(updates={PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+            with prefect_test_harness(server_startup_timeout=120):
+                yield
 
 
 def corpus(tmp_path: Path, text: str = TEXT) -> Path:
@@ -378,3 +383,72 @@ def test_retrain_registers_a_champion_with_lineage(tmp_path, store):
     assert run.data.tags["prefect.flow_run_id"] == result["flow_run_id"]
     assert run.data.tags["data.dataset_id"] == result["dataset"]["dataset_id"]
     assert float(champion.tags["test_ppl"]) > 1
+
+
+def test_the_test_server_runs_with_telemetry_off():
+    servers = [p for p in psutil.Process().children(recursive=True) if "uvicorn" in " ".join(p.cmdline())]
+    assert servers, "no Prefect server process"
+    env = servers[0].environ()
+    switches = ("PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY")
+    assert [str(env.get(k)).lower() for k in switches] == ["false", "true", "true"]  # Prefect writes 'False'
+
+
+def test_a_missing_local_input_is_not_retried_and_named(tmp_path):
+    from prefect import flow, task
+
+    from tasks.retries import retry_if_retryable
+
+    missing = tmp_path / "gone" / "counts.json"
+    attempts = []
+
+    @task(retries=3, retry_delay_seconds=0, retry_condition_fn=retry_if_retryable)
+    def read(path: str) -> str:
+        attempts.append(path)
+        with open(path) as f:
+            return f.read()
+
+    @flow
+    def reader() -> str:
+        return read(str(missing))
+
+    state = reader(return_state=True)
+    assert state.is_failed() and len(attempts) == 1, attempts
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        state.result()
+
+
+def test_stage_keys_follow_the_project_code_they_run(tmp_path, store, monkeypatch):
+    """Editing a module a stage runs recomputes that stage and everything downstream; nothing else."""
+    import shutil
+
+    from pipeline import code_version
+
+    src = tmp_path / "src"  # a copy of the project the digests read, so the test can edit it
+    for package in ("pipeline", "tasks"):
+        shutil.copytree(code_version.SOURCE_ROOT / package, src / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "data"))
+    monkeypatch.setattr(code_version, "SOURCE_ROOT", src)
+
+    def edit(module: str) -> None:
+        with open(src / module, "a", encoding="utf-8") as f:
+            f.write("\n# an upgrade\n")
+        code_version.clear_cache()
+
+    cfg = run_config(corpus(tmp_path))
+    first = states(retrain(cfg, store))
+    assert all(n == "Completed" for names in first.values() for n in names), first
+    encoded = _encoded_uris(store)
+
+    unchanged = states(retrain(cfg, store))
+    assert all(n == "Cached" for names in unchanged.values() for n in names), unchanged
+
+    edit("pipeline/gate.py")
+    registry_changed = states(retrain(cfg, store))
+    assert all(n == "Cached" for names in registry_changed.values() for n in names), registry_changed
+
+    edit("pipeline/tokenizer.py")
+    tokenizer_changed = states(retrain(cfg, store))
+    assert tokenizer_changed["fetch_corpus"] == ["Cached"], tokenizer_changed  # fetching runs no tokenizer
+    for stage in DATA_STAGES[1:] + TRAIN_STAGES:
+        assert all(n == "Completed" for n in tokenizer_changed[stage]), (stage, tokenizer_changed)
+    assert len(_encoded_uris(store)) == 2 * len(encoded)  # new intermediates, the old ones untouched

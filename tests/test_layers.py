@@ -50,3 +50,38 @@ def test_the_cli_lives_outside_the_library():
                           timeout=300)
     assert proc.returncode == 0 and "timemachine-char" in proc.stdout.split(), proc.stderr[-3000:]
     assert not (REPO / "pipeline" / "cli.py").exists()
+
+
+def test_every_cached_stage_has_a_module_list_of_existing_files():
+    import tasks
+    from pipeline.code_version import STAGE_MODULES, code_digest
+    from tasks.caching import StagePolicy
+
+    stages = {getattr(tasks, name).cache_policy.stage for name in tasks.__all__
+              if isinstance(getattr(getattr(tasks, name), "cache_policy", None), StagePolicy)}
+    assert stages == {"fetch", "count", "vocab", "encode", "shards", "train", "evaluate"}
+    assert stages == set(STAGE_MODULES)
+    for stage, modules in STAGE_MODULES.items():
+        assert len(code_digest(stage)) == 16 and all((REPO / m).is_file() for m in modules), stage
+
+
+def project_imports(module: str, seen: set[str] | None = None) -> set[str]:
+    """The project files ``module`` (a path like ``pipeline/train.py``) imports, transitively, lazy imports included."""
+    seen = set() if seen is None else seen
+    for name in imported_names(REPO / module):
+        path = name.replace(".", "/") + ".py"
+        if name.split(".")[0] == "pipeline" and (REPO / path).is_file() and path not in seen:
+            seen.add(path)
+            project_imports(path, seen)
+    return seen
+
+
+def test_stage_module_lists_cover_what_the_stages_import():
+    from pipeline.code_version import STAGE_MODULES
+
+    messages_only = {"pipeline/errors.py"}  # rewording an error recomputes nothing
+    entries = {"count": ["pipeline/prepare.py"], "train": ["pipeline/train.py", "pipeline/launch.py"],
+               "evaluate": ["pipeline/lm.py"]}
+    for stage, modules in entries.items():
+        needed = set(modules).union(*(project_imports(m) for m in modules)) - messages_only
+        assert needed <= set(STAGE_MODULES[stage]), (stage, sorted(needed - set(STAGE_MODULES[stage])))

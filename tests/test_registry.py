@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flows.servers import TELEMETRY_OFF
 from pipeline import consumer, errors, gate, packaging, tracking
 from pipeline.config import DataConfig, ModelConfig, RunConfig, SourceConfig, SplitConfig, TrainConfig
 from pipeline.errors import CheckpointError, NonFiniteLossError
@@ -151,7 +152,8 @@ def start_mlflow_server(tmp_path: Path, env: dict):
         [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{server_dir / 'mlflow.db'}",
          "--artifacts-destination", str(server_dir / "artifacts"), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
-        {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, server_dir, tmp_path / "server.log", f"{url}/health")
+        {**env, **TELEMETRY_OFF, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, server_dir, tmp_path / "server.log",
+        f"{url}/health")
     return url, server_dir, proc, log_file
 
 

@@ -1,0 +1,47 @@
+"""Retry rules (tasks/retries.py): retry only what trying again can fix."""
+
+from __future__ import annotations
+
+import errno
+import tomllib
+from pathlib import Path
+
+import aiohttp
+import pytest
+from packaging.requirements import Requirement
+
+from pipeline.errors import CorpusError, SourceUnreachableError
+from tasks.retries import is_retryable
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("exc", [
+    FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/corpus.txt"),
+    PermissionError(errno.EACCES, "Permission denied", "/data/corpus.txt"),
+    IsADirectoryError(errno.EISDIR, "Is a directory", "/data"),
+    NotADirectoryError(errno.ENOTDIR, "Not a directory", "/data/corpus.txt/x"),
+    CorpusError("/data/corpus.txt", "checksum mismatch"),
+    KeyError("bug"),
+])
+def test_what_retrying_cannot_fix_is_not_retried(exc):
+    assert not is_retryable(exc)
+
+
+@pytest.mark.parametrize("exc", [
+    ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
+    TimeoutError("read timed out"),
+    OSError(errno.EIO, "I/O error"),
+    SourceUnreachableError("http://example.invalid/x", "unreachable"),
+    aiohttp.ServerDisconnectedError(),
+    aiohttp.ClientConnectionError("connection refused"),
+])
+def test_network_and_store_hiccups_are_retried(exc):
+    assert is_retryable(exc)
+
+
+def test_pyproject_torch_lower_bound_has_the_apis_the_trainer_calls():
+    assert any("get_total_norm" in p.read_text() for p in (REPO / "pipeline").glob("*.py"))  # new in torch 2.6
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch = next(Requirement(d) for d in deps if Requirement(d).name == "torch")
+    assert not torch.specifier.contains("2.5.1") and torch.specifier.contains("2.6.0")
