@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+SERVERS_STAMP := $(VENV)/.installed-servers
 
-.PHONY: setup run test bench clean server deploy worker nightly test-deployments
+.PHONY: setup setup-servers run test bench clean server deploy worker nightly test-deployments
 
 # Deployments (deployments/README.md): a Prefect server on 127.0.0.1, the work pools and
 # deployments of deployments/prefect.yaml, a worker per pool. PREFECT_API_URL wins if set.
@@ -22,6 +23,14 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[dev,dask]"
 	touch $(STAMP)
+
+# What the server tests (S3 on moto, Redis locks, Prefect on PostgreSQL) need besides Debian's
+# redis-server and postgresql: without them those tests skip, naming what to install.
+setup-servers: $(SERVERS_STAMP)
+
+$(SERVERS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[dev,dask,test]"
+	touch $(SERVERS_STAMP)
 
 run: setup
 	$(BIN)/rnnlm run

@@ -144,11 +144,15 @@ def _fetch_file(open_file: fsspec.core.OpenFile, display: str, root: str, expect
                 raise CorpusError(display, f"checksum mismatch: expected {algo} {want}, got {digests[algo]}")
         final = f"{dir_path}/{digests['sha256']}.txt"
         _store(fs, tmp if dst else None, final, num_bytes, root)
+    except StorageError:  # the store, not the source (an OSError too)
+        raise
     except FileNotFoundError as e:
         raise _not_found(display, e) from None
     except PermissionError as e:
         raise CorpusError(display, f"permission denied reading it: {e}") from None
     except OSError as e:  # connection refused, DNS failure, timeouts, HTTP 5xx
+        if storage.is_permanent_error(e):  # access denied, no such bucket: asking again cannot help
+            raise CorpusError(display, f"refused: {e}") from None
         raise SourceUnreachableError(display, f"unreachable: {e}") from None
     finally:
         if fs.exists(tmp):
@@ -160,14 +164,19 @@ def _fetch_file(open_file: fsspec.core.OpenFile, display: str, root: str, expect
 
 def _open_for_writing(fs, dir_path: str, tmp: str, root: str):
     """The temp file to stream the copy into, or None when the store cannot be written."""
+    corpus_url = storage.join(root, "corpus")
     try:
-        fs.makedirs(dir_path, exist_ok=True)
+        fs.makedirs(dir_path, exist_ok=True)  # the first write of a run: a bad store fails here, clearly
         return fs.open(tmp, "wb")
     except OSError as e:
         if not storage.is_unwritable(e):
-            raise
-        if not fs.isdir(dir_path):
-            raise StorageError(root, f"the corpus directory {dir_path}", e) from None
+            raise StorageError(corpus_url, f"cannot write to it: {e}", retryable=True) from e
+        try:
+            there = fs.isdir(dir_path)
+        except OSError:
+            there = False
+        if not there:
+            raise storage.unwritable(root, f"the corpus directory {corpus_url}", e) from None
         return None
 
 
@@ -178,11 +187,11 @@ def _store(fs, tmp: str | None, final: str, num_bytes: int, root: str) -> None:
         if problem is None:
             return
         if tmp is None:
-            raise StorageError(root, f"a good copy over {final}, which {problem}", "read-only")
+            raise storage.unwritable(root, f"a good copy over {final}, which {problem}", "read-only")
         moved = storage.quarantine(final if storage.is_local(root) else fs.unstrip_protocol(final), root)
         log.warning("corpus copy %s %s: moved to %s; storing the fresh copy", final, problem, moved)
     elif tmp is None:
-        raise StorageError(root, f"the corpus copy {final}", "read-only or no permission")
+        raise storage.unwritable(root, f"the corpus copy {final}", "read-only or no permission")
     if isinstance(fs, LocalFileSystem):
         os.replace(tmp, final)
     else:

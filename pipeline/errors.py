@@ -37,13 +37,14 @@ class SourceUnreachableError(CorpusError):
     retryable = True
 
 
-class StorageError(PipelineError):
-    """The storage root cannot be written (read-only, no permission): says which root and what."""
+class StorageError(PipelineError, OSError):
+    """The artifact store refused a request; ``retryable`` says whether asking again can help
+    (a timeout can; an invalid bucket name, a missing bucket or denied access cannot)."""
 
-    def __init__(self, root: str, what: str, cause: BaseException | str):
-        self.root = root
-        reason = getattr(cause, "strerror", None) or str(cause)
-        super().__init__(f"storage root {root!r} is not writable: could not write {what} ({reason})")
+    def __init__(self, url: str, problem: str, retryable: bool = False):
+        self.url = url
+        self.retryable = retryable
+        super().__init__(f"artifact store {url!r}: {problem}")
 
 
 class DatasetError(PipelineError, ValueError):

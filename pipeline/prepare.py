@@ -33,7 +33,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.config import DataConfig, TokenizerConfig
 from pipeline.corpus import Document, fetch_corpus, located_sources
-from pipeline.errors import ConfigError, CorpusError, StorageError
+from pipeline.errors import ConfigError, CorpusError, PipelineError
 from pipeline.shards import (MANIFEST, SPLITS, Dataset, DatasetWriter, is_complete, open_dataset, read_pinned_vocab,
                              split_bounds, verify_dataset)
 from pipeline.tokenizer import UNK, char_codes, safe_cuts, word_tokens
@@ -291,8 +291,8 @@ def write_dataset(uri, documents, cfg: DataConfig, counted: CountedVocab, encode
         fs, path = storage.filesystem(staging)
         if fs.exists(path):
             fs.rm(path, recursive=True)
-        if isinstance(e, OSError) and storage.is_unwritable(e):
-            raise StorageError(uri.rstrip("/").rsplit("/", 2)[0], f"the dataset {uri}", e) from None
+        if isinstance(e, OSError) and not isinstance(e, PipelineError) and storage.is_unwritable(e):
+            raise storage.unwritable(uri.rstrip("/").rsplit("/", 2)[0], f"the dataset {uri}", e) from None
         raise
     storage.publish_dir(staging, uri)
     log.info("dataset %s: %d tokens (train %d, val %d, test %d), vocab %d", manifest["dataset_id"], manifest["num_tokens"],

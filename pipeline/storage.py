@@ -1,9 +1,14 @@
 """Where artifacts live: a root URI (a local directory, s3://, gs://, memory://...).
 
-Artifacts are immutable and content-addressed, and every write lands under a
-temporary name first and is renamed into place, so a crash never leaves a file
-that looks complete. A directory artifact is complete when its manifest exists,
-and the manifest is always the last thing written.
+Artifacts are immutable and content-addressed, and a crash never leaves a file
+that looks complete: locally every write lands under a temporary name and is
+renamed into place; on object stores (S3, GCS, Azure) one upload is atomic by
+itself (the object appears whole or not at all), so a file is put directly.
+A directory artifact is complete when its manifest exists, and the manifest is
+always the last thing written (see ``publish_dir``).
+
+Object-store listings are never cached: another process (a worker on another
+host, the trainer child) may have written a file since this one last looked.
 """
 
 from __future__ import annotations
@@ -49,9 +54,22 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts) if "://" in base else os.path.join(base, *parts)
 
 
+# Object stores: one PUT is atomic, there is no rename (a "move" is copy + delete).
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+
+
+def protocol(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def is_object_store(url: str) -> bool:
+    return protocol(url) in OBJECT_STORES
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path
+    if is_object_store(url):  # a cached listing would hide files other processes wrote since
+        return fsspec.core.url_to_fs(url, use_listings_cache=False)
+    return fsspec.core.url_to_fs(url)
 
 
 def exists(url: str) -> bool:
@@ -65,8 +83,12 @@ def read_bytes(url: str) -> bytes:
 
 
 def write_bytes_atomic(url: str, data: bytes) -> None:
-    """Write ``data`` to a temporary sibling, then rename it onto ``url``."""
+    """Write ``data`` to a temporary sibling, then rename it onto ``url`` (on object stores:
+    one upload, atomic by itself)."""
     fs, path = filesystem(url)
+    if is_object_store(url):
+        fs.pipe_file(path, bytes(data))
+        return
     parent = posixpath.dirname(path) if not isinstance(fs, LocalFileSystem) else os.path.dirname(path)
     fs.makedirs(parent, exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
@@ -96,12 +118,14 @@ def new_staging_dir(final_url: str) -> str:
 
 
 def publish_dir(staging_url: str, final_url: str, marker: str = "manifest.json") -> bool:
-    """Move a fully written staging directory to its final name.
+    """Move a fully written staging directory, whose completeness ``marker`` was written last,
+    to its final name. Returns False if the artifact was already published (same content:
+    ours is discarded).
 
-    Locally this is one atomic rename. If another worker published the same
-    content-addressed artifact first, ours is discarded and False is returned.
-    On object stores a directory "rename" copies files, so there the ``marker``
-    file (the manifest) is copied last: its presence marks the artifact complete.
+    Locally this is one atomic rename. On object stores a directory "rename" copies files,
+    so every data file is copied (server-side) and verified first and the marker last; a
+    final directory without its marker (a publish killed halfway) is never trusted: it is
+    overwritten file by file, then completed with the marker.
     """
     fs, staging = filesystem(staging_url)
     _, final = filesystem(final_url)
@@ -114,14 +138,55 @@ def publish_dir(staging_url: str, final_url: str, marker: str = "manifest.json")
                 fs.rm(staging, recursive=True)
                 return False
             raise
-    if fs.exists(final):
+    if fs.exists(posixpath.join(final, marker)):
         fs.rm(staging, recursive=True)
         return False
-    files = sorted(fs.find(staging), key=lambda f: f.rsplit("/", 1)[-1] == marker)  # the marker last
-    for f in files:
-        fs.copy(f, final + f[len(staging.rstrip("/")):])
+    sources = {posixpath.relpath(p, staging): info["size"] for p, info in fs.find(staging, detail=True).items()}
+    if marker not in sources:
+        raise FileNotFoundError(f"cannot publish {staging_url}: its {marker} is missing (an unfinished staging dir)")
+    for name in sorted(sources, key=lambda n: n == marker):  # the marker last
+        target = posixpath.join(final, name)
+        fs.copy(posixpath.join(staging, name), target)
+        size = fs.info(target)["size"]
+        if size != sources[name]:
+            raise OSError(f"publishing {final_url}: {name} landed with {size} bytes, expected {sources[name]}")
     fs.rm(staging, recursive=True)
     return True
+
+
+# S3 error codes that the same request will get again (s3fs raises them as OSError, with
+# botocore's ClientError as the cause): retrying them only delays the real message.
+PERMANENT_S3_CODES = frozenset({
+    "InvalidBucketName", "NoSuchBucket", "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId",
+    "SignatureDoesNotMatch", "AccountProblem", "InvalidArgument", "InvalidRequest", "InvalidObjectState",
+})
+
+
+def is_permanent_error(exc: BaseException) -> bool:
+    """An I/O error that retrying cannot fix: permission denied, an invalid argument (s3fs's
+    errno for an invalid bucket name), or a permanent S3 error code anywhere in the cause chain."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, PermissionError) or getattr(exc, "errno", None) in (errno.EINVAL, errno.EACCES, errno.EPERM):
+            return True
+        code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
+        if code in PERMANENT_S3_CODES:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def makedirs(url: str) -> None:
+    """Create a directory (on S3 this may create the bucket); a refusal is a StorageError naming
+    ``url`` that says whether retrying can help."""
+    from pipeline.errors import StorageError
+
+    fs, path = filesystem(url)
+    try:
+        fs.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise StorageError(url, f"cannot create it: {e}", retryable=not is_permanent_error(e)) from e
 
 
 QUARANTINE = "quarantine"
@@ -132,8 +197,6 @@ def quarantine(url: str, root: str) -> str | None:
     ``<root>/quarantine/<its path under root>.<UTC time>-<random>``: kept for a post-mortem,
     never silently deleted. None if it was already gone (a concurrent run moved it first).
     A root that cannot be written raises ``StorageError``."""
-    from pipeline.errors import StorageError
-
     rel = url[len(root):].strip("/") if url.startswith(root) else url.rstrip("/").rsplit("/", 1)[-1]
     dest = join(root, QUARANTINE, f"{rel}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}")
     fs, src = filesystem(url)
@@ -148,14 +211,22 @@ def quarantine(url: str, root: str) -> str | None:
         return None
     except OSError as e:
         if is_unwritable(e):
-            raise StorageError(root, f"{dest} (to quarantine {url})", e) from None
+            raise unwritable(root, f"{dest} (to quarantine {url})", e) from None
         raise
     return dest
 
 
-def is_unwritable(e: OSError) -> bool:
-    """A write refused for good: no permission or a read-only filesystem."""
-    return isinstance(e, PermissionError) or e.errno == errno.EROFS
+def is_unwritable(e: BaseException) -> bool:
+    """A write refused for good: no permission, a read-only filesystem, a permanent refusal."""
+    return getattr(e, "errno", None) == errno.EROFS or is_permanent_error(e)
+
+
+def unwritable(root: str, what: str, cause: BaseException | str):
+    """The ``StorageError`` for a refused write: it names the root and what could not be written."""
+    from pipeline.errors import StorageError
+
+    reason = getattr(cause, "strerror", None) or str(cause)
+    return StorageError(root, f"not writable: could not write {what} ({reason})")
 
 
 def sha256_bytes(data: bytes | memoryview) -> str:

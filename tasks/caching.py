@@ -28,7 +28,7 @@ Concurrency: keys are looked up and written under ``SERIALIZABLE`` isolation wit
 lock manager, so two runs of a stage on the same inputs compute once: the second waits
 for the first's lock, then finds its record (state ``Cached``). Locally the lock manager
 is Prefect's ``FileSystemLockManager`` (``options.locks``, default ``<root>/locks``). For
-runs on several hosts use a shared lock service: ``pip install prefect-redis`` and set
+runs on several hosts use a shared lock service: ``pip install 'rnnlm[redis]'`` and set
 ``options.redis_url`` (``redis://host:6379/0``), which selects
 ``prefect_redis.locking.RedisLockManager``; with a file lock directory this only works if
 every host sees the same directory with working ``O_EXCL`` creation (not on object stores).
@@ -191,12 +191,9 @@ def lock_manager(options: PipelineOptions):
         except ImportError:
             from pipeline.errors import ConfigError
 
-            raise ConfigError("options.redis_url needs the prefect-redis package: pip install prefect-redis") from None
-        from urllib.parse import urlparse
-
-        u = urlparse(options.redis_url)
-        return RedisLockManager(host=u.hostname or "localhost", port=u.port or 6379,
-                                db=int((u.path or "/0").lstrip("/") or 0), password=u.password)
+            raise ConfigError("options.redis_url needs the prefect-redis package: pip install 'rnnlm[redis]'") from None
+        # the URL as given: redis://, rediss:// (TLS), user:password@, redis+sentinel://
+        return RedisLockManager(connection_url=options.redis_url)
     return LocalLockManager(lock_files_directory=Path(options.lock_dir()))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from pipeline import storage
 from pipeline.errors import PipelineError
 from tasks.caching import run_logger
 
@@ -36,7 +37,8 @@ TRANSIENT_STORE_CODES = {"SlowDown", "RequestTimeout", "InternalError", "Service
 
 def is_retryable(exc: BaseException | None) -> bool:
     """PipelineErrors say so themselves; network and object-store hiccups may pass; a missing
-    or unreadable input, a refused request and bugs do not."""
+    or unreadable input, a refused request (an object store's permanent refusal: invalid
+    bucket, access denied) and bugs do not."""
     if terminating.is_set() or exc is None:
         return False
     if isinstance(exc, PipelineError):
@@ -44,7 +46,7 @@ def is_retryable(exc: BaseException | None) -> bool:
     if isinstance(exc, PERMANENT_OS_ERRORS):
         return False
     if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
-        return True
+        return not storage.is_permanent_error(exc)
     code = ((getattr(exc, "response", None) or {}).get("Error") or {}).get("Code")  # botocore ClientError
     if code is not None:
         return str(code) in TRANSIENT_STORE_CODES

@@ -309,7 +309,7 @@ def test_read_only_root_error_names_the_root_and_what(shared_dir):
     proc = as_user("prepare", "--root", str(root), home=shared_dir / "home", check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert f"storage root '{root}' is not writable" in last and f"{root}/corpus" in last, last
+    assert f"artifact store '{root}': not writable" in last and f"{root}/corpus" in last, last
     assert "Traceback" not in proc.stderr
 
 

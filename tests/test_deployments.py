@@ -11,20 +11,17 @@ group and stopped by PID (group, then any stray descendant) in a finalizer, pass
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+from tests.servers import Processes, clean_env, free_port, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -103,129 +100,64 @@ def test_dispatch_option_is_validated():
         PipelineOptions(dispatch="remote")
 
 
-# --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Processes:
-    """Subprocesses in their own process groups, logs to files, all stopped by PID at the end."""
-
-    def __init__(self, logs: Path):
-        self.logs = logs
-        self.procs: list[tuple[str, subprocess.Popen, object]] = []
-
-    def start(self, name: str, cmd: list[str], env: dict, cwd=None) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "wb")
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append((name, proc, log))
-        return proc
-
-    def log(self, name: str, tail: int = 3000) -> str:
-        path = self.logs / f"{name}.log"
-        return path.read_text(errors="replace")[-tail:] if path.exists() else ""
-
-    def all_logs(self) -> str:
-        return "\n".join(f"----- {name} -----\n{self.log(name)}" for name, _, _ in self.procs)
-
-    def stop_all(self) -> None:
-        import psutil
-
-        for name, proc, log in reversed(self.procs):  # workers first, the server last
-            try:
-                descendants = psutil.Process(proc.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                descendants = []
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(timeout=10)
-            for d in descendants:  # flow-run processes that left the group
-                try:
-                    d.kill()
-                except psutil.NoSuchProcess:
-                    pass
-            log.close()
-
-
-def wait_http(url: str, proc: subprocess.Popen, procs: Processes, name: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"{name} exited with {proc.returncode}:\n{procs.log(name)}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{name} not ready after {timeout}s:\n{procs.log(name)}")
-        time.sleep(0.5)
-
-
-def clean_env(**extra) -> dict:
-    """This environment minus anything that would point a child at another server or store."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RNNLM_"))}
-    return {**env, **extra}
+# --------------------------------------------------------------------------- the stack
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, request):
-    """Server + deployments + one worker per pool; yields a dict of what the test needs."""
-    from flows import servers
+    """Server (SQLite) + deployments + one worker per pool sharing a local root and a SQLite
+    MLflow database; yields a dict of what the test needs."""
     from pipeline.tracking import ensure_tracking_db
 
     base = tmp_path_factory.mktemp("deployments")
-    (base / "logs").mkdir()
+    tracking = "sqlite:///" + str(base / "mlflow.db")
+    ensure_tracking_db(tracking)  # created once, before workers use it concurrently
     procs = Processes(base / "logs")
     request.addfinalizer(procs.stop_all)
+    yield start_stack(base, procs, store=str(base / "store"), tracking=tracking)
+
+
+def start_stack(base: Path, procs: Processes, *, store: str, tracking: str, database_url: str | None = None,
+                env: dict | None = None, worker_homes: bool = False) -> dict:
+    """A Prefect server (SQLite, or the PostgreSQL of ``database_url``), the deployments, one worker
+    per pool on storage root ``store`` and MLflow ``tracking``. ``env`` goes to every process;
+    ``worker_homes``: each worker gets its own PREFECT_HOME and working directory (separate hosts)."""
+    from flows import servers
+
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-
+    env = dict(env or {})
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    server_env = servers.server_env(home=str(base / "server-home"), base=clean_env(
-        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="10", PREFECT_LOGGING_LEVEL="WARNING"))
+    server_env = servers.server_env(home=str(base / "server-home"), database_url=database_url, base=clean_env(
+        **env, PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="10", PREFECT_LOGGING_LEVEL="WARNING"))
     server = procs.start("server", servers.server_command("127.0.0.1", port), server_env)
     wait_http(f"{api}/health", server, procs, "server")
     timings["server_ready_s"] = time.perf_counter() - t0
-
-    store = base / "store"
-    tracking = "sqlite:///" + str(base / "mlflow.db")
-    ensure_tracking_db(tracking)  # created once, before workers use it concurrently
     client_home = str(base / "client-home")
 
     # deploy from somewhere else than the repo root, with a deployer-side RNNLM_REPO_DIR that
     # must NOT end up in the deployments (the workers' value is used at run time)
     t = time.perf_counter()
     deployed = subprocess.run([str(BIN / "rnnlm"), "deploy", "--api-url", api], cwd=base, capture_output=True,
-                              text=True, timeout=180,
-                              env=clean_env(PREFECT_HOME=client_home, RNNLM_REPO_DIR="/nonexistent/deployer/checkout"))
+                              text=True, timeout=180, env=clean_env(**env, PREFECT_HOME=client_home,
+                                                                    RNNLM_REPO_DIR="/nonexistent/deployer/checkout"))
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
     timings["deploy_s"] = time.perf_counter() - t
 
-    worker_env = clean_env(PREFECT_HOME=client_home, PREFECT_WORKER_QUERY_SECONDS="1", RNNLM_STORAGE=str(store),
-                           MLFLOW_TRACKING_URI=tracking, RNNLM_REPO_DIR=str(REPO), RNNLM_NUM_THREADS="1")
     workers = {}
     for pool in servers.POOLS:
+        home = base / f"host-{pool}" if worker_homes else base
+        home.mkdir(exist_ok=True)
+        worker_env = clean_env(**env, PREFECT_HOME=str(home / "prefect") if worker_homes else client_home,
+                               PREFECT_WORKER_QUERY_SECONDS="1", RNNLM_STORAGE=store, MLFLOW_TRACKING_URI=tracking,
+                               RNNLM_REPO_DIR=str(REPO), RNNLM_NUM_THREADS="1")
         workers[pool] = procs.start(f"worker-{pool}", [str(BIN / "rnnlm"), "worker", "--pool", pool,
-                                                        "--name", f"test-{pool}", "--api-url", api], worker_env)
-    yield {"api": api, "store": store, "tracking": tracking, "procs": procs, "workers": workers,
-           "client_env": clean_env(PREFECT_HOME=client_home, PREFECT_API_URL=api), "timings": timings,
-           "deploy_output": deployed.stdout}
+                                                        "--name", f"test-{pool}", "--api-url", api], worker_env,
+                                    cwd=home)
+    return {"api": api, "store": store, "tracking": tracking, "procs": procs, "workers": workers,
+            "client_env": clean_env(**env, PREFECT_HOME=client_home, PREFECT_API_URL=api), "timings": timings,
+            "deploy_output": deployed.stdout}
 
 
 def prefect_client(api: str):
@@ -248,7 +180,14 @@ def prefect_client(api: str):
 
 @pytest.mark.slow
 def test_nightly_retrain_dispatches_stages_to_their_pools_and_registers(stack):
+    check_nightly_retrain(stack)
+
+
+def check_nightly_retrain(stack: dict) -> None:
+    """Run retrain/nightly on ``stack`` and check placement, lineage, results on the shared root."""
     from importlib.metadata import version
+
+    from pipeline import storage
 
     from mlflow.tracking import MlflowClient
     from packaging.version import Version
@@ -325,8 +264,8 @@ def test_nightly_retrain_dispatches_stages_to_their_pools_and_registers(stack):
     assert result["subflow_run_ids"] == [str(children["prepare-data/cpu"].id), str(children["train/gpu"].id)]
     ds = result["dataset"]
     assert ds["dataset_id"] == dataset_result["dataset_id"] and ds["num_tokens"] == 4000
-    assert Path(ds["uri"]).is_relative_to(stack["store"]) and (Path(ds["uri"]) / "manifest.json").is_file()
-    assert Path(result["run"]["model_uri"]).is_relative_to(stack["store"]) and result["run"]["epochs"] == 1
+    assert ds["uri"].startswith(stack["store"] + "/") and storage.exists(storage.join(ds["uri"], "manifest.json"))
+    assert result["run"]["model_uri"].startswith(stack["store"] + "/") and result["run"]["epochs"] == 1
 
     # MLflow: a new version with lineage pointing at this very flow run
     reg = result["registered"]

@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -32,6 +31,8 @@ from pipeline.errors import CheckpointError, NonFiniteLossError
 from pipeline.lm import LanguageModel, write_lm_metadata
 from pipeline.prepare import prepare_dataset
 from pipeline.train import train
+
+from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -112,12 +113,6 @@ def champion_version() -> str:
     return str(tracking.client().get_model_version_by_alias(NAME, packaging.CHAMPION).version)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(cmd: list[str], env: dict, cwd, log_path: Path, ready_url: str, timeout: float = 120.0):
     """Start ``cmd`` in its own process group; wait until ``ready_url`` answers 200."""
     log_file = open(log_path, "wb")
@@ -140,9 +135,10 @@ def start_server(cmd: list[str], env: dict, cwd, log_path: Path, ready_url: str,
         time.sleep(0.5)
 
 
-def start_mlflow_server(tmp_path: Path, env: dict):
+def start_mlflow_server(tmp_path: Path, env: dict, artifacts: str | None = None):
     """A real ``mlflow server`` on a free 127.0.0.1 port, SQLite backend and artifacts under
-    ``tmp_path/server``; job execution off keeps it to two processes. Returns
+    ``tmp_path/server`` (or at ``artifacts``, e.g. an s3:// URL: clients then upload and download
+    through the server's proxy); job execution off keeps it to two processes. Returns
     ``(url, server_dir, proc, log_file)``; stop it with ``stop_server(proc, log_file)``."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -150,7 +146,7 @@ def start_mlflow_server(tmp_path: Path, env: dict):
     server_dir.mkdir()
     proc, log_file = start_server(
         [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{server_dir / 'mlflow.db'}",
-         "--artifacts-destination", str(server_dir / "artifacts"), "--host", "127.0.0.1",
+         "--artifacts-destination", artifacts or str(server_dir / "artifacts"), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
         {**env, **TELEMETRY_OFF, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, server_dir, tmp_path / "server.log",
         f"{url}/health")
