@@ -34,8 +34,8 @@ from pipeline import storage
 from pipeline.config import DataConfig, TokenizerConfig
 from pipeline.corpus import Document, fetch_corpus, located_sources
 from pipeline.errors import ConfigError, CorpusError, PipelineError
-from pipeline.shards import (MANIFEST, SPLITS, Dataset, DatasetWriter, is_complete, open_dataset, read_pinned_vocab,
-                             split_bounds, verify_dataset)
+from pipeline.integrity import verified_dataset
+from pipeline.shards import SPLITS, Dataset, DatasetWriter, open_dataset, read_pinned_vocab, split_bounds
 from pipeline.tokenizer import UNK, char_codes, safe_cuts, word_tokens
 from pipeline.vocab import TokenCounts, Vocab, count_codes, count_values, merge_counts
 
@@ -241,27 +241,6 @@ def prepare_dataset(cfg: DataConfig, root: str | None = None) -> Dataset:
             write_dataset(uri, documents, cfg, counted, encoded)
     log.info("prepared in %.1f s", time.perf_counter() - started)
     return open_dataset(uri)
-
-
-def verified_dataset(uri: str, root: str) -> Dataset | None:
-    """The dataset at ``uri`` if it is there and verifies; else None, to be (re)built.
-
-    One that fails verification (a file corrupt or missing, a broken manifest) is moved
-    to ``<root>/quarantine/`` with a warning naming the file, never deleted. Locally, a
-    directory without a manifest is a broken one too (publishing is one rename); on an
-    object store it may be another worker's publish in progress, so it is left alone.
-    """
-    if not is_complete(uri):
-        if not (storage.is_local(uri) and storage.exists(uri)):
-            return None
-        problem = f"no {MANIFEST}"
-    else:
-        problem = verify_dataset(uri)
-        if problem is None:
-            return open_dataset(uri)
-    moved = storage.quarantine(uri, root)
-    log.warning("dataset %s fails verification (%s): moved to %s; rebuilding it", uri, problem, moved)
-    return None
 
 
 def write_dataset(uri, documents, cfg: DataConfig, counted: CountedVocab, encoded_chunks) -> dict:

@@ -274,29 +274,12 @@ def is_complete(uri: str) -> bool:
     return storage.exists(storage.join(uri, MANIFEST))
 
 
-def verify_dataset(uri: str) -> str | None:
-    """What is wrong with the dataset at ``uri``, or None when every file its manifest lists
-    is there with its sha256. Reads each file once; this process does not hash it again
-    on a later read unless it changed (``_verified``)."""
-    try:
-        m = open_dataset(uri).manifest
-        files = [(VOCAB_FILE, m["vocab"]["sha256"])]
-        files += [(shard["file"], shard["sha256"]) for split in m["splits"].values() for shard in split["shards"]]
-        for name, sha256 in files:
-            _verified_buffer(storage.join(uri, name), sha256)
-    except DatasetError as e:
-        return str(e)
-    except (KeyError, TypeError, AttributeError) as e:
-        return f"corrupt manifest {storage.join(uri, MANIFEST)}: no {e}"
-    return None
-
-
 # Local files this process hashed: path -> (size, mtime, inode, sha256). A file whose stat is
 # unchanged is not hashed again (verify_dataset then training or evaluation in one process).
 _verified: dict[str, tuple[int, int, int, str]] = {}
 
 
-def _verified_buffer(url: str, sha256: str | None) -> pa.Buffer:
+def verified_buffer(url: str, sha256: str | None) -> pa.Buffer:
     """A file's bytes (memory-mapped when local), checked against its sha256 (when given)."""
     local = storage.is_local(url)
     try:
@@ -323,7 +306,7 @@ def _verified_buffer(url: str, sha256: str | None) -> pa.Buffer:
 
 def _read_verified(url: str, sha256: str | None) -> pa.Table:
     """Read a Parquet file (memory-mapped when local), check its sha256 (when given), parse it."""
-    buffer = _verified_buffer(url, sha256)
+    buffer = verified_buffer(url, sha256)
     try:
         return pq.read_table(pa.BufferReader(buffer))
     except pa.ArrowException as e:

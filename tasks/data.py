@@ -44,6 +44,7 @@ from pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from pipeline.corpus import Document, builtin_path, fetch_source
 from pipeline.errors import DatasetError, PipelineError
 from pipeline.prepare import DATA_FORMAT_VERSION, Chunk, dataset_id, plan_chunks
+from pipeline.integrity import verified_dataset
 from pipeline.shards import MANIFEST, open_dataset, parquet_bytes, read_vocab
 from tasks.caching import StagePolicy, content_id, jsonable, manifest
 
@@ -219,7 +220,7 @@ def shards_problem(cached: dict[str, Any], inputs: dict[str, Any]) -> str | None
     """The cache check of ``write_shards``: a cached dataset that fails verification is quarantined,
     so the stage runs again and rebuilds it from the encoded chunks."""
     uri = cached.get("uri")
-    if not uri or prepare.verified_dataset(uri, storage.storage_root(inputs.get("root"))) is not None:
+    if not uri or verified_dataset(uri, storage.storage_root(inputs.get("root"))) is not None:
         return None
     return f"dataset {uri} failed verification and was quarantined (see the warning above)"
 
@@ -234,7 +235,7 @@ def write_shards(fetched: list[dict[str, Any]], data: DataConfig, vocab: dict[st
     documents = _documents(fetched)
     did = dataset_id(documents, data, vocab.get("pinned_sha256"))
     uri = prepare.dataset_uri(documents, data, root, vocab.get("pinned_sha256"))
-    if prepare.verified_dataset(uri, root) is not None:
+    if verified_dataset(uri, root) is not None:
         logger.info("dataset %s already written at %s", did, uri)
     else:
         prepare.write_dataset(uri, documents, data, _counted(vocab), (_read_ids(e["uri"]) for e in encoded))
