@@ -21,8 +21,9 @@ Results (the small JSON manifests the tasks return) are persisted as JSON under
 ``options.results`` (default ``<root>/prefect-results``; any fsspec URL), so keys
 are valid across flow runs and processes. A manifest lists the URIs it points to in
 ``artifacts``; before Prefect looks a key up, :class:`StagePolicy` reads the cached
-record and, if any artifact no longer exists, deletes the record, so the stage
-recomputes instead of returning a dangling URI.
+record and, if any artifact no longer exists (or the stage's ``verify`` finds one broken:
+``write_shards`` hashes its dataset and quarantines one that fails), deletes the record,
+so the stage recomputes instead of returning a dangling URI.
 
 Concurrency: keys are looked up and written under ``SERIALIZABLE`` isolation with a
 lock manager, so two runs of a stage on the same inputs compute once: the second waits
