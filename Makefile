@@ -24,12 +24,12 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[dev,dask]"
 	touch $(STAMP)
 
-# What the server tests (S3 on moto, Redis locks, Prefect on PostgreSQL) need besides Debian's
-# redis-server and postgresql: without them those tests skip, naming what to install.
+# What the server tests (S3 on moto, Redis locks, Prefect on PostgreSQL, a local Ray cluster) need
+# besides Debian's redis-server and postgresql: without them those tests skip, naming what to install.
 setup-servers: $(SERVERS_STAMP)
 
 $(SERVERS_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[dev,dask,test]"
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[dev,dask,test,ray]"
 	touch $(SERVERS_STAMP)
 
 run: setup

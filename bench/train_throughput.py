@@ -15,13 +15,16 @@ Sections (``--sections``, all by default; each runs in subprocesses of its own):
 * ``peers``: d2l 0.17.6's own ``train_epoch_ch8`` against the trainer (bench/throughput_peers.py).
 * ``softmax``: adaptive vs full softmax at vocabularies 10k/50k/250k (bench/throughput_softmax.py).
 * ``shared``: tokens/s beside a process using 20% of one core (bench/throughput_shared_host.py).
+* ``ray``: 2 Ray Train workers vs ``torchrun --nproc-per-node 2`` on this machine, tokens/s and
+  the Ray launch's start-up seconds (bench/throughput_ray.py; skipped without the ``ray`` extra).
 
 Prints tables, then one JSON line: the rows of every section, ``ratio_min`` (trainer over
-plain), ``peer_ratio_min``, ``bf16_cpu_ratio``, ``adaptive_speedup_250k`` and
-``shared_host_ratio`` (null for a section not run).
+plain), ``peer_ratio_min``, ``bf16_cpu_ratio``, ``adaptive_speedup_250k``,
+``shared_host_ratio``, ``ray_ratio`` and ``ray_startup_s`` (null for a section not run).
 
     python bench/train_throughput.py --sections trainer --steps 20 --cells gru --layers 1 --ranks 1,2
     python bench/train_throughput.py --device cuda --sections trainer,softmax --models d2l,presets,ptb-medium
+    python bench/train_throughput.py --sections ray --steps 50 --repeats 2 --device cpu
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SECTIONS = ("trainer", "bf16", "peers", "softmax", "shared")
+SECTIONS = ("trainer", "bf16", "peers", "softmax", "shared", "ray")
 
 
 @dataclass(frozen=True)
@@ -239,6 +242,7 @@ def main() -> None:
     p.add_argument("--ranks", default="1,2", help="world sizes to run, e.g. 1,2")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; the best of each counts")
+    p.add_argument("--ray-address", default="local", help="ray section: local (a private Ray), auto or ray://...")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--specs", help=argparse.SUPPRESS)
@@ -278,7 +282,12 @@ def main() -> None:
         rows, ratio = shared_host_rows(REPO)
         print_rows("beside a neighbour using 20% of one core", rows)
         out.update(shared_host_rows=rows, shared_host_ratio=ratio)
-    for key in ("ratio_min", "peer_ratio_min", "bf16_cpu_ratio", "adaptive_speedup_250k", "shared_host_ratio"):
+    if "ray" in sections:
+        from bench.throughput_ray import ray_section
+
+        out.update(ray_section(REPO, args, print_rows))
+    for key in ("ratio_min", "peer_ratio_min", "bf16_cpu_ratio", "adaptive_speedup_250k", "shared_host_ratio",
+                "ray_ratio", "ray_startup_s"):
         out.setdefault(key, None)
     print(json.dumps(out))
 

@@ -3,6 +3,7 @@
     rnnlm run                      the main job: the retrain flow on the default preset
     rnnlm prepare [--config X]     fetch, tokenize and shard a corpus; print the manifest summary
     rnnlm train --config X [--nproc N]
+    rnnlm run --launcher ray --ray-address auto --workers N [--gpus-per-worker K]   (a Ray cluster)
     rnnlm generate --run DIR | --model models:/NAME@ALIAS --prefix "time traveller"
     rnnlm server [--port 4200]     a Prefect server on 127.0.0.1 (SQLite under <root>/prefect)
     rnnlm deploy                   create the work pools and deploy deployments/prefect.yaml
@@ -31,7 +32,7 @@ from typing import Optional
 
 from flows.servers import TELEMETRY_OFF
 from pipeline.config import DEFAULT_PRESET, load_run_config, preset_names
-from pipeline.errors import EXIT_DO_NOT_RETRY, EXIT_FAILED, GenerationInputError, PipelineError
+from pipeline.errors import EXIT_DO_NOT_RETRY, EXIT_FAILED, ConfigError, GenerationInputError, PipelineError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 log = logging.getLogger("rnnlm")
@@ -41,6 +42,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=DEFAULT_PRESET, help=f"preset name or YAML file (default {DEFAULT_PRESET})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override one value, e.g. train.epochs=3")
     p.add_argument("--root", default=None, help="artifact storage root (default $RNNLM_STORAGE or ./.rnnlm)")
+
+
+def _add_launcher_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", "--workers", dest="nproc", type=int, default=1,
+                   help="training processes: on this machine (torchrun) or Ray workers (--launcher ray); default 1")
+    p.add_argument("--launcher", choices=["torchrun", "ray"], default="torchrun",
+                   help="torchrun (this machine, default) or ray (a Ray Train job; pip install 'rnnlm[ray]')")
+    p.add_argument("--ray-address", default=None, help="--launcher ray: auto (default), local, ray://HOST:10001 or HOST:PORT")
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="--launcher ray: GPUs per worker (default 0: CPU)")
 
 
 def cmd_presets(args) -> int:
@@ -56,11 +66,19 @@ def cmd_run(args) -> int:
 
     args.log_file = run_log_file(args.root)
     configure_logging(args.verbose, args.log_file)
-    options = {"nproc": args.nproc, "register_model": not args.no_register}
+    options = {"nproc": args.nproc, "register_model": not args.no_register, **_launcher_options(args)}
     if args.dask:
         options["dask"] = args.dask
     run_main(args.config, args.root, args.overrides, options=options)
     return 0
+
+
+def _launcher_options(args) -> dict:
+    if args.launcher == "torchrun":
+        if args.ray_address or args.gpus_per_worker is not None:
+            raise ConfigError("--ray-address and --gpus-per-worker need --launcher ray")
+        return {}
+    return {"launcher": "ray", "ray_address": args.ray_address or "auto", "gpus_per_worker": args.gpus_per_worker or 0}
 
 
 def cmd_prepare(args) -> int:
@@ -77,13 +95,18 @@ def cmd_train(args) -> int:
     from pipeline.launch import launch_training, run_directory
     from pipeline.lm import write_lm_metadata
     from pipeline.prepare import prepare_dataset
+    from pipeline.ray_launch import RayCluster
 
+    opts = _launcher_options(args)
+    ray = RayCluster(address=opts["ray_address"], gpus_per_worker=opts["gpus_per_worker"]) if opts else None
     cfg = load_run_config(args.config, args.overrides)
     root = storage.storage_root(args.root)
     dataset = prepare_dataset(cfg.data, root)
     run_dir = run_directory(root, dataset.dataset_id, cfg.model, cfg.train)
-    print(f"training in {run_dir} on dataset {dataset.uri} with {args.nproc} process(es)", flush=True)
-    result = launch_training(run_dir, dataset.uri, cfg, nproc=args.nproc, on_line=lambda line: print(line, flush=True))
+    where = f"Ray workers on {ray.address}" if ray else "process(es)"
+    print(f"training in {run_dir} on dataset {dataset.uri} with {args.nproc} {where}", flush=True)
+    result = launch_training(run_dir, dataset.uri, cfg, nproc=args.nproc, ray=ray,
+                             on_line=lambda line: print(line, flush=True))
     write_lm_metadata(run_dir, dataset)
     print(json.dumps({"run_dir": run_dir, **(result.result or {})}, indent=2))
     return 0
@@ -124,8 +147,6 @@ def cmd_deploy(args) -> int:
     for item in args.pool_limit:
         name, _, value = item.partition("=")
         if not value.isdigit():
-            from pipeline.errors import ConfigError
-
             raise ConfigError(f"--pool-limit {item!r}: expected POOL=N, e.g. gpu=1")
         limits[name] = int(value)
     if limits:
@@ -157,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the main job: the retrain flow (prepare, train, evaluate, register)")
     _add_config_args(p)
-    p.add_argument("--nproc", type=int, default=1, help="training processes on this machine (torchrun); default 1")
+    _add_launcher_args(p)
     p.add_argument("--dask", default=None, help="map data stages on Dask: 'local', 'local-threads' or a scheduler address")
     p.add_argument("--no-register", action="store_true", help="skip MLflow registration and the champion gate")
     p.set_defaults(fn=cmd_run)
@@ -168,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="prepare the data and train (DDP with --nproc > 1)")
     _add_config_args(p)
-    p.add_argument("--nproc", type=int, default=1, help="training processes on this machine (torchrun); default 1")
+    _add_launcher_args(p)
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("generate", help="generate text from a trained run or a registered model")

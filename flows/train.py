@@ -30,13 +30,12 @@ def train_flow(dataset: dict[str, Any], model: ModelConfig = ModelConfig(),
                    retry_condition_fn=retry_if_retryable)
     with TerminationGuard(options.grace_s):
         trained = trainer(dataset, model, training, options.store_root(), options.nproc, options.grace_s,
-                          return_state=True)
+                          ray=options.ray_cluster(), return_state=True)
     run = trained.result()
 
     evaluated = bind(evaluate_model, options)(
         run, dataset, prefixes=tuple(options.sample_prefixes), num_tokens=options.sample_tokens,
-        temperature=options.sample_temperature, batch_size=training.batch_size, num_steps=training.num_steps,
-        return_state=True)
+        temperature=options.sample_temperature, return_state=True)
     evaluation = evaluated.result()
 
     epochs = read_epochs(run["run_dir"])

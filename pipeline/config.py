@@ -251,12 +251,21 @@ class TrainConfig(Strict):
     tf32: bool = True  # CUDA only: TF32 tensor-core matmuls for fp32 work (no effect on CPU)
 
 
+class GateConfig(Strict):
+    """The champion/challenger gate (``pipeline.gate``)."""
+
+    # A champion whose tokenizer or vocabulary differs from the candidate's dataset cannot be
+    # compared like for like: keep it (default), or promote the candidate anyway.
+    on_incomparable: Literal["keep", "promote"] = "keep"
+
+
 class RunConfig(Strict):
-    """What ``rnnlm train --config FILE`` reads: a dataset, a model and a training loop."""
+    """What ``rnnlm train --config FILE`` reads: a dataset, a model, a training loop and the gate."""
 
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    gate: GateConfig = GateConfig()
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -1,8 +1,9 @@
-"""Where this process sits in a torchrun job, and the few collectives the trainer uses.
+"""Where this process sits in a torchrun (or Ray Train) job, and the few collectives the trainer uses.
 
 ``setup_distributed`` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
-LOCAL_WORLD_SIZE), picks the device and joins the process group; a plain
-``python -m pipeline.train`` is rank 0 of 1 and every collective here is a no-op.
+LOCAL_WORLD_SIZE), or takes the placement Ray Train gives, picks the device and joins
+the process group (Ray has already set it up); a plain ``python -m pipeline.train`` is
+rank 0 of 1 and every collective here is a no-op.
 """
 
 from __future__ import annotations
@@ -36,19 +37,27 @@ class Dist:
         return self.world_size > 1
 
 
-def setup_distributed(device: str = "auto") -> Dist:
-    """Read RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE, pick the device, join the process group."""
+def setup_distributed(device: str = "auto", *, placement: tuple[int, int, int, int] | None = None,
+                      cuda_index: int | None = None) -> Dist:
+    """Pick the device and join the process group (unless the launcher already did: Ray Train).
+
+    ``placement`` is (rank, world_size, local_rank, local_world_size); by default it is
+    read from torchrun's RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE. ``cuda_index`` is
+    the visible GPU this rank drives, LOCAL_RANK by default (Ray assigns its own).
+    """
     env = os.environ
-    rank, world_size = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
-    local_rank, local_world_size = int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", 1))
+    rank, world_size, local_rank, local_world_size = placement or (
+        int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
+        int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", 1)))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
+        gpu = local_rank if cuda_index is None else cuda_index
         if not torch.cuda.is_available():
             raise ConfigError("train.device is 'cuda' but no CUDA device is available")
-        if local_rank >= torch.cuda.device_count():
+        if gpu >= torch.cuda.device_count():
             raise ConfigError(f"local rank {local_rank} has no GPU: this node has "
                               f"{torch.cuda.device_count()} (use --nproc-per-node <= that)")
-        dev = torch.device("cuda", local_rank)
+        dev = torch.device("cuda", gpu)
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
@@ -56,7 +65,7 @@ def setup_distributed(device: str = "auto") -> Dist:
     # (OpenMP threads spin). RNNLM_NUM_THREADS overrides, e.g. on a machine shared with others.
     threads = os.environ.get("RNNLM_NUM_THREADS")
     torch.set_num_threads(int(threads) if threads else max(1, _cpu_count() // local_world_size))
-    if world_size > 1 and not dist.is_initialized():
+    if world_size > 1 and not dist.is_initialized():  # Ray Train sets the group up itself
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return Dist(rank, world_size, local_rank, local_world_size, dev)
 

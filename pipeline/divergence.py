@@ -1,7 +1,9 @@
-"""Noticing that training diverged: a non-finite gradient norm or loss stops the run.
+"""Noticing that training diverged: a non-finite gradient norm, loss or perplexity stops the run.
 
-A diverged run raises ``NonFiniteLossError`` (do not retry): no checkpoint is
-written past the last good step, and FAILED.json says why.
+A loss can grow without ever being NaN (``sgd``, a huge ``lr``, no clipping): once
+its perplexity overflows a float it is divergence too, the same verdict as NaN. A
+diverged run raises ``NonFiniteLossError`` (do not retry): no checkpoint is written
+past the last good step, no model is shipped, and FAILED.json says why.
 """
 
 from __future__ import annotations
@@ -13,11 +15,16 @@ import torch
 from pipeline.errors import NonFiniteLossError
 
 
-def non_finite(step: int) -> NonFiniteLossError:
-    err = NonFiniteLossError(
-        f"non-finite loss/gradient at step {step}: training diverged (lower lr, set clip_norm); "
-        f"the last good checkpoint is kept")
+def non_finite(step: int, what: str = "loss/gradient") -> NonFiniteLossError:
+    err = NonFiniteLossError(f"non-finite {what} at step {step}: training diverged (lower lr, set clip_norm)")
     err.step = step
+    return err
+
+
+def with_checkpoint_note(err: NonFiniteLossError, last_checkpoint: str | None) -> NonFiniteLossError:
+    """Say what a diverged run leaves behind: its newest checkpoint is kept, or there is none."""
+    kept = f"the last good checkpoint is kept ({last_checkpoint})" if last_checkpoint else "no checkpoint yet"
+    err.args = (f"{err.args[0]}; {kept}",)
     return err
 
 

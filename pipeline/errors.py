@@ -67,5 +67,15 @@ class RegistryError(PipelineError):
     """Something about tracking or registration is wrong (not retryable by default)."""
 
 
-class TrainingFailedError(RegistryError):
-    """The run directory holds a failed, diverged or unfinished training: nothing is registered."""
+class UnregistrableRunError(RegistryError):
+    """The run directory holds a failed, diverged or unfinished training: nothing is logged or
+    registered, and retrying cannot change that (unlike ``pipeline.launch.TrainingFailedError``,
+    a training process that died and may succeed when run again)."""
+
+
+class RegistryUnavailableError(RegistryError):
+    """Reading or writing the MLflow registry failed (unreachable server, locked database...).
+
+    Never read as "absent": the step fails, nothing is promoted, and a retry may succeed."""
+
+    retryable = True

@@ -12,7 +12,12 @@ before it). We score all of them, carrying the hidden state the whole way:
   are predicted from their true left context.
 
 Each stream starts from the zero state, so the result depends on
-``batch_size`` (more streams, more cold starts) but not on ``num_steps``.
+``batch_size`` (more streams, more cold starts) and, through float rounding,
+on ``num_steps``. Every figure the pipeline reports or compares (the trainer's
+per-epoch validation and best-epoch choice, ``result.json``, the evaluate task,
+MLflow's ``final_*_ppl`` and the gate) is computed with the one setting
+``EVAL_BATCH_SIZE`` x ``EVAL_NUM_STEPS``, the defaults here, so the same model
+on the same split gives the same number everywhere.
 """
 
 from __future__ import annotations
@@ -24,9 +29,14 @@ import torch
 
 from pipeline.models import RNNLM, State, detach_state
 
+# The one evaluation setting (see the module docstring). Changing it changes every
+# stored figure's meaning: the registry records it in tags and re-evaluates on a mismatch.
+EVAL_BATCH_SIZE = 32
+EVAL_NUM_STEPS = 35
 
-def perplexity(model: RNNLM, ids: np.ndarray, *, batch_size: int = 32, num_steps: int = 35,
-               device: torch.device | str | None = None, rank: int = 0, world_size: int = 1) -> float:
+def perplexity(model: RNNLM, ids: np.ndarray, *, batch_size: int = EVAL_BATCH_SIZE,
+               num_steps: int = EVAL_NUM_STEPS, device: torch.device | str | None = None,
+               rank: int = 0, world_size: int = 1) -> float:
     """exp of the mean cross-entropy over all ``len(ids) - 1`` targets of ``ids``.
 
     A diverged model's cross-entropy can be finite but too large for exp: that is +inf.
@@ -40,8 +50,9 @@ def perplexity_from_loss(cross_entropy: float) -> float:
     return math.exp(cross_entropy) if cross_entropy < 700 else math.inf
 
 
-def mean_cross_entropy(model: RNNLM, ids: np.ndarray, *, batch_size: int = 32, num_steps: int = 35,
-                       device: torch.device | str | None = None, rank: int = 0, world_size: int = 1) -> float:
+def mean_cross_entropy(model: RNNLM, ids: np.ndarray, *, batch_size: int = EVAL_BATCH_SIZE,
+                       num_steps: int = EVAL_NUM_STEPS, device: torch.device | str | None = None,
+                       rank: int = 0, world_size: int = 1) -> float:
     """Mean next-token cross-entropy (nats) over all ``len(ids) - 1`` targets of ``ids``.
 
     Runs in eval mode under ``torch.no_grad`` and restores the model's mode.

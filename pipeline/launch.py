@@ -1,8 +1,9 @@
 """Start a training run as a child process and turn its outcome into a value or an error.
 
-``launch_training`` runs ``python -m pipeline.train`` directly (one process) or
+``launch_training`` runs ``python -m pipeline.train`` directly (one process), or
 under torchrun (``python -m torch.distributed.run``; ``--standalone`` on one
-node, c10d rendezvous across nodes). It streams the child's output line by line
+node, c10d rendezvous across nodes), or on a Ray cluster (``ray=RayCluster(...)``:
+``pipeline.ray_launch``'s driver runs Ray Train workers). It streams the child's output line by line
 to a callback, so an orchestrator (a Prefect task) can forward logs and the
 JSON metric lines, and it maps the outcome:
 
@@ -13,11 +14,24 @@ JSON metric lines, and it maps the outcome:
 torchrun exits 1 whatever its workers' codes were, which is why the verdict
 comes from FAILED.json (written by rank 0) rather than from the exit code.
 A SIGTERM to this process is forwarded to the child, which gets ``grace_s``
-seconds before the whole process tree is killed.
+seconds before the whole process tree is killed; a launcher killed outright
+(SIGKILL) takes the trainer with it: every rank watches the launcher's pid
+(``exit_with_launcher``) and stops as soon as it is gone.
+
+One run directory, one trainer: on a local file system the launch holds an OS
+lock on ``<run_dir>/.lock`` (``filelock``; released by the kernel if the launcher
+dies), so a second launch of the same run waits for the first and then finds
+its checkpoints (a finished run is not trained again). Nothing here locks a
+remote run directory (s3://, gs://...): there, one run id is trained by one
+launcher at a time because the orchestrator's stage lock (the train task's cache
+lock, ``tasks.caching``) serialises it; two ``rnnlm train`` by hand against the
+same remote root are not protected. A multi-node launch (``nnodes > 1``) takes
+no lock: its launchers are one job sharing the directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import filelock
 import psutil
 import yaml
 
@@ -39,6 +54,7 @@ from pipeline.config import ModelConfig, RunConfig, TrainConfig
 from pipeline.errors import (CheckpointError, ConfigError, DatasetError, NonFiniteLossError,
                              PipelineError)
 from pipeline.metrics import read_epochs  # noqa: F401  (re-exported: its callers predate pipeline.metrics)
+from pipeline.ray_launch import RayCluster, driver_env, ray_command, worker_line
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +62,28 @@ NON_RETRYABLE = {"non_finite_loss": NonFiniteLossError, "bad_config": ConfigErro
                  "bad_dataset": DatasetError, "bad_checkpoint": CheckpointError}
 
 
-# Bump when the trainer's outputs change meaning: it is part of every run's address.
-TRAIN_FORMAT_VERSION = 1
+# Bump when the trainer's outputs or the run id change meaning: it is part of every run's address.
+# 2: the run id leaves out the budget (BUDGET_KEYS); validation uses pipeline.evaluate's one setting.
+TRAIN_FORMAT_VERSION = 2
+# Train-config keys that say how long to train and how to keep house, not what a step
+# computes: left out of the run id, so a bigger budget continues the same run.
+# (checkpoint_every_steps stays in: a mid-epoch checkpoint reseeds the dropout RNG.)
+BUDGET_KEYS = frozenset({"epochs", "max_minutes", "keep_checkpoints", "device"})
+LAUNCHER_PID_ENV = "RNNLM_LAUNCHER_PID"
+LOCK_FILE = ".lock"
+WATCH_EVERY_S = 0.2  # how often a trainer checks that its launcher is alive
 
 
 def run_id(dataset_id: str, model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
-    """The content address of a training run: which data, which model, which loop.
+    """The content address of a training run: which data, which model, which loop (not how long).
 
     A retried or repeated run with the same inputs lands in the same directory and
-    resumes from its checkpoints instead of starting over.
+    resumes from its checkpoints instead of starting over; so does one asking for
+    more epochs or minutes (``BUDGET_KEYS``), which continues from the last checkpoint.
     """
+    train = {k: v for k, v in train_cfg.model_dump(mode="json").items() if k not in BUDGET_KEYS}
     return storage.stable_hash({"version": TRAIN_FORMAT_VERSION, "dataset_id": dataset_id,
-                                "model": model_cfg.model_dump(mode="json"),
-                                "train": train_cfg.model_dump(mode="json")}, 24)
+                                "model": model_cfg.model_dump(mode="json"), "train": train}, 24)
 
 
 def run_directory(root: str, dataset_id: str, model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
@@ -119,7 +144,7 @@ def training_command(run_dir: str, dataset_uri: str, config_path: str, *, nproc:
 def launch_training(run_dir: str, dataset_uri: str, config: str | RunConfig, nproc: int = 1, *,
                     nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None,
                     rdzv_backend: str = "c10d", rdzv_id: str = "rnnlm", max_restarts: int = 0,
-                    checkpoint_dir: str | None = None,
+                    checkpoint_dir: str | None = None, ray: RayCluster | None = None,
                     on_line: Callable[[str], None] | None = None,
                     env: dict[str, str] | None = None, grace_s: float = 30.0,
                     python: str = sys.executable) -> LaunchResult:
@@ -127,11 +152,46 @@ def launch_training(run_dir: str, dataset_uri: str, config: str | RunConfig, npr
 
     ``config`` is a RunConfig YAML path/URL or a RunConfig (written to
     ``<run_dir>/run_config.yaml`` for the child). ``on_line`` gets every output
-    line of the child (stdout and stderr merged), without the newline.
+    line of the child (stdout and stderr merged), without the newline. With ``ray``
+    the child is a Ray Train driver (``pipeline.ray_launch``) running ``nproc`` workers
+    on that cluster instead of torchrun.
     """
     run_dir = storage.local_path(run_dir) if storage.is_local(run_dir) else run_dir
     fs, path = storage.filesystem(run_dir)
     fs.makedirs(path, exist_ok=True)
+    with _run_dir_lock(run_dir, nnodes, on_line):
+        return _launch(run_dir, dataset_uri, config, nproc, nnodes=nnodes, node_rank=node_rank,
+                       rdzv_endpoint=rdzv_endpoint, rdzv_backend=rdzv_backend, rdzv_id=rdzv_id,
+                       max_restarts=max_restarts, checkpoint_dir=checkpoint_dir, ray=ray, on_line=on_line,
+                       env=env, grace_s=grace_s, python=python)
+
+
+@contextlib.contextmanager
+def _run_dir_lock(run_dir: str, nnodes: int, on_line: Callable[[str], None] | None):
+    """Hold ``<run_dir>/.lock`` (local, single-node runs; see the module docstring)."""
+    if nnodes > 1 or not storage.is_local(run_dir):
+        yield
+        return
+    lock = filelock.FileLock(os.path.join(run_dir, LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        message = f"another launch is training {run_dir}: waiting for it to finish"
+        log.info(message)
+        if on_line is not None:
+            on_line(message)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _launch(run_dir: str, dataset_uri: str, config: str | RunConfig, nproc: int, *, nnodes: int,
+            node_rank: int, rdzv_endpoint: str | None, rdzv_backend: str, rdzv_id: str, max_restarts: int,
+            checkpoint_dir: str | None, ray: RayCluster | None, on_line: Callable[[str], None] | None,
+            env: dict[str, str] | None, grace_s: float, python: str) -> LaunchResult:
+    fs = storage.filesystem(run_dir)[0]
     if isinstance(config, RunConfig):
         config_path = storage.join(run_dir, "run_config.yaml")
         storage.write_bytes_atomic(config_path, yaml.safe_dump(config.model_dump(mode="json")).encode())
@@ -141,11 +201,19 @@ def launch_training(run_dir: str, dataset_uri: str, config: str | RunConfig, npr
     if storage.exists(failed_uri):  # a verdict from an earlier attempt must not be read as ours
         fs.rm(storage.filesystem(failed_uri)[1])
 
-    cmd = training_command(run_dir, dataset_uri, config_path, nproc=nproc, nnodes=nnodes,
-                           node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_backend=rdzv_backend,
-                           rdzv_id=rdzv_id, max_restarts=max_restarts, checkpoint_dir=checkpoint_dir,
-                           python=python)
-    child_env = trainer_env(env)
+    if ray is None:
+        cmd = training_command(run_dir, dataset_uri, config_path, nproc=nproc, nnodes=nnodes,
+                               node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_backend=rdzv_backend,
+                               rdzv_id=rdzv_id, max_restarts=max_restarts, checkpoint_dir=checkpoint_dir,
+                               python=python)
+        # Every rank watches this process and stops when it is gone (exit_with_launcher);
+        # not under Ray, whose workers may run on other hosts where this pid means nothing.
+        clean, launcher_env = str, {LAUNCHER_PID_ENV: str(os.getpid())}
+    else:
+        cmd = ray_command(run_dir, dataset_uri, config_path, workers=nproc, cluster=ray,
+                          checkpoint_dir=checkpoint_dir, python=python)
+        clean, launcher_env = worker_line, driver_env()
+    child_env = {**trainer_env(env), **launcher_env}
     log.info("launching: %s", " ".join(cmd))
     metrics: list[dict[str, Any]] = []
     tail: deque[str] = deque(maxlen=50)
@@ -158,7 +226,7 @@ def launch_training(run_dir: str, dataset_uri: str, config: str | RunConfig, npr
     try:
         assert child.stdout is not None
         for raw in child.stdout:
-            line = raw.rstrip("\n")
+            line = clean(raw.rstrip("\n"))
             tail.append(line)
             if line.startswith("{"):
                 try:
@@ -256,3 +324,29 @@ def _alive(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def exit_with_launcher() -> None:
+    """In a trainer started by ``launch_training``: SIGTERM ourselves once the launcher is gone.
+
+    A killed launcher (SIGKILL, OOM) cannot forward anything; without this its trainer
+    would go on training unobserved, its output going nowhere. Every rank watches (the
+    launcher's pid reaches them through torchrun's environment), so torchrun sees its
+    workers end and exits too. Metric lines are written whole before they are printed,
+    so ``metrics.jsonl`` keeps every finished epoch.
+    """
+    pid = os.environ.get(LAUNCHER_PID_ENV)
+    if not pid:
+        return
+    try:
+        launcher = psutil.Process(int(pid))
+    except (psutil.NoSuchProcess, ValueError):
+        launcher = None
+
+    def watch() -> None:
+        while launcher is not None and _alive(launcher):  # a zombie launcher is gone too
+            time.sleep(WATCH_EVERY_S)
+        log.warning("the launcher (pid %s) is gone: stopping", pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()

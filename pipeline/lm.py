@@ -35,6 +35,7 @@ import torch
 
 from pipeline.config import ModelConfig, TokenizerConfig
 from pipeline.errors import CheckpointError, GenerationInputError
+from pipeline.evaluate import EVAL_BATCH_SIZE, EVAL_NUM_STEPS  # noqa: F401  (the registry reads them here)
 from pipeline.generate import generate, join_tokens
 from pipeline.models import RNNLM, build_model
 from pipeline.tokenizer import UNK, tokenize
@@ -46,14 +47,13 @@ LM_FORMAT = 1
 
 log = logging.getLogger(__name__)
 
-# Fixed evaluation settings for every perplexity the registry compares: perplexity depends
-# on the number of parallel streams (each starts cold), so figures are only comparable
-# when computed with the same batch size.
-EVAL_BATCH_SIZE = 32
-EVAL_NUM_STEPS = 35
-
 
 # ------------------------------------------------------------------------- metadata
+
+
+def vocab_sha256(tokens: list[str] | tuple[str, ...]) -> str:
+    """The identity of a vocabulary: sha256 of its tokens in id order, one per line."""
+    return hashlib.sha256("\n".join(tokens).encode("utf-8")).hexdigest()
 
 
 def lm_metadata(dataset) -> dict[str, Any]:
@@ -73,7 +73,7 @@ def lm_metadata(dataset) -> dict[str, Any]:
         "level": tokenizer.level,
         "tokenizer": tokenizer.model_dump(mode="json"),
         "vocab": tokens,
-        "vocab_sha256": hashlib.sha256("\n".join(tokens).encode("utf-8")).hexdigest(),
+        "vocab_sha256": vocab_sha256(tokens),
         "dataset": {
             "id": dataset.dataset_id,
             "uri": dataset.uri,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from typing import Any
 
 from pipeline import storage
@@ -43,24 +45,34 @@ def with_bits(figures: dict) -> dict:
 
 
 def emit(uri: str, event: dict[str, Any]) -> None:
-    """One JSON line to stdout and to the metrics file ``uri``; bits per token beside every perplexity."""
+    """One JSON line (bits per token beside every perplexity) to the metrics file ``uri``, then to stdout.
+
+    The file first: if whoever reads our stdout is gone (a killed launcher), the
+    line is still recorded and training is not stopped by a broken pipe.
+    """
     line = json.dumps(with_bits(event))
-    print(line, flush=True)
     if storage.is_local(uri):
         with open(storage.local_path(uri), "a", encoding="utf-8") as f:
             f.write(line + "\n")
-            f.flush()
     else:  # object stores cannot append
         old = storage.read_bytes(uri) if storage.exists(uri) else b""
         storage.write_bytes_atomic(uri, old + (line + "\n").encode())
+    print_line(line)
+
+
+def print_line(line: str) -> None:
+    """``line`` to stdout; a closed stdout (the reader died) is dropped from then on, not an error."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (also keeps the exit-time flush quiet)
 
 
 def truncate_after(uri: str, epoch: int) -> None:
     """Drop epoch lines past ``epoch`` (the checkpoint we resume from): they will be trained again."""
     if not storage.exists(uri):
         return
-    lines = storage.read_bytes(uri).decode().splitlines()
-    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("epoch", 0) <= epoch]
+    kept = [json.dumps(e) for e in _events(uri) if e.get("epoch", 0) <= epoch]
     storage.write_bytes_atomic(uri, "".join(ln + "\n" for ln in kept).encode())
 
 
@@ -69,12 +81,17 @@ def read_epochs(run_dir: str) -> list[dict[str, Any]]:
     uri = metrics_uri(run_dir)
     if not storage.exists(uri):
         return []
+    return [e for e in _events(uri) if e.get("event") == "epoch"]
+
+
+def _events(uri: str) -> list[dict[str, Any]]:
+    """The JSON-object lines of ``uri`` (anything else, e.g. a torn last line, is skipped)."""
     events = []
-    for line in storage.read_bytes(uri).decode("utf-8").splitlines():
+    for line in storage.read_bytes(uri).decode("utf-8", errors="replace").splitlines():
         try:
             event = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(event, dict) and event.get("event") == "epoch":
+        if isinstance(event, dict):
             events.append(event)
     return events

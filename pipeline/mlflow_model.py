@@ -13,8 +13,12 @@ read with ``weights_only=True``), ``model_config`` (``model_config.json``, with
 ``backend: torch``) and ``lm`` (``lm.json``: tokenizer config and vocabulary).
 
 Input: a list of prefixes, a DataFrame with a ``prefix`` column (or any single string
-column), or ``{"prefix": [...]}``. The signature's input is one unnamed string column, so
-that a plain list passes MLflow's schema enforcement.
+column), or ``{"prefix": [...]}``. ``predict``'s input is typed ``TypeFromExample``: MLflow
+infers the signature (one unnamed string column, so that a plain list passes) and the
+params schema from the input example, enforces it on every input before ``predict`` runs,
+and does not warn about a missing type hint. (A ``list[str]`` hint would make the served
+model accept only ``{"inputs": [...]}``, refusing the documented ``dataframe_records``.)
+``prefixes_of`` then checks what schema enforcement lets through (a mixed list, say).
 Params: ``num_tokens`` (int, 50), ``temperature`` (float, 0.0 = greedy), ``top_k``
 (int, 0 = no limit), ``seed`` (int, 0; -1 = a fresh random seed). Output: a list of
 strings, each the prefix as given followed by its continuation.
@@ -26,6 +30,7 @@ from typing import Any
 
 import mlflow
 from mlflow.pyfunc import PythonModel
+from mlflow.types.type_hints import TypeFromExample
 
 DEFAULT_PARAMS: dict[str, Any] = {"num_tokens": 50, "temperature": 0.0, "top_k": 0, "seed": 0}
 
@@ -117,7 +122,7 @@ class RNNLMPyfunc(PythonModel):
         a = context.artifacts
         self.lm = LanguageModel.from_files(a["model"], a["model_config"], a["lm"], device="cpu")
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+    def predict(self, context, model_input: TypeFromExample, params: dict[str, Any] | None = None) -> list[str]:
         prefixes = prefixes_of(model_input)
         settings = params_of(params)
         out = []

@@ -5,12 +5,17 @@
 The logged model carries the weights, config (``backend: torch``), vocabulary and
 tokenizer as artifacts and the ``pipeline`` modules it needs as code
 (``SHIPPED_MODULES``), so a consumer with only mlflow and torch can load it.
-Registration refuses failed trainings (``pipeline.run_checks``).
+Registration refuses failed trainings (``pipeline.run_checks``) and is idempotent: a
+training run (its directory and the sha256 of its ``model.pt``, or its MLflow run) is
+registered at most once; registering it again returns that version with ``created=False``.
+Any registry error fails closed (``RegistryUnavailableError``, retryable): a failed
+search never reads as "not registered yet".
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -18,9 +23,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.errors import ConfigError, RegistryError
 from pipeline.run_checks import check_training_succeeded, load_run_lm
-from pipeline.tracking import client, using_tracking
+from pipeline.tracking import client, registry_access, using_tracking
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +70,12 @@ def stage_code(directory: str) -> str:
     return dest
 
 
-def signature_and_example():
-    from mlflow.models import infer_signature
-
+def input_example() -> tuple[list[str], dict]:
+    """MLflow infers the model's signature from this example (``predict`` is typed
+    ``TypeFromExample``): one unnamed string column, and the params with their defaults."""
     from pipeline.mlflow_model import DEFAULT_PARAMS
 
-    # One unnamed string column: a list of prefixes, a DataFrame with a "prefix" column and
-    # {"prefix": [...]} all pass MLflow's schema enforcement (a named column would refuse a list).
-    example = ["time traveller"]
-    signature = infer_signature(example, ["time traveller and the"], params=DEFAULT_PARAMS)
-    return signature, example
+    return ["time traveller"], dict(DEFAULT_PARAMS)
 
 
 @dataclass
@@ -85,16 +87,20 @@ class RegisteredVersion:
     val_ppl: float | None
     test_ppl: float | None
     dataset_id: str
+    created: bool = True  # False: this training run was registered before, nothing new
 
 
+@registry_access("registering a model version")
 def register_model(run_id: str, run_dir: str, *, preset: str | None = None, name: str | None = None,
                    flow_run_id: str | None = None, root: str | None = None) -> RegisteredVersion:
     """Log the pyfunc into MLflow run ``run_id`` and register it as a new version of
     ``rnnlm-<preset>`` (or ``name``), alias ``challenger``.
 
     Version tags: ``val_ppl``, ``test_ppl``, ``dataset_id``, ``data_manifest_sha256``,
-    ``flow_run_id``, ``code_version``, ``eval_batch_size``, ``eval_num_steps``, ``level``.
-    Raises TrainingFailedError for a failed run directory.
+    ``flow_run_id``, ``code_version``, ``eval_batch_size``, ``eval_num_steps``, ``level``,
+    ``tokenizer`` and ``vocab_sha256`` (what the gate compares), ``run_dir`` and
+    ``model_sha256`` (the training run's identity). Raises UnregistrableRunError for a
+    failed run directory, RegistryUnavailableError (retryable) when MLflow fails.
     """
     import mlflow
 
@@ -109,12 +115,14 @@ def register_model(run_id: str, run_dir: str, *, preset: str | None = None, name
     if tags_in.get("data.dataset_id") != lm.dataset_id:
         raise RegistryError(f"run {run_id} logged dataset {tags_in.get('data.dataset_id')}, but {run_dir} "
                             f"holds a model of dataset {lm.dataset_id}")
-    existing = _versions_of_run(c, name, run_id)
-    if existing:  # a retried task: the run's model is registered already
-        mv = existing[0]
-        log.info("run %s is already registered as %s version %s", run_id, name, mv.version)
-        return RegisteredVersion(name, str(mv.version), f"models:/{name}/{mv.version}", run_id,
-                                 _float(mv.tags.get("val_ppl")), _float(mv.tags.get("test_ppl")), lm.dataset_id)
+    model_sha256 = storage.sha256_bytes(storage.read_bytes(storage.join(run_dir, "model.pt")))
+    existing = _registered_version(c, name, run_id, str(run_dir), model_sha256)
+    if existing is not None:  # a retried task or an unchanged nightly: nothing new
+        log.info("nothing new: training run %s (MLflow run %s) is already registered as %s version %s",
+                 run_dir, existing.run_id, name, existing.version)
+        return RegisteredVersion(name, str(existing.version), f"models:/{name}/{existing.version}", existing.run_id,
+                                 _float(existing.tags.get("val_ppl")), _float(existing.tags.get("test_ppl")),
+                                 lm.dataset_id, created=False)
     model_uri = _log_model(lm, run_id, root)
     version_tags = {
         "val_ppl": metrics.get("final_val_ppl"),
@@ -127,6 +135,10 @@ def register_model(run_id: str, run_dir: str, *, preset: str | None = None, name
         "eval_batch_size": tags_in.get("eval.batch_size"),
         "eval_num_steps": tags_in.get("eval.num_steps"),
         "level": lm.level,
+        "tokenizer": json.dumps(lm.meta["tokenizer"], sort_keys=True),
+        "vocab_sha256": lm.meta["vocab_sha256"],
+        "run_dir": str(run_dir),
+        "model_sha256": model_sha256,
     }
     with using_tracking(root):
         mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in version_tags.items() if v is not None})
@@ -144,26 +156,26 @@ def _log_model(lm, run_id: str, root: str | None) -> str:
     """Log the self-contained pyfunc into MLflow run ``run_id``; its model URI."""
     import mlflow
 
-    signature, example = signature_and_example()
     with tempfile.TemporaryDirectory() as tmp:
         files = lm.save(os.path.join(tmp, "artifacts"), backend="torch")
         code = stage_code(os.path.join(tmp, "code"))
         with using_tracking(root), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT, python_model=str(MODEL_CODE), artifacts=files, code_paths=[code],
-                signature=signature, input_example=(example, {"num_tokens": 10, "seed": 0}),
+                input_example=input_example(),
                 pip_requirements=pip_requirements(),
                 metadata={"level": lm.level, "dataset_id": lm.dataset_id})
     return info.model_uri
 
 
-def _versions_of_run(c, name: str, run_id: str) -> list:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return sorted(c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"), key=lambda v: int(v.version))
-    except MlflowException:
-        return []
+def _registered_version(c, name: str, run_id: str, run_dir: str, model_sha256: str):
+    """The oldest version of ``name`` registered from this MLflow run, or from this run directory
+    with these very weights; None when the registry positively holds none (errors propagate)."""
+    same_run = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    same_model = [mv for mv in c.search_model_versions(f"name = '{name}' and tags.`model_sha256` = '{model_sha256}'")
+                  if mv.tags.get("run_dir") == run_dir]
+    found = sorted([*same_run, *same_model], key=lambda mv: int(mv.version))
+    return found[0] if found else None
 
 
 def _float(x: str | None) -> float | None:

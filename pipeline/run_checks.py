@@ -1,6 +1,6 @@
 """Is a run directory a finished, healthy training? Checked before anything reaches MLflow.
 
-Refused (``TrainingFailedError``): a ``FAILED.json``; a missing ``result.json``,
+Refused (``UnregistrableRunError``, not retryable): a ``FAILED.json``; a missing ``result.json``,
 ``model.pt`` or ``model_config.json``; a missing or non-finite validation perplexity;
 non-finite weights.
 """
@@ -11,33 +11,33 @@ import math
 from typing import Any
 
 from pipeline import storage
-from pipeline.errors import RegistryError, TrainingFailedError
+from pipeline.errors import RegistryError, UnregistrableRunError
 
 
 def check_training_succeeded(run_dir: str) -> dict[str, Any]:
-    """result.json of a successful training; TrainingFailedError otherwise."""
+    """result.json of a successful training; UnregistrableRunError otherwise."""
     failed = storage.join(run_dir, "FAILED.json")
     if storage.exists(failed):
         try:
             info = storage.read_json(failed)
         except Exception:  # noqa: BLE001 - unreadable is still a failure
             info = {}
-        raise TrainingFailedError(f"training in {run_dir} failed ({info.get('reason', 'unknown reason')}: "
+        raise UnregistrableRunError(f"training in {run_dir} failed ({info.get('reason', 'unknown reason')}: "
                                   f"{info.get('message', 'see FAILED.json')}); refusing to log or register it")
     try:
         result = storage.read_json(storage.join(run_dir, "result.json"))
     except FileNotFoundError:
-        raise TrainingFailedError(f"{run_dir} has no result.json: training did not finish; "
+        raise UnregistrableRunError(f"{run_dir} has no result.json: training did not finish; "
                                   f"refusing to log or register it") from None
     except ValueError as e:
-        raise TrainingFailedError(f"{run_dir}/result.json is corrupt: {e}") from None
+        raise UnregistrableRunError(f"{run_dir}/result.json is corrupt: {e}") from None
     val = result.get("val_ppl")
     if not isinstance(val, (int, float)) or not math.isfinite(val):
-        raise TrainingFailedError(f"training in {run_dir} has no finite validation perplexity "
+        raise UnregistrableRunError(f"training in {run_dir} has no finite validation perplexity "
                                   f"(val_ppl={val!r}); refusing to log or register it")
     for name in ("model.pt", "model_config.json"):
         if not storage.exists(storage.join(run_dir, name)):
-            raise TrainingFailedError(f"{run_dir} has no {name}; refusing to log or register it")
+            raise UnregistrableRunError(f"{run_dir} has no {name}; refusing to log or register it")
     return result
 
 
@@ -46,7 +46,7 @@ def check_finite_weights(lm, run_dir: str) -> None:
 
     bad = [k for k, v in lm.model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise TrainingFailedError(f"the weights in {run_dir}/model.pt are not finite ({', '.join(bad[:3])}); "
+        raise UnregistrableRunError(f"the weights in {run_dir}/model.pt are not finite ({', '.join(bad[:3])}); "
                                   f"refusing to log or register them")
 
 

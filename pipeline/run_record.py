@@ -1,4 +1,5 @@
-"""What a training's MLflow run records besides its metrics: flat params, the code version, a plot."""
+"""What a training's MLflow run records besides its metrics: flat params, the code version,
+samples and its artifact files (the perplexity plot among them)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import subprocess
 from pathlib import Path
 from typing import Any
+
+from pipeline import storage
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
@@ -64,3 +67,36 @@ def plot_perplexity(epochs: list[dict[str, Any]], title: str = "") -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def generate_samples(lm, dataset, prefixes: list[str] | None) -> list[str]:
+    """Greedy and seeded-sampling continuations (100 tokens) of each prefix; by default the
+    first 10 tokens of the validation split."""
+    if prefixes is None:
+        from pipeline.generate import join_tokens
+
+        val = dataset.split("val")
+        first = [lm.vocab_tokens[i] for i in val[:10]] if len(val) else lm.vocab_tokens[1:2]
+        prefixes = [join_tokens(first, lm.level)]
+    samples = []
+    for prefix in prefixes:
+        samples.append(lm.generate(prefix, 100))
+        samples.append(lm.generate(prefix, 100, temperature=1.0, seed=0))
+    return samples
+
+
+def run_files(run_dir: str, lm, manifest: dict[str, Any], result: dict[str, Any], epochs: list[dict[str, Any]],
+              samples: list[str], title: str) -> dict[str, bytes]:
+    """The run's artifacts by file name: plot, samples, vocabulary, manifest, lm.json, result, metrics."""
+    files = {
+        "perplexity.png": plot_perplexity(epochs, title),
+        "samples.txt": ("\n\n".join(samples) + "\n").encode("utf-8"),
+        "vocab.json": json.dumps(lm.vocab_tokens, ensure_ascii=False, indent=0).encode("utf-8"),
+        "manifest.json": json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"),
+        "lm.json": json.dumps(lm.meta, indent=2, sort_keys=True).encode("utf-8"),
+        "result.json": json.dumps(result, indent=2, sort_keys=True).encode("utf-8"),
+    }
+    metrics_file = storage.join(run_dir, "metrics.jsonl")
+    if storage.exists(metrics_file):
+        files["metrics.jsonl"] = storage.read_bytes(metrics_file)
+    return files

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
@@ -34,11 +33,11 @@ from filelock import FileLock
 
 from pipeline import storage
 from pipeline.config import RunConfig
-from pipeline.errors import ConfigError, RegistryError
+from pipeline.errors import ConfigError, PipelineError, RegistryError, RegistryUnavailableError
 from pipeline.launch import read_epochs
 from pipeline.metrics import with_bits
 from pipeline.run_checks import check_training_succeeded, load_run_lm
-from pipeline.run_record import code_version, flatten, plot_perplexity
+from pipeline.run_record import code_version, flatten, generate_samples, run_files
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +145,30 @@ def using_tracking(root: str | None = None) -> Iterator[str]:
                 os.environ[k] = v
 
 
+def _is_registry_failure(e: BaseException) -> bool:
+    from mlflow.exceptions import MlflowException
+    from requests import RequestException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return isinstance(e, (MlflowException, SQLAlchemyError, RequestException, ConnectionError, TimeoutError))
+
+
+@contextlib.contextmanager
+def registry_access(what: str) -> Iterator[None]:
+    """Fail closed: an MLflow, database or network error inside becomes a retryable
+    ``RegistryUnavailableError`` naming ``what``, so a failed read never counts as "absent".
+    Also a decorator."""
+    try:
+        yield
+    except PipelineError:
+        raise
+    except Exception as e:
+        if not _is_registry_failure(e):
+            raise
+        raise RegistryUnavailableError(f"{what}: the MLflow registry failed ({type(e).__name__}: {e}); "
+                                       f"nothing was promoted, retrying may help") from e
+
+
 def client(root: str | None = None):
     """An ``MlflowClient`` on our tracking and registry URI (the database created if new)."""
     from mlflow import MlflowClient
@@ -176,6 +199,7 @@ def get_or_create_experiment(c, name: str, root: str | None = None) -> str:
 # ----------------------------------------------------------------------------- logging
 
 
+@registry_access("logging a training run in MLflow")
 def log_training_run(run_dir: str, dataset, *, preset: str, config: RunConfig,
                      flow_run_id: str | None = None, flow_run_url: str | None = None,
                      samples: list[str] | None = None, sample_prefixes: list[str] | None = None,
@@ -190,7 +214,8 @@ def log_training_run(run_dir: str, dataset, *, preset: str, config: RunConfig,
     ``lm.json``, ``result.json``, ``metrics.jsonl``. Tags: lineage (Prefect flow run, dataset,
     sources, code version). ``samples`` are texts logged as given; otherwise samples are
     generated (greedy and seeded sampling, 100 tokens) from ``sample_prefixes``, by default
-    the first 10 tokens of the validation split. Raises TrainingFailedError for a failed run.
+    the first 10 tokens of the validation split. Raises UnregistrableRunError for a failed run,
+    RegistryUnavailableError (retryable) when MLflow fails.
 
     Idempotent: the run is tagged ``rnnlm.run_key`` (``run_key``, default a hash of
     ``run_dir``), and a FINISHED run with the same key in the experiment is returned
@@ -224,8 +249,9 @@ def log_training_run(run_dir: str, dataset, *, preset: str, config: RunConfig,
         epochs = read_epochs(run_dir)
         figures = _log_metrics(c, run_id, lm, dataset, result, epochs)
         if samples is None:
-            samples = _generate_samples(lm, dataset, sample_prefixes)
-        _log_artifacts(c, run_id, run_dir, lm, dataset.manifest, result, epochs, samples, preset)
+            samples = generate_samples(lm, dataset, sample_prefixes)
+        _log_artifacts(c, run_id, run_files(run_dir, lm, dataset.manifest, result, epochs, samples,
+                                            f"{preset} ({lm.model.cfg.cell})"))
     except BaseException:
         c.set_terminated(run_id, "FAILED")
         raise
@@ -285,35 +311,7 @@ def _log_metrics(c, run_id: str, lm, dataset, result: dict[str, Any],
     return figures
 
 
-def _generate_samples(lm, dataset, prefixes: list[str] | None) -> list[str]:
-    """Greedy and seeded-sampling continuations (100 tokens) of each prefix; by default the
-    first 10 tokens of the validation split."""
-    if prefixes is None:
-        from pipeline.generate import join_tokens
-
-        val = dataset.split("val")
-        first = [lm.vocab_tokens[i] for i in val[:10]] if len(val) else lm.vocab_tokens[1:2]
-        prefixes = [join_tokens(first, lm.level)]
-    samples = []
-    for prefix in prefixes:
-        samples.append(lm.generate(prefix, 100))
-        samples.append(lm.generate(prefix, 100, temperature=1.0, seed=0))
-    return samples
-
-
-def _log_artifacts(c, run_id: str, run_dir: str, lm, manifest: dict[str, Any], result: dict[str, Any],
-                   epochs: list[dict[str, Any]], samples: list[str], preset: str) -> None:
-    files = {
-        "perplexity.png": plot_perplexity(epochs, f"{preset} ({lm.model.cfg.cell})"),
-        "samples.txt": ("\n\n".join(samples) + "\n").encode("utf-8"),
-        "vocab.json": json.dumps(lm.vocab_tokens, ensure_ascii=False, indent=0).encode("utf-8"),
-        "manifest.json": json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"),
-        "lm.json": json.dumps(lm.meta, indent=2, sort_keys=True).encode("utf-8"),
-        "result.json": json.dumps(result, indent=2, sort_keys=True).encode("utf-8"),
-    }
-    metrics_file = storage.join(run_dir, "metrics.jsonl")
-    if storage.exists(metrics_file):
-        files["metrics.jsonl"] = storage.read_bytes(metrics_file)
+def _log_artifacts(c, run_id: str, files: dict[str, bytes]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in files.items():
             Path(tmp, name).write_bytes(data)

@@ -22,15 +22,21 @@ collectives), ``optim`` (optimizer, schedule, clipping), ``divergence``,
 * Checkpoints, written by rank 0 at every epoch end (and every
   ``checkpoint_every_steps``), are resumed from automatically. Mid-epoch ones
   under sequential sampling carry the recurrent state of every rank's streams.
+* Validation is ``pipeline.evaluate.perplexity`` with the pipeline's one fixed
+  evaluation setting (not the training batch), so ``val_ppl`` here equals what the
+  evaluate task, MLflow and the gate report for the same weights.
 * Failure. A non-finite gradient norm (identical on every rank after DDP's
   all-reduce, so all ranks stop at the same step with no extra collective; under
-  fp16 the loss, as the scaler skips overflowing steps) or a non-finite epoch loss
-  stops training: no checkpoint is written, FAILED.json says why, and the exit
-  code is EXIT_DO_NOT_RETRY. On a GPU the check lags a few steps (``divergence``).
+  fp16 the loss, as the scaler skips overflowing steps), or a training loss or
+  validation perplexity that is NaN or overflows, is divergence: no further
+  checkpoint is written, FAILED.json says why (and which checkpoint is kept, or
+  "no checkpoint yet"), and the exit code is EXIT_DO_NOT_RETRY. On a GPU the
+  check lags a few steps (``divergence``).
 * Speed. The step runs under ``train.precision``'s autocast (``precision``). On
   a GPU the split lives on the device and batches are gathered there; the step
   loop syncs with the host only for the progress line and checkpoints.
   Validation is sharded over all ranks (``evaluate``).
+* Started by ``pipeline.launch``, every rank stops when the launcher is gone.
 
 Outputs in the run directory: checkpoints/, metrics.jsonl (one JSON line per
 epoch, also printed to stdout), model.pt, model_config.json, train_config.json,
@@ -58,10 +64,11 @@ from pipeline.checkpoint import check_compatible, latest_valid, load_checkpoint,
 from pipeline.config import ModelConfig, RunConfig, TrainConfig, load_config
 from pipeline.distributed import (Dist, all_reduce_sum, barrier, broadcast_from_main, broadcast_object,
                                   gather_hidden, setup_distributed, teardown_distributed)
-from pipeline.divergence import FiniteWatch, non_finite
-from pipeline.errors import EXIT_DO_NOT_RETRY, EXIT_FAILED, EXIT_OK, PipelineError
-from pipeline.evaluate import perplexity, perplexity_from_loss
-from pipeline.metrics import emit, finite_or_none, metrics_uri, truncate_after
+from pipeline.divergence import FiniteWatch, non_finite, with_checkpoint_note
+from pipeline.errors import EXIT_DO_NOT_RETRY, EXIT_FAILED, EXIT_OK, NonFiniteLossError, PipelineError
+from pipeline.evaluate import EVAL_BATCH_SIZE, EVAL_NUM_STEPS, perplexity, perplexity_from_loss
+from pipeline.launch import exit_with_launcher
+from pipeline.metrics import emit, finite_or_none, metrics_uri, print_line, truncate_after
 from pipeline.models import build_model, detach_state
 from pipeline.optim import LRSchedule, clip_grad_norm_, make_optimizer
 from pipeline.precision import MixedPrecision, set_matmul_precision
@@ -103,9 +110,11 @@ class Run:
     hidden: list[torch.Tensor] | None = None  # mid-epoch resume, sequential: the global state
     stats: dict[str, float] = field(default_factory=lambda: {"loss_sum": 0.0, "norm_sum": 0.0})
     best: dict[str, Any] = field(default_factory=lambda: {"val_ppl": math.inf, "epoch": 0, "model": None})
+    last_checkpoint: str | None = None  # rank 0: the newest checkpoint written or resumed from
+    epochs_run: int = 0  # epochs ended in this attempt
     tokens_trained: int = 0
     train_time: float = 0.0
-    val_ppl: float | None = None
+    val_ppl: float | None = None  # the last epoch's; None without a validation split
     stop: bool = False  # max_minutes reached
     t_start: float = field(default_factory=time.perf_counter)
 
@@ -160,9 +169,12 @@ def _train(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d:
     # max_minutes counts the training time of all attempts (it is saved in checkpoints);
     # elapsed_before comes from the same checkpoint on every rank, so they agree.
     run.stop = cfg.max_minutes is not None and run.elapsed_before > cfg.max_minutes * 60
-    while run.epoch < cfg.epochs and not run.stop:
-        totals = _train_epoch(run)
-        _end_epoch(run, totals)
+    try:
+        while run.epoch < cfg.epochs and not run.stop:
+            totals = _train_epoch(run)
+            _end_epoch(run, totals)
+    except NonFiniteLossError as e:
+        raise with_checkpoint_note(e, run.last_checkpoint) from None
     return _finish(run)
 
 
@@ -200,11 +212,10 @@ def _resume(run: Run) -> None:
         run.mp.load_state_dict(ckpt.get("scaler"))
         run.epoch, run.step, run.elapsed_before = ckpt["epoch"], ckpt["step"], ckpt["elapsed_s"]
         run.hidden, run.stats = ckpt.get("hidden"), ckpt["epoch_stats"]
-        run.best = ckpt.get("best") or run.best
+        run.best, run.last_checkpoint = ckpt.get("best") or run.best, uri
         if d.is_main:
             log.info("resuming from epoch %d step %d (%s)", run.epoch, run.step, uri)
-            print(json.dumps({"event": "resume", "epoch": run.epoch, "step": run.step, "checkpoint": uri}),
-                  flush=True)
+            print_line(json.dumps({"event": "resume", "epoch": run.epoch, "step": run.step, "checkpoint": uri}))
             truncate_after(run.metrics, run.epoch)
             if ckpt["world_size"] != d.world_size:
                 log.info("checkpoint was written with %d ranks, resuming with %d", ckpt["world_size"], d.world_size)
@@ -278,8 +289,9 @@ def _epoch_batches(run: Run, first: int):
 def _checkpoint_mid_epoch(run: Run, loss_sum: torch.Tensor, norm_sum: torch.Tensor, state) -> None:
     run.watch.flush()
     sums = all_reduce_sum(torch.stack([loss_sum, norm_sum]), run.d).tolist()
-    if not math.isfinite(sums[0]):
-        raise non_finite(run.step)
+    steps_in_epoch = run.step - run.epoch * run.steps_per_epoch
+    if not math.isfinite(perplexity_from_loss(sums[0] / (steps_in_epoch * run.d.world_size))):
+        raise non_finite(run.step, "training loss/perplexity")
     parts = gather_hidden(state, run.d) if run.cfg.sampling == "sequential" else None
     if run.d.is_main:
         _checkpoint(run, {"loss_sum": sums[0], "norm_sum": sums[1]}, parts)
@@ -287,29 +299,31 @@ def _checkpoint_mid_epoch(run: Run, loss_sum: torch.Tensor, norm_sum: torch.Tens
 
 
 def _end_epoch(run: Run, totals: EpochTotals) -> None:
-    """Global loss, validation, best weights, schedule, metrics line, checkpoint."""
+    """Global loss, validation, divergence check, best weights, schedule, metrics line, checkpoint."""
     d, cfg = run.d, run.cfg
     per_step = run.steps_per_epoch * d.world_size
-    train_loss = totals.loss_sum / per_step
-    if not math.isfinite(train_loss):
-        raise non_finite(run.step)
+    train_ppl = perplexity_from_loss(totals.loss_sum / per_step)
+    if not math.isfinite(train_ppl):  # NaN, or a loss so large its perplexity overflows
+        raise non_finite(run.step, "training loss/perplexity")
     run.epoch += 1
+    run.epochs_run += 1
     run.tokens_trained += totals.steps * cfg.batch_size * cfg.num_steps  # global, all ranks
     run.train_time += totals.seconds
     elapsed = run.elapsed()
     val_ppl = _validate(run)  # every rank scores its share and gets the total
     over_time = cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60
-    run.val_ppl, stop = broadcast_from_main([val_ppl, float(over_time)], d)
-    run.stop = bool(stop)
-    if d.is_main and cfg.keep_best and run.val_ppl < run.best["val_ppl"]:
+    val_ppl, stop = broadcast_from_main([math.nan if val_ppl is None else val_ppl, float(over_time)], d)
+    run.val_ppl, run.stop = (val_ppl if _has_validation(run) else None), bool(stop)
+    if run.val_ppl is not None and not math.isfinite(run.val_ppl):  # every rank sees it: all stop
+        raise non_finite(run.step, "validation perplexity")
+    if d.is_main and cfg.keep_best and run.val_ppl is not None and run.val_ppl < run.best["val_ppl"]:
         run.best = {"val_ppl": run.val_ppl, "epoch": run.epoch,
                     "model": {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}}
     lr = run.schedule.lr
-    run.schedule.step(run.epoch, run.val_ppl if math.isfinite(run.val_ppl) else perplexity_from_loss(train_loss))
+    run.schedule.step(run.epoch, run.val_ppl if run.val_ppl is not None else train_ppl)
     if d.is_main:
         emit(run.metrics, {"event": "epoch", "epoch": run.epoch, "step": run.step,
-                           "train_ppl": finite_or_none(perplexity_from_loss(train_loss)),
-                           "val_ppl": finite_or_none(run.val_ppl),
+                           "train_ppl": train_ppl, "val_ppl": run.val_ppl,
                            "tokens_per_s": totals.steps * cfg.batch_size * cfg.num_steps / totals.seconds,
                            "grad_norm": totals.norm_sum / per_step, "lr": lr, "elapsed_s": elapsed})
         _checkpoint(run, {"loss_sum": 0.0, "norm_sum": 0.0}, None)
@@ -325,19 +339,21 @@ def _checkpoint(run: Run, epoch_stats: dict[str, float], hidden_parts) -> None:
                "elapsed_s": run.elapsed(), "model_config": run.model_cfg.model_dump(mode="json"),
                "train_config": run.cfg.model_dump(mode="json"), "vocab_size": run.vocab_size,
                "train_tokens": len(run.train_ids), "world_size": run.d.world_size}
-    log.info("checkpoint %s", save_checkpoint(run.ckpt_dir, payload, keep=run.cfg.keep_checkpoints))
+    run.last_checkpoint = save_checkpoint(run.ckpt_dir, payload, keep=run.cfg.keep_checkpoints)
+    log.info("checkpoint %s", run.last_checkpoint)
 
 
 def _finish(run: Run) -> dict[str, Any]:
     """result.json, and on rank 0 the shipped weights: the best epoch's under keep_best."""
     d = run.d
-    if run.val_ppl is None:  # nothing left to train (resumed a finished run)
+    if run.epochs_run == 0:  # nothing left to train (resumed a finished run); every rank: sharded
         run.val_ppl = _validate(run)
     result = {"val_ppl": finite_or_none(run.val_ppl), "epochs": run.epoch, "steps": run.step,
               "tokens_per_s": run.tokens_trained / run.train_time if run.train_time else None,
               "wall_s": run.elapsed(), "world_size": d.world_size,
               "device": str(d.device) if d.device.type == "cpu" else torch.cuda.get_device_name(d.device),
-              "finished": run.epoch >= run.cfg.epochs}
+              "finished": run.epoch >= run.cfg.epochs,
+              "eval_batch_size": EVAL_BATCH_SIZE, "eval_num_steps": EVAL_NUM_STEPS}
     if d.is_main:
         best, last = run.best, (run.val_ppl if run.val_ppl is not None else math.inf)
         if run.cfg.keep_best and best["model"] is not None and best["val_ppl"] < last:
@@ -357,13 +373,17 @@ def reseed(seed: int, epoch: int, step: int, rank: int) -> None:
     torch.manual_seed(int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1)[0]))
 
 
-def _validate(run: Run) -> float:
-    """Validation perplexity, sharded: each rank scores a contiguous slice of the streams and
-    one all-reduce gives every rank the single-process figure. Called on every rank."""
-    if len(run.val_ids) < 2:
-        return math.nan
-    return perplexity(run.model, run.val_ids, batch_size=run.cfg.batch_size, num_steps=run.cfg.num_steps,
-                      device=run.d.device, rank=run.d.rank, world_size=run.d.world_size)
+def _has_validation(run: Run) -> bool:
+    return len(run.val_ids) >= 2
+
+
+def _validate(run: Run) -> float | None:
+    """The validation perplexity with the pipeline's one evaluation setting (pipeline.evaluate),
+    sharded: each rank scores a contiguous slice of the streams and one all-reduce gives every
+    rank the single-process figure. Called on every rank."""
+    if not _has_validation(run):
+        return None
+    return perplexity(run.model, run.val_ids, device=run.d.device, rank=run.d.rank, world_size=run.d.world_size)
 
 
 # -------------------------------------------------------------------------------- CLI
@@ -376,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="RunConfig YAML with model/train sections")
     p.add_argument("--checkpoint-dir", help="default: RUN_DIR/checkpoints")
     args = p.parse_args(argv)
+    exit_with_launcher()  # a trainer whose launcher was killed stops too, instead of training unobserved
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")

@@ -9,6 +9,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import storage
+from pipeline.ray_launch import RayCluster
 
 ENV_DASK = "RNNLM_DASK"
 ENV_RESULTS = "RNNLM_RESULTS"
@@ -29,7 +30,16 @@ class PipelineOptions(BaseModel):
     fetch_retry_delay_s: float = Field(default=2.0, ge=0, description="first backoff delay; doubles each retry, with jitter")
     train_retries: int = Field(default=2, ge=0)
     train_retry_delay_s: float = Field(default=5.0, ge=0)
-    nproc: int = Field(default=1, ge=1, description="training processes on this node (torchrun when > 1)")
+    nproc: int = Field(default=1, ge=1, description="training processes: on this node under torchrun (when > 1), "
+                                                    "or Ray Train workers across the cluster under launcher='ray'")
+    launcher: Literal["torchrun", "ray"] = Field(
+        default="torchrun", description="'torchrun': the trainer runs on this host; 'ray': a Ray Train job on the "
+                                        "cluster at ray_address (pip install 'rnnlm[ray]'; deployments/README.md)")
+    ray_address: str = Field(default="auto", min_length=1, description="launcher='ray': 'auto' (this host's cluster), "
+                                                                       "'local' (a private Ray), 'ray://HOST:10001' or HOST:PORT")
+    gpus_per_worker: float = Field(default=0, ge=0, description="launcher='ray': GPUs per worker (0: CPU, gloo)")
+    ray_max_failures: int = Field(default=2, ge=-1, description="launcher='ray': group restarts after a lost worker "
+                                                                "or node, within one task attempt (-1: unlimited)")
     grace_s: float = Field(default=30.0, ge=0, description="seconds a training process gets after SIGTERM before it is killed")
     sample_prefixes: tuple[str, ...] = ("time traveller", "the time machine")
     sample_tokens: int = Field(default=100, ge=1)
@@ -59,6 +69,13 @@ class PipelineOptions(BaseModel):
         from prefect.settings import PREFECT_HOME
 
         return str(Path(PREFECT_HOME.value()) / "rnnlm-locks")
+
+    def ray_cluster(self) -> Optional[RayCluster]:
+        """Where the train stage runs under launcher='ray'; None under torchrun."""
+        if self.launcher != "ray":
+            return None
+        return RayCluster(address=self.ray_address, gpus_per_worker=self.gpus_per_worker,
+                          max_failures=self.ray_max_failures)
 
     def dask_target(self) -> Optional[str]:
         return self.dask or os.environ.get(ENV_DASK) or None

@@ -1,8 +1,11 @@
 """Register a trained model in MLflow and run the champion/challenger gate.
 
 Not cached: registration is a side effect. It is idempotent instead: the MLflow run is
-keyed by the run directory and a run that is already registered returns its version, so a
-retried task does not create duplicates. Gate decisions are serialized across every flow
+keyed by the run directory, a training run (run directory + model sha256, or MLflow run)
+that is already registered returns its version and its recorded gate decision, so a retried
+task or a nightly run whose inputs did not change registers nothing new (``new_version``
+false in the result, and the log says so). A registry error fails closed
+(``RegistryUnavailableError``): the task fails and is retried, no alias moves. Gate decisions are serialized across every flow
 run and host by a Prefect global concurrency limit of one slot (alias moves are
 last-writer-wins), on top of ``pipeline.gate``'s file lock for local stores.
 """
@@ -13,6 +16,8 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.concurrency.sync import concurrency
+
+from tasks.retries import retry_if_retryable
 
 GATE_LIMIT = "rnnlm-gate"
 
@@ -33,11 +38,13 @@ def ensure_gate_limit(name: str = GATE_LIMIT) -> None:
                 pass
 
 
-@task(name="register_model", cache_policy=None, persist_result=False, tags=["register"])
+@task(name="register_model", cache_policy=None, persist_result=False, tags=["register"],
+      retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_retryable)
 def register_model(run: dict[str, Any], evaluation: dict[str, Any], dataset: dict[str, Any],
                    config: dict[str, Any], preset: str, root: str | None = None,
                    flow_run_id: str | None = None, flow_run_url: str | None = None) -> dict[str, Any]:
-    """Log the run, register a new version of ``rnnlm-<preset>`` (alias challenger), gate it."""
+    """Log the run, register a new version of ``rnnlm-<preset>`` (alias challenger), gate it
+    (``config.gate.on_incomparable`` decides when the champion is not comparable)."""
     from pipeline.config import RunConfig
     from pipeline.gate import promote_if_better
     from pipeline.packaging import register_model as register_version
@@ -46,14 +53,20 @@ def register_model(run: dict[str, Any], evaluation: dict[str, Any], dataset: dic
 
     logger = get_run_logger()
     ds = open_dataset(dataset["uri"])
+    cfg = RunConfig.model_validate(config)
     mlflow_run = log_training_run(
-        run["run_dir"], ds, preset=preset, config=RunConfig.model_validate(config), root=root,
+        run["run_dir"], ds, preset=preset, config=cfg, root=root,
         flow_run_id=flow_run_id, flow_run_url=flow_run_url, samples=[s["text"] for s in evaluation["samples"]])
     version = register_version(mlflow_run, run["run_dir"], preset=preset, flow_run_id=flow_run_id, root=root)
-    logger.info("registered %s version %s (challenger), MLflow run %s", version.name, version.version, mlflow_run)
+    if version.created:
+        logger.info("registered %s version %s (challenger), MLflow run %s", version.name, version.version, mlflow_run)
+    else:
+        logger.info("nothing new to register: this training run is already %s version %s", version.name, version.version)
     ensure_gate_limit()
     with concurrency(GATE_LIMIT, occupy=1, strict=True):
-        decision = promote_if_better(version.name, version.version, ds, root=root)
-    logger.info("gate: %s", decision.reason)
-    return {"registered": True, "name": version.name, "version": version.version, "model_uri": version.model_uri,
-            "mlflow_run_id": mlflow_run, "tracking_uri": tracking_uri(root), "gate": decision.to_dict()}
+        decision = promote_if_better(version.name, version.version, ds, root=root,
+                                     on_incomparable=cfg.gate.on_incomparable)
+    logger.info("gate%s: %s", " (decided before)" if decision.decided_before else "", decision.reason)
+    return {"registered": True, "new_version": version.created, "name": version.name, "version": version.version,
+            "model_uri": version.model_uri, "mlflow_run_id": mlflow_run, "tracking_uri": tracking_uri(root),
+            "gate": decision.to_dict()}

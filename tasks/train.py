@@ -1,10 +1,13 @@
 """Training and evaluation as Prefect tasks.
 
 ``train_model`` launches the trainer as a child process (``pipeline.launch``: plain
-``python -m pipeline.train`` for one process, torchrun for more), forwards its log lines
+``python -m pipeline.train`` for one process, torchrun for more, or with
+``options.launcher='ray'`` a Ray Train driver whose workers run on a Ray cluster,
+``pipeline.ray_launch``), forwards its log lines
 and JSON metric lines to the Prefect run logger as they arrive, and returns the run
 directory's manifest. The run directory is content-addressed,
-``<root>/runs/<hash(dataset_id, model config, train config, VERSION)>``, so a retried
+``<root>/runs/<hash(dataset_id, model config, train config less its budget, VERSION)>``
+(``pipeline.launch.run_id``), so asking for more epochs continues the same run, and a retried
 attempt (or a later flow run) finds the same checkpoints and the trainer resumes from the
 newest one; the log says from where. Non-retryable failures (bad config, NaN loss, bad
 dataset) raise errors that ``retry_if_retryable`` refuses to retry.
@@ -15,9 +18,9 @@ handler via :class:`TerminationGuard`) sends SIGTERM to every training child of 
 process, waits up to ``grace_s`` for them to write what they can, kills what is left,
 and marks the process as terminating so no retry starts.
 
-``evaluate_model`` scores the validation and test splits (perplexity) and generates
-sample continuations; its key is the trained model's sha256 + the dataset id + the
-sampling settings.
+``evaluate_model`` reports the validation and test perplexity (the one evaluation setting
+of ``pipeline.evaluate``; the trainer's validation figure is reused) and generates sample
+continuations; its key is the trained model's sha256 + the dataset id + the settings.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pipeline import storage
 from pipeline.config import ModelConfig, RunConfig, TrainConfig
 from pipeline.launch import stop_process_trees
 from pipeline.metrics import finite_or_none, read_epochs, with_bits
+from pipeline.ray_launch import RayCluster
 from tasks.caching import StagePolicy, content_id, jsonable, manifest
 from tasks.retries import terminating
 
@@ -50,22 +54,45 @@ def run_id(dataset: dict[str, Any], model_config: ModelConfig | dict, train_conf
 
 
 def train_identity(inputs: dict[str, Any]):
-    return VERSION["train"], {"run": run_id(inputs["dataset"], inputs["model_config"], inputs["train_config"]),
+    """The run id (what the weights depend on) plus the budget: the run id leaves out
+    ``epochs``/``max_minutes`` so a bigger budget continues the same run, but the task's
+    result does depend on them (a cached 10-epoch result must not answer a 20-epoch ask)."""
+    train_config = TrainConfig.model_validate(jsonable(inputs["train_config"]))
+    return VERSION["train"], {"run": run_id(inputs["dataset"], inputs["model_config"], train_config),
+                              "budget": {"epochs": train_config.epochs, "max_minutes": train_config.max_minutes},
                               "dataset_manifest": inputs["dataset"].get("manifest_sha256"),
                               "root": storage.storage_root(inputs.get("root"))}
 
 
 def _format_epoch(e: dict[str, Any], epochs: int) -> str:
-    val = e.get("val_ppl")
-    return (f"epoch {e['epoch']}/{epochs}: train ppl {e['train_ppl']:.3f}, val ppl "
-            f"{'n/a' if val is None else f'{val:.3f}'}, {e['tokens_per_s']:,.0f} tokens/s, "
-            f"lr {e['lr']:.3g}, grad norm {e['grad_norm']:.3f}, {e['elapsed_s']:.1f} s")
+    """One log line per epoch; a figure that is missing or not a number reads "n/a", never an error."""
+    return (f"epoch {e.get('epoch')}/{epochs}: train ppl {_fmt(e.get('train_ppl'), '.3f')}, "
+            f"val ppl {_fmt(e.get('val_ppl'), '.3f')}, {_fmt(e.get('tokens_per_s'), ',.0f')} tokens/s, "
+            f"lr {_fmt(e.get('lr'), '.3g')}, grad norm {_fmt(e.get('grad_norm'), '.3f')}, "
+            f"{_fmt(e.get('elapsed_s'), '.1f')} s")
+
+
+def _fmt(x: Any, spec: str) -> str:
+    return format(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else "n/a"
+
+
+def _finished(run_dir: str, epochs: int) -> bool:
+    """The run directory holds a finished training of at least ``epochs`` epochs."""
+    if not all(storage.exists(storage.join(run_dir, f)) for f in RUN_FILES[:-1]):
+        return False
+    result = storage.read_json(storage.join(run_dir, "result.json"))
+    return bool(result.get("finished")) and int(result.get("epochs") or 0) >= epochs
 
 
 @task(name="train_model", cache_policy=StagePolicy(stage="train", identity=train_identity), tags=["train"])
 def train_model(dataset: dict[str, Any], model_config: ModelConfig, train_config: TrainConfig,
-                root: str | None = None, nproc: int = 1, grace_s: float = 30.0) -> dict[str, Any]:
-    """Train (or resume) in the content-addressed run directory; return its manifest."""
+                root: str | None = None, nproc: int = 1, grace_s: float = 30.0,
+                ray: RayCluster | None = None) -> dict[str, Any]:
+    """Train (or resume) in the content-addressed run directory; return its manifest.
+
+    With ``ray`` the trainer runs as ``nproc`` Ray Train workers on that cluster; the run
+    directory, and so the cache key, is the same as under torchrun.
+    """
     from pipeline.launch import launch_training
 
     logger = get_run_logger()
@@ -73,7 +100,7 @@ def train_model(dataset: dict[str, Any], model_config: ModelConfig, train_config
     rid = run_id(dataset, model_config, train_config)
     run_dir = storage.join(root, "runs", rid)
     resumed_from = None
-    if all(storage.exists(storage.join(run_dir, f)) for f in RUN_FILES[:-1]):
+    if _finished(run_dir, train_config.epochs):
         logger.info("run %s already finished in %s: not training again", rid, run_dir)
         events = read_epochs(run_dir)
     else:
@@ -101,7 +128,8 @@ def train_model(dataset: dict[str, Any], model_config: ModelConfig, train_config
                 logger.info("trainer: %s", line)
 
         cfg = RunConfig(model=model_config, train=train_config)
-        launched = launch_training(run_dir, dataset["uri"], cfg, nproc=nproc, on_line=on_line, grace_s=grace_s)
+        launched = launch_training(run_dir, dataset["uri"], cfg, nproc=nproc, on_line=on_line, grace_s=grace_s,
+                                   ray=ray)
         events = [e for e in launched.metrics if e.get("event") == "epoch"] or read_epochs(run_dir)
     from pipeline.lm import write_lm_metadata
     from pipeline.shards import open_dataset
@@ -132,30 +160,37 @@ def _json(line: str) -> dict | None:
 
 
 def evaluate_identity(inputs: dict[str, Any]):
+    from pipeline.evaluate import EVAL_BATCH_SIZE, EVAL_NUM_STEPS
+
     run = inputs["run"]
     return VERSION["evaluate"], {"model_sha256": run["model_sha256"], "run": run["id"],
                                  "dataset_id": inputs["dataset"]["dataset_id"],
-                                 "settings": {k: jsonable(inputs.get(k)) for k in ("prefixes", "num_tokens", "temperature", "batch_size", "num_steps")}}
+                                 "evaluation": {"batch_size": EVAL_BATCH_SIZE, "num_steps": EVAL_NUM_STEPS},
+                                 "settings": {k: jsonable(inputs.get(k)) for k in ("prefixes", "num_tokens", "temperature")}}
 
 
 @task(name="evaluate_model", cache_policy=StagePolicy(stage="evaluate", identity=evaluate_identity), tags=["evaluate"])
 def evaluate_model(run: dict[str, Any], dataset: dict[str, Any], prefixes: tuple[str, ...] = ("time traveller",),
-                   num_tokens: int = 100, temperature: float = 0.7, batch_size: int = 32,
-                   num_steps: int = 35) -> dict[str, Any]:
-    """Validation and test perplexity (and bits per token), and one sampled continuation per prefix."""
+                   num_tokens: int = 100, temperature: float = 0.7) -> dict[str, Any]:
+    """Validation and test perplexity (and bits per token), and one sampled continuation per prefix.
+
+    Perplexities use the pipeline's one evaluation setting (``pipeline.evaluate``), the same
+    as the trainer's validation, MLflow's ``final_*_ppl`` and the gate: the trainer's
+    validation figure of the shipped model (``result.json``) is reused, not recomputed.
+    """
     from pipeline.lm import LanguageModel
     from pipeline.shards import open_dataset
 
     logger = get_run_logger()
     eid = content_id("evaluate", *evaluate_identity({"run": run, "dataset": dataset, "prefixes": prefixes,
-                                                     "num_tokens": num_tokens, "temperature": temperature,
-                                                     "batch_size": batch_size, "num_steps": num_steps}))
+                                                     "num_tokens": num_tokens, "temperature": temperature}))
     lm = LanguageModel.from_dir(run["run_dir"])
     ds = open_dataset(dataset["uri"])
-    ppl = {}
+    ppl = {"val": trained_val_ppl(run, dataset)}
     for split in ("val", "test"):
         ids = ds.split(split)
-        ppl[split] = lm.perplexity(ids, batch_size=batch_size, num_steps=num_steps) if len(ids) >= 2 else None
+        if ppl.get(split) is None:
+            ppl[split] = lm.perplexity(ids) if len(ids) >= 2 else None
         logger.info("%s perplexity: %s", split, "n/a (split too short)" if ppl[split] is None else f"{ppl[split]:.3f}")
     samples = []
     for i, prefix in enumerate(prefixes):
@@ -169,11 +204,24 @@ def evaluate_model(run: dict[str, Any], dataset: dict[str, Any], prefixes: tuple
     return manifest(eid, [uri], uri=uri, **out)
 
 
+def trained_val_ppl(run: dict[str, Any], dataset: dict[str, Any]) -> float | None:
+    """The trainer's validation perplexity of the shipped model, when it was computed on this
+    dataset with the current evaluation setting (else None: evaluate it)."""
+    from pipeline.evaluate import EVAL_BATCH_SIZE, EVAL_NUM_STEPS
+
+    if run.get("dataset_id") != dataset["dataset_id"]:
+        return None
+    result = storage.read_json(storage.join(run["run_dir"], "result.json"))
+    if (result.get("eval_batch_size"), result.get("eval_num_steps")) != (EVAL_BATCH_SIZE, EVAL_NUM_STEPS):
+        return None
+    return result.get("val_ppl")
+
+
 # ----------------------------------------------------------------------------- SIGTERM
 
 
 def training_children() -> list[psutil.Process]:
-    """Training processes this process started (``python -m pipeline.train`` or torchrun)."""
+    """Training processes this process started (``python -m pipeline.train``, torchrun, the Ray driver)."""
     found = []
     try:
         for p in psutil.Process().children(recursive=False):
@@ -181,7 +229,7 @@ def training_children() -> list[psutil.Process]:
                 cmd = p.cmdline()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-            if "pipeline.train" in cmd:
+            if "pipeline.train" in cmd or "pipeline.ray_launch" in cmd:
                 found.append(p)
     except psutil.NoSuchProcess:
         pass

@@ -383,6 +383,17 @@ def test_retrain_registers_a_champion_with_lineage(tmp_path, store):
     assert run.data.tags["prefect.flow_run_id"] == result["flow_run_id"]
     assert run.data.tags["data.dataset_id"] == result["dataset"]["dataset_id"]
     assert float(champion.tags["test_ppl"]) > 1
+    # One evaluation (batch 4 x 8 training, the fixed evaluation setting everywhere): the trainer's
+    # figure, the evaluate task's, MLflow's metric and the version's tag are one number.
+    val, test = result["run"]["val_ppl"], result["evaluation"]["test_ppl"]
+    assert result["evaluation"]["val_ppl"] == val == run.data.metrics["final_val_ppl"] == float(champion.tags["val_ppl"])
+    assert run.data.metrics["final_test_ppl"] == test == float(champion.tags["test_ppl"])
+    assert reg["new_version"] and not reg["gate"]["decided_before"]
+
+    # The same inputs again (every stage cached): nothing new is registered, and the result says so.
+    again = retrain(cfg, store, register_model=True)["registered"]
+    assert (again["version"], again["new_version"], again["gate"]["decided_before"]) == (reg["version"], False, True)
+    assert len(client.search_model_versions("name='rnnlm-custom'")) == 1
 
 
 def test_the_test_server_runs_with_telemetry_off():

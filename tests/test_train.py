@@ -363,4 +363,4 @@ def test_keep_best_ships_the_epoch_with_the_lowest_val_ppl(tmp_path):
     assert last["val_ppl"] == pytest.approx(vals[-1], rel=1e-9) and last["val_ppl"] > kept["val_ppl"]
     model = build_model(model_cfg, vocab)
     model.load_state_dict(weights(runs[True][1]))
-    assert perplexity(model, va, batch_size=8, num_steps=20) == pytest.approx(min(vals), rel=1e-6)
+    assert perplexity(model, va) == min(vals)  # the one evaluation setting, bit for bit
