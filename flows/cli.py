@@ -23,19 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
-import tempfile
-import time
-from typing import Optional
 
 from flows.servers import TELEMETRY_OFF
+from flows.terminal import configure_logging, run_log_file, verdict
 from pipeline.config import DEFAULT_PRESET, load_run_config, preset_names
 from pipeline.errors import EXIT_DO_NOT_RETRY, EXIT_FAILED, ConfigError, GenerationInputError, PipelineError
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-log = logging.getLogger("rnnlm")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -230,62 +225,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-url", default=None, help="default $PREFECT_API_URL, else http://127.0.0.1:4200/api")
     p.set_defaults(fn=cmd_worker)
     return parser
-
-
-# ---------------------------------------------------------------------------------- logging
-
-
-class WithoutTraceback(logging.Formatter):
-    """A record's message without its traceback: the terminal's view when a log file has the whole."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        saved = record.exc_info, record.exc_text, record.stack_info
-        record.exc_info = record.exc_text = record.stack_info = None
-        try:
-            return super().format(record)
-        finally:
-            record.exc_info, record.exc_text, record.stack_info = saved
-
-
-def run_log_file(root: Optional[str]) -> str:
-    """``<root>/logs/run-<UTC time>-<pid>.log`` for a local root, else the same under the temp dir."""
-    from pipeline import storage
-
-    store = storage.storage_root(root)
-    base = storage.local_path(store) if storage.is_local(store) else os.path.join(tempfile.gettempdir(), "rnnlm")
-    os.makedirs(os.path.join(base, "logs"), exist_ok=True)
-    return os.path.join(base, "logs", f"run-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}.log")
-
-
-def configure_logging(verbose: bool, log_file: Optional[str] = None) -> None:
-    """The terminal (stderr) gets INFO (DEBUG with --verbose); with a log file, the file gets
-    every record in full and the terminal loses the tracebacks, unless --verbose."""
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(WithoutTraceback(LOG_FORMAT) if log_file and not verbose else logging.Formatter(LOG_FORMAT))
-    root.addHandler(console)
-    if log_file:
-        file = logging.FileHandler(log_file, encoding="utf-8")
-        file.setFormatter(logging.Formatter(LOG_FORMAT))
-        root.addHandler(file)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    if not verbose:
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
-
-
-def verdict(message: str, args) -> None:
-    """The last line: what failed, and where the whole story is. The traceback goes to the log
-    file (and the terminal with --verbose); after this line only problems print."""
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (message,), sys.exc_info())
-    for h in logging.getLogger().handlers:
-        if args.verbose or isinstance(h, logging.FileHandler):
-            h.handle(record)
-        if not isinstance(h, logging.FileHandler):
-            h.setLevel(logging.WARNING)  # e.g. Prefect's "Stopping temporary server" at exit
-    where = f" (full log: {args.log_file})" if args.log_file else ""
-    print(f"rnnlm: error: {message}{where}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,16 +37,16 @@ TRANSIENT_STORE_CODES = {"SlowDown", "RequestTimeout", "InternalError", "Service
 
 def is_retryable(exc: BaseException | None) -> bool:
     """PipelineErrors say so themselves; network and object-store hiccups may pass; a missing
-    or unreadable input, a refused request (an object store's permanent refusal: invalid
-    bucket, access denied) and bugs do not."""
+    or unreadable input, an object store's permanent refusal (invalid bucket, access denied)
+    and bugs do not."""
     if terminating.is_set() or exc is None:
         return False
     if isinstance(exc, PipelineError):
         return bool(exc.retryable)
-    if isinstance(exc, PERMANENT_OS_ERRORS):
+    if isinstance(exc, PERMANENT_OS_ERRORS) or storage.is_permanent_error(exc):
         return False
     if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
-        return not storage.is_permanent_error(exc)
+        return True
     code = ((getattr(exc, "response", None) or {}).get("Error") or {}).get("Code")  # botocore ClientError
     if code is not None:
         return str(code) in TRANSIENT_STORE_CODES
