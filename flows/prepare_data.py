@@ -26,7 +26,7 @@ def prepare_data_flow(data: DataConfig = DataConfig(), options: PipelineOptions 
     fetches = fetcher.map(source=list(located_sources(data)), root=unmapped(root))
     fetched = [f.result() for f in fetches]
 
-    chunks = plan([d for f in fetched for d in f["documents"]], data.chunk_bytes)
+    chunks = plan([d for f in fetched for d in f["documents"]], data.chunk_bytes, data.tokenizer)
 
     counts = bind(count_tokens, options).map(chunk=chunks, tokenizer=unmapped(data.tokenizer), root=unmapped(root))
     vocab = bind(build_vocab, options).submit(chunks, counts, data, root)

@@ -6,12 +6,15 @@ expands to several files, or ``builtin://NAME`` for a corpus that ships inside
 the package (``builtin://timemachine``, the offline default). Each file is one
 document. Fetching streams the bytes once: it hashes them (sha1 and sha256),
 checks they are UTF-8 text, and stores them as ``<root>/corpus/<sha256>.txt``,
-so every later stage reads an immutable copy named by its content.
+so every later stage reads an immutable copy named by its content. Only bytes that
+verified (text, declared checksums) are kept; a copy already stored is checked against
+its name and quarantined if it fails; a store that cannot be written is only read.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import logging
 import os
@@ -20,10 +23,11 @@ from dataclasses import asdict, dataclass, replace
 from importlib import resources
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import storage
 from pipeline.config import DataConfig, SourceConfig
-from pipeline.errors import CorpusError, SourceUnreachableError
+from pipeline.errors import CorpusError, SourceUnreachableError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +86,8 @@ def fetch_source(source: SourceConfig, root: str | None = None) -> list[Document
     files = _expand(source.url)
     if (source.sha1 or source.sha256) and len(files) != 1:
         raise CorpusError(source.url, f"a checksum was given but the URL matches {len(files)} files; give one file per checksum")
-    documents = []
-    for open_file, display in files:
-        doc = replace(_fetch_file(open_file, display, root), split=source.split)
-        for algo in ("sha1", "sha256"):
-            expected = getattr(source, algo)
-            actual = getattr(doc, algo)
-            if expected and expected != actual:
-                raise CorpusError(display, f"checksum mismatch: expected {algo} {expected}, got {actual}")
-        documents.append(doc)
-    return documents
+    expected = {algo: getattr(source, algo) for algo in ("sha1", "sha256") if getattr(source, algo)}
+    return [replace(_fetch_file(f, display, root, expected), split=source.split) for f, display in files]
 
 
 def _expand(url: str) -> list[tuple[fsspec.core.OpenFile, str]]:
@@ -115,40 +111,45 @@ def _expand(url: str) -> list[tuple[fsspec.core.OpenFile, str]]:
     return [(f, f.full_name if many else url) for f in files]
 
 
-def _fetch_file(open_file: fsspec.core.OpenFile, display: str, root: str) -> Document:
-    """Stream one file into the store, hashing and validating as the bytes pass."""
-    sha1, sha256 = hashlib.sha1(), hashlib.sha256()
+def _fetch_file(open_file: fsspec.core.OpenFile, display: str, root: str, expected: dict[str, str]) -> Document:
+    """Stream one file into the store, hashing and validating as the bytes pass.
+
+    Only bytes that verified (UTF-8 text, the ``expected`` checksums) are kept. A copy
+    already in the store is checked against its name and quarantined if it fails. When
+    the store cannot be written (a read-only root) the bytes are only hashed: a verified
+    copy already there is used, and without one the error names the root.
+    """
+    hashes = {"sha1": hashlib.sha1(), "sha256": hashlib.sha256()}
     decoder = codecs.getincrementaldecoder("utf-8")()
-    corpus_dir = storage.join(root, "corpus")
-    storage.makedirs(corpus_dir)  # the first write of a run: a bad store fails here, clearly
-    fs, dir_path = storage.filesystem(corpus_dir)
-    local = storage.is_local(corpus_dir)
+    fs, dir_path = storage.filesystem(storage.join(root, "corpus"))
     tmp = f"{dir_path}/.fetch-{uuid.uuid4().hex[:12]}"
     num_bytes, visible = 0, False
     try:
-        with open_file as src, fs.open(tmp, "wb") as dst:
+        dst = _open_for_writing(fs, dir_path, tmp, root)
+        with open_file as src, (dst or contextlib.nullcontext()):
             while block := src.read(READ_BLOCK):
                 _check_text(block, num_bytes, decoder, display)
                 visible = visible or bool(block.strip())
-                sha1.update(block)
-                sha256.update(block)
-                dst.write(block)
+                for h in hashes.values():
+                    h.update(block)
+                if dst:
+                    dst.write(block)
                 num_bytes += len(block)
             _check_text(b"", num_bytes, decoder, display, final=True)
         if num_bytes == 0 or not visible:
             raise CorpusError(display, "empty text" if num_bytes == 0 else f"empty text ({num_bytes} bytes of whitespace only)")
-        digest = sha256.hexdigest()
-        final = f"{dir_path}/{digest}.txt"
-        if fs.exists(final):  # the same bytes were fetched before: keep that copy
-            fs.rm(tmp)
-        elif local:
-            os.replace(tmp, final)
-        else:
-            fs.mv(tmp, final)
+        digests = {algo: h.hexdigest() for algo, h in hashes.items()}
+        for algo, want in expected.items():
+            if want != digests[algo]:
+                raise CorpusError(display, f"checksum mismatch: expected {algo} {want}, got {digests[algo]}")
+        final = f"{dir_path}/{digests['sha256']}.txt"
+        _store(fs, tmp if dst else None, final, num_bytes, root)
+    except StorageError:  # the store, not the source (an OSError too)
+        raise
     except FileNotFoundError as e:
         raise _not_found(display, e) from None
     except PermissionError as e:
-        raise CorpusError(display, f"permission denied: {e}") from None
+        raise CorpusError(display, f"permission denied reading it: {e}") from None
     except OSError as e:  # connection refused, DNS failure, timeouts, HTTP 5xx
         if storage.is_permanent_error(e):  # access denied, no such bucket: asking again cannot help
             raise CorpusError(display, f"refused: {e}") from None
@@ -156,9 +157,58 @@ def _fetch_file(open_file: fsspec.core.OpenFile, display: str, root: str) -> Doc
     finally:
         if fs.exists(tmp):
             fs.rm(tmp)
-    uri = final if local else fs.unstrip_protocol(final)
-    log.info("fetched %s: %d bytes, sha256 %s", display, num_bytes, digest[:12])
-    return Document(source=display, uri=uri, sha1=sha1.hexdigest(), sha256=digest, num_bytes=num_bytes)
+    uri = final if storage.is_local(root) else fs.unstrip_protocol(final)
+    log.info("fetched %s: %d bytes, sha256 %s", display, num_bytes, digests["sha256"][:12])
+    return Document(source=display, uri=uri, sha1=digests["sha1"], sha256=digests["sha256"], num_bytes=num_bytes)
+
+
+def _open_for_writing(fs, dir_path: str, tmp: str, root: str):
+    """The temp file to stream the copy into, or None when the store cannot be written."""
+    corpus_url = storage.join(root, "corpus")
+    try:
+        fs.makedirs(dir_path, exist_ok=True)  # the first write of a run: a bad store fails here, clearly
+        return fs.open(tmp, "wb")
+    except OSError as e:
+        if not storage.is_unwritable(e):
+            raise StorageError(corpus_url, f"cannot write to it: {e}", retryable=True) from e
+        try:
+            there = fs.isdir(dir_path)
+        except OSError:
+            there = False
+        if not there:
+            raise storage.unwritable(root, f"the corpus directory {corpus_url}", e) from None
+        return None
+
+
+def _store(fs, tmp: str | None, final: str, num_bytes: int, root: str) -> None:
+    """Put the verified bytes at ``final``, unless a verified copy is already there."""
+    if fs.exists(final):
+        problem = _copy_problem(fs, final, num_bytes)
+        if problem is None:
+            return
+        if tmp is None:
+            raise storage.unwritable(root, f"a good copy over {final}, which {problem}", "read-only")
+        moved = storage.quarantine(final if storage.is_local(root) else fs.unstrip_protocol(final), root)
+        log.warning("corpus copy %s %s: moved to %s; storing the fresh copy", final, problem, moved)
+    elif tmp is None:
+        raise storage.unwritable(root, f"the corpus copy {final}", "read-only or no permission")
+    if isinstance(fs, LocalFileSystem):
+        os.replace(tmp, final)
+    else:
+        fs.mv(tmp, final)
+
+
+def _copy_problem(fs, path: str, num_bytes: int) -> str | None:
+    """What is wrong with a stored copy named ``<sha256>.txt`` (None: it holds those bytes)."""
+    size = fs.size(path)
+    if size != num_bytes:
+        return f"holds {size} bytes, expected {num_bytes}"
+    sha256 = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(READ_BLOCK):
+            sha256.update(block)
+    name = path.rsplit("/", 1)[-1].removesuffix(".txt")
+    return None if sha256.hexdigest() == name else f"has sha256 {sha256.hexdigest()}, not the one it is named by"
 
 
 def _not_found(display: str, e: FileNotFoundError) -> CorpusError:

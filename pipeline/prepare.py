@@ -3,12 +3,12 @@
 The ONE definition of the data chain::
 
     documents = fetch_corpus(cfg.sources)              # verified, content-addressed copies
-    chunks    = plan_chunks(documents, cfg.chunk_bytes) # byte ranges that end on a newline
+    chunks    = plan_chunks(documents, cfg.chunk_bytes, cfg.tokenizer) # byte ranges that end on a newline (or a safe cut)
     counted   = build_vocab((count_chunk(c, cfg.tokenizer) for c in chunks), cfg)
     write_dataset(uri, documents, cfg, counted, (encode_chunk(c, cfg.tokenizer, counted.vocab) for c in chunks))
 
 Each chunk step touches one chunk, so memory is bounded by the chunk size, not the
-corpus, and is a pure function of (chunk, config), so an orchestrator can map it over
+corpus (a line longer than a chunk is cut inside, where cutting changes no token), and is a pure function of (chunk, config), so an orchestrator can map it over
 workers. ``prepare_dataset`` runs the chain in one process; the ``prepare-data`` flow
 (``tasks/data.py``) calls these same functions, only persisting what passes between
 them, and ``tests/test_flows.py`` checks the two write the same bytes. The dataset
@@ -33,26 +33,31 @@ import numpy as np
 from pipeline import storage
 from pipeline.config import DataConfig, TokenizerConfig
 from pipeline.corpus import Document, fetch_corpus, located_sources
-from pipeline.errors import ConfigError, CorpusError
-from pipeline.shards import SPLITS, Dataset, DatasetWriter, is_complete, open_dataset, read_pinned_vocab, split_bounds
-from pipeline.tokenizer import UNK, char_codes, word_tokens
+from pipeline.errors import ConfigError, CorpusError, PipelineError
+from pipeline.integrity import verified_dataset
+from pipeline.shards import SPLITS, Dataset, DatasetWriter, open_dataset, read_pinned_vocab, split_bounds
+from pipeline.tokenizer import UNK, char_codes, safe_cuts, word_tokens
 from pipeline.vocab import TokenCounts, Vocab, count_codes, count_values, merge_counts
 
 log = logging.getLogger(__name__)
 
 # Bump when tokenization or the shard format changes meaning: it is part of every dataset's address.
-DATA_FORMAT_VERSION = 1
+# 2: a lone \r is a line break with every normalizer (it was a token with ``none`` / ``lower``).
+DATA_FORMAT_VERSION = 2
+SCAN_BLOCK = 64 * 1024
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """Bytes ``[start, end)`` of a fetched document; ``end`` is just past a newline or at EOF."""
+    """Bytes ``[start, end)`` of a fetched document; ``end`` is just past a newline, at EOF,
+    or (``continues``) at a ``safe_cut`` inside a line longer than a chunk."""
 
     uri: str
     start: int
     end: int
     split: str | None = None  # the split its source names, if any
     source: str = ""  # the source as the user wrote it, for errors
+    continues: bool = False  # cut inside a line: the next chunk holds the rest of it
 
     def read(self) -> bytes:
         fs, path = storage.filesystem(self.uri)
@@ -76,34 +81,52 @@ def dataset_id(documents: list[Document], cfg: DataConfig, pinned_sha256: str | 
     return storage.stable_hash({"version": DATA_FORMAT_VERSION, "documents": docs, "settings": settings})
 
 
-def plan_chunks(documents: list[Document], chunk_bytes: int) -> list[Chunk]:
-    """Cut every document into chunks of about ``chunk_bytes`` that end on line boundaries."""
+def plan_chunks(documents: list[Document], chunk_bytes: int, tokenizer: TokenizerConfig | None = None) -> list[Chunk]:
+    """Cut every document into chunks of about ``chunk_bytes`` that end on line boundaries.
+
+    A line that runs on for ``chunk_bytes`` past a chunk's nominal end is cut inside, at
+    the first ``safe_cut`` for ``tokenizer`` after that end, so a chunk stays under about
+    ``2 * chunk_bytes`` whatever the lines (one 60 MB line is not one 60 MB chunk).
+    Without a tokenizer (or a safe cut) lines are never cut.
+    """
     chunks = []
     for doc in documents:
         fs, path = storage.filesystem(doc.uri)
         with fs.open(path, "rb") as f:
             start = 0
             while start < doc.num_bytes:
-                end = min(start + chunk_bytes, doc.num_bytes)
+                end, continues = min(start + chunk_bytes, doc.num_bytes), False
                 if end < doc.num_bytes:
-                    end = _next_line_end(f, end, doc.num_bytes)
-                chunks.append(Chunk(doc.uri, start, end, doc.split, doc.source))
+                    end, continues = _chunk_end(f, end, doc.num_bytes, chunk_bytes, tokenizer)
+                chunks.append(Chunk(doc.uri, start, end, doc.split, doc.source, continues))
                 start = end
     return chunks
 
 
-def _next_line_end(f, pos: int, size: int) -> int:
-    """The position just past the first newline at or after ``pos`` (or EOF)."""
-    f.seek(pos)
+def _chunk_end(f, pos: int, size: int, limit: int, tokenizer: TokenizerConfig | None) -> tuple[int, bool]:
+    """``(end, continues)``: just past the first newline at or after ``pos`` (or EOF); if no
+    newline comes within ``limit`` bytes, the first safe cut after ``pos`` instead."""
+    f.seek(pos - 1)
+    before, cut, scanned = f.read(1)[0], None, 0
     while pos < size:
-        block = f.read(64 * 1024)
+        in_window = scanned < limit
+        block = f.read(min(SCAN_BLOCK, limit - scanned) if in_window else SCAN_BLOCK)
         if not block:
             break
         nl = block.find(b"\n")
-        if nl >= 0:
-            return pos + nl + 1
+        if nl >= 0 and in_window:
+            return pos + nl + 1, False
+        if cut is None and tokenizer is not None:
+            cuts = safe_cuts(block if nl < 0 else block[:nl], before, tokenizer)
+            cut = pos + int(cuts[0]) if cuts.size else None
+        if nl >= 0:  # past the window, with no cut before it (else we would have stopped)
+            return (cut, True) if cut is not None else (pos + nl + 1, False)
+        before = block[-1]
         pos += len(block)
-    return size
+        scanned += len(block)
+        if cut is not None and scanned >= limit:
+            return cut, True
+    return size, False
 
 
 def count_chunk(chunk: Chunk, cfg: TokenizerConfig, spill: str | None = None) -> TokenCounts:
@@ -123,7 +146,7 @@ def count_chunk(chunk: Chunk, cfg: TokenizerConfig, spill: str | None = None) ->
         if spill:
             np.save(spill, codes)
         return count_codes(codes)
-    return count_values(word_tokens(data, cfg))
+    return count_values(word_tokens(data, cfg, chunk.continues))
 
 
 @dataclass(frozen=True)
@@ -185,7 +208,7 @@ def encode_chunk(chunk: Chunk, cfg: TokenizerConfig, vocab: Vocab, spill: str | 
         else:
             codes = char_codes(chunk.read(), cfg)
         return vocab.encode_codes(codes)
-    return vocab.encode_words(word_tokens(chunk.read(), cfg))
+    return vocab.encode_words(word_tokens(chunk.read(), cfg, chunk.continues))
 
 
 def dataset_uri(documents: list[Document], cfg: DataConfig, root: str, pinned_sha256: str | None = None) -> str:
@@ -202,11 +225,11 @@ def prepare_dataset(cfg: DataConfig, root: str | None = None) -> Dataset:
     documents = fetch_corpus(located_sources(cfg), root)
     pinned = pinned_vocab(cfg)
     uri = dataset_uri(documents, cfg, root, pinned.sha256 if pinned else None)
-    if is_complete(uri):
+    if (ready := verified_dataset(uri, root)) is not None:
         log.info("dataset already prepared at %s", uri)
-        return open_dataset(uri)
+        return ready
 
-    chunks = plan_chunks(documents, cfg.chunk_bytes)
+    chunks = plan_chunks(documents, cfg.chunk_bytes, cfg.tokenizer)
     log.info("counting %d chunk(s) of %d document(s)", len(chunks), len(documents))
     with tempfile.TemporaryDirectory(prefix="rnnlm-codes-") as spill_dir:
         spill = [os.path.join(spill_dir, f"{i:06d}.npy") if cfg.tokenizer.level == "char" else None
@@ -241,12 +264,14 @@ def write_dataset(uri, documents, cfg: DataConfig, counted: CountedVocab, encode
                 "format_version": DATA_FORMAT_VERSION,
             }
         )
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(Exception):  # the original error is the one to report
             writer.close()  # and no write may land in the staging dir after it is removed
         fs, path = storage.filesystem(staging)
         if fs.exists(path):
             fs.rm(path, recursive=True)
+        if isinstance(e, OSError) and not isinstance(e, PipelineError) and storage.is_unwritable(e):
+            raise storage.unwritable(uri.rstrip("/").rsplit("/", 2)[0], f"the dataset {uri}", e) from None
         raise
     storage.publish_dir(staging, uri)
     log.info("dataset %s: %d tokens (train %d, val %d, test %d), vocab %d", manifest["dataset_id"], manifest["num_tokens"],

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator
@@ -273,19 +274,39 @@ def is_complete(uri: str) -> bool:
     return storage.exists(storage.join(uri, MANIFEST))
 
 
-def _read_verified(url: str, sha256: str | None) -> pa.Table:
-    """Read a Parquet file (memory-mapped when local), check its sha256 (when given), parse it."""
+# Local files this process hashed: path -> (size, mtime, inode, sha256). A file whose stat is
+# unchanged is not hashed again (verify_dataset then training or evaluation in one process).
+_verified: dict[str, tuple[int, int, int, str]] = {}
+
+
+def verified_buffer(url: str, sha256: str | None) -> pa.Buffer:
+    """A file's bytes (memory-mapped when local), checked against its sha256 (when given)."""
+    local = storage.is_local(url)
     try:
-        if storage.is_local(url):
-            source = pa.memory_map(storage.local_path(url))
-            buffer = source.read_buffer()
+        if local:
+            path = storage.local_path(url)
+            st = os.stat(path)
+            buffer = pa.memory_map(path).read_buffer()
         else:
             buffer = pa.py_buffer(storage.read_bytes(url))
     except FileNotFoundError:
         raise DatasetError(f"missing file {url}") from None
-    actual = storage.sha256_bytes(memoryview(buffer)) if sha256 else None
+    if not sha256:
+        return buffer
+    stamp = (st.st_size, st.st_mtime_ns, st.st_ino, sha256) if local else None
+    if stamp is not None and _verified.get(path) == stamp:
+        return buffer
+    actual = storage.sha256_bytes(memoryview(buffer))
     if actual != sha256:
         raise DatasetError(f"corrupt file {url}: sha256 {actual}, expected {sha256}")
+    if stamp is not None:
+        _verified[path] = stamp
+    return buffer
+
+
+def _read_verified(url: str, sha256: str | None) -> pa.Table:
+    """Read a Parquet file (memory-mapped when local), check its sha256 (when given), parse it."""
+    buffer = verified_buffer(url, sha256)
     try:
         return pq.read_table(pa.BufferReader(buffer))
     except pa.ArrowException as e:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import posixpath
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,46 @@ def makedirs(url: str) -> None:
         fs.makedirs(path, exist_ok=True)
     except OSError as e:
         raise StorageError(url, f"cannot create it: {e}", retryable=not is_permanent_error(e)) from e
+
+
+QUARANTINE = "quarantine"
+
+
+def quarantine(url: str, root: str) -> str | None:
+    """Move a file or directory that failed verification out of the way of its rebuild, to
+    ``<root>/quarantine/<its path under root>.<UTC time>-<random>``: kept for a post-mortem,
+    never silently deleted. None if it was already gone (a concurrent run moved it first).
+    A root that cannot be written raises ``StorageError``."""
+    rel = url[len(root):].strip("/") if url.startswith(root) else url.rstrip("/").rsplit("/", 1)[-1]
+    dest = join(root, QUARANTINE, f"{rel}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}")
+    fs, src = filesystem(url)
+    _, dst = filesystem(dest)
+    try:
+        fs.makedirs(posixpath.dirname(dst) if "://" in dest else os.path.dirname(dst), exist_ok=True)
+        if isinstance(fs, LocalFileSystem):
+            os.rename(src, dst)
+        else:
+            fs.mv(src, dst, recursive=True)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if is_unwritable(e):
+            raise unwritable(root, f"{dest} (to quarantine {url})", e) from None
+        raise
+    return dest
+
+
+def is_unwritable(e: BaseException) -> bool:
+    """A write refused for good: no permission, a read-only filesystem, a permanent refusal."""
+    return getattr(e, "errno", None) == errno.EROFS or is_permanent_error(e)
+
+
+def unwritable(root: str, what: str, cause: BaseException | str):
+    """The ``StorageError`` for a refused write: it names the root and what could not be written."""
+    from pipeline.errors import StorageError
+
+    reason = getattr(cause, "strerror", None) or str(cause)
+    return StorageError(root, f"not writable: could not write {what} ({reason})")
 
 
 def sha256_bytes(data: bytes | memoryview) -> str:

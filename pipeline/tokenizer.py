@@ -6,14 +6,20 @@ Two steps, on UTF-8 bytes that hold whole lines:
    ``d2l`` reproduces the book's ``re.sub('[^A-Za-z]+', ' ', line).strip().lower()``
    line by line (done on bytes: every byte of a non-ASCII character is a
    non-letter, exactly as the regex sees it); ``lower`` lowercases Unicode;
-   ``none`` keeps the text as it is. ``\\r\\n`` becomes ``\\n`` and a leading BOM goes.
+   ``none`` keeps the text as it is. A leading BOM goes.
+
+   **One rule for line endings**, whatever the normalizer: ``\\n``, ``\\r\\n`` and a lone
+   ``\\r`` are each one line break (Python's universal newlines, which is how d2l's
+   ``open()`` reads the book); they all become ``\\n`` before anything else.
 2. **split** into tokens. ``char``: one token per Unicode character, with line
    breaks dropped (d2l concatenates its lines), turned into spaces, or kept.
    ``word``: whitespace-separated words, plus ``<eos>`` after every non-empty
    line when asked (the PTB convention), or after every line (WikiText's).
 
-Chunk boundaries fall on line boundaries, so tokenizing a corpus chunk by chunk
-gives exactly the tokens of tokenizing it whole.
+Chunk boundaries fall on line boundaries, or inside an over-long line at a
+``safe_cut`` (where cutting changes no token), so tokenizing a corpus chunk by chunk
+gives exactly the tokens of tokenizing it whole. A chunk that ends inside a line is
+tokenized with ``continues=True``: its last line gets no ``<eos>``.
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ def normalize(data: bytes, cfg: TokenizerConfig) -> bytes:
         data = data[3:]
     if cfg.normalizer == "d2l":
         return _normalize_d2l(data)
-    data = data.replace(b"\r\n", b"\n")
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     if cfg.normalizer == "lower":
         data = _string_data(pc.utf8_lower(_lines_array(data)))
     return data
@@ -110,8 +117,12 @@ def char_codes(data: bytes, cfg: TokenizerConfig) -> np.ndarray:
     return np.frombuffer(text.decode("utf-8").encode("utf-32-le"), dtype=np.uint32)
 
 
-def word_tokens(data: bytes, cfg: TokenizerConfig) -> pa.StringArray:
-    """Whitespace-separated words of the normalized text, ``<eos>`` after each (non-empty) line if asked."""
+def word_tokens(data: bytes, cfg: TokenizerConfig, continues: bool = False) -> pa.StringArray:
+    """Whitespace-separated words of the normalized text, ``<eos>`` after each (non-empty) line if asked.
+
+    ``continues``: ``data`` was cut inside its last line (at a ``safe_cut``), whose rest
+    and ``<eos>`` come with the next piece.
+    """
     # Trimmed first: the split yields an empty word at each edge of a line, and one for an empty line.
     if cfg.normalizer == "d2l":
         # Only ASCII letters, spaces and newlines: the byte map is enough, as the split
@@ -130,9 +141,43 @@ def word_tokens(data: bytes, cfg: TokenizerConfig) -> pa.StringArray:
     # Interleave: after the last word of each non-empty line, take the extra <eos> element.
     lengths = pc.list_value_length(words).to_numpy(zero_copy_only=False).copy()
     lengths[empty_line.to_numpy(zero_copy_only=False)] = 0
-    line_ends = np.cumsum(lengths) if cfg.eos_on_empty_lines else np.cumsum(lengths)[lengths > 0]
+    ends_line = np.ones(len(lengths), dtype=bool) if cfg.eos_on_empty_lines else lengths > 0
+    if continues and ends_line.size and not data.endswith(b"\n"):
+        ends_line[-1] = False
+    line_ends = np.cumsum(lengths)[ends_line]
     order = np.insert(np.arange(len(flat)), line_ends, len(flat))
     return pa.concat_arrays([flat, pa.array([EOS], pa.string())]).take(pa.array(order))
+
+
+_LETTER = np.array([chr(c).isascii() and chr(c).isalpha() for c in range(256)])
+_UTF8_TAIL = np.array([0x80 <= c < 0xC0 for c in range(256)])  # a byte inside a multi-byte character
+
+
+def safe_cuts(data: bytes, before: int, cfg: TokenizerConfig) -> np.ndarray:
+    """Offsets ``i`` in ``data`` (a piece of one line; ``before`` is the byte ahead of it)
+    where the line can be cut ahead of ``data[i]`` and the two pieces, tokenized apart
+    (the first with ``continues=True``), give exactly the tokens of the whole line.
+
+    * word level: a space or tab, then an ASCII letter. No word is split, every
+      normalizer sees a word gap there, and the piece after it holds a word, so the
+      line's ``<eos>`` (after non-empty lines) still comes once, at its end.
+    * char level, ``d2l``: between two ASCII letters, so no run of non-letters (which
+      d2l collapses to one space, and strips at line edges) is cut.
+    * char level, ``none`` / ``lower``: any character boundary but a BOM's and the one
+      inside ``\\r\\n`` (one line break, not two).
+    """
+    b = np.frombuffer(data, dtype=np.uint8)
+    prev = np.empty_like(b)
+    if b.size:
+        prev[0] = before
+        prev[1:] = b[:-1]
+    if cfg.level == "word":
+        ok = ((prev == SPACE) | (prev == 0x09)) & _LETTER[b]
+    elif cfg.normalizer == "d2l":
+        ok = _LETTER[prev] & _LETTER[b]
+    else:
+        ok = ~_UTF8_TAIL[b] & (b != 0xEF) & ~((prev == 0x0D) & (b == NEWLINE))
+    return np.flatnonzero(ok)
 
 
 def tokenize(text: str, cfg: TokenizerConfig) -> list[str]:

@@ -21,8 +21,9 @@ Results (the small JSON manifests the tasks return) are persisted as JSON under
 ``options.results`` (default ``<root>/prefect-results``; any fsspec URL), so keys
 are valid across flow runs and processes. A manifest lists the URIs it points to in
 ``artifacts``; before Prefect looks a key up, :class:`StagePolicy` reads the cached
-record and, if any artifact no longer exists, deletes the record, so the stage
-recomputes instead of returning a dangling URI.
+record and, if any artifact no longer exists (or the stage's ``verify`` finds one broken:
+``write_shards`` hashes its dataset and quarantines one that fails), deletes the record,
+so the stage recomputes instead of returning a dangling URI.
 
 Concurrency: keys are looked up and written under ``SERIALIZABLE`` isolation with a
 lock manager, so two runs of a stage on the same inputs compute once: the second waits
@@ -96,11 +97,14 @@ class StagePolicy(CachePolicy):
     (the modules' digest is part of :func:`content_id`).
 
     ``identity(inputs) -> (version, identity)`` comes from the stage's module; returning
-    None means "do not cache this call". See the module docstring.
+    None means "do not cache this call". ``verify(cached manifest, inputs)`` (optional)
+    returns what is wrong with a cached result's artifacts beyond their existence (None:
+    nothing), and the record is dropped like a dangling one. See the module docstring.
     """
 
     stage: str = ""
     identity: Optional[Callable[[dict[str, Any]], Any]] = None
+    verify: Optional[Callable[[dict[str, Any], dict[str, Any]], Optional[str]]] = None
     results_url: Optional[str] = None  # where records live, to drop dangling ones
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> Optional[str]:
@@ -114,12 +118,15 @@ class StagePolicy(CachePolicy):
         key = f"{self.stage}-" + storage.stable_hash(
             {"id": content_id(self.stage, version, what), "code": source_hash(fn) if fn else ""}, 32)
         if self.results_url:
-            drop_if_dangling(self.results_url, key, self.stage)
+            verify = functools.partial(self.verify, inputs=inputs) if self.verify else None
+            drop_if_dangling(self.results_url, key, self.stage, verify)
         return key
 
 
-def drop_if_dangling(results_url: str, key: str, stage: str) -> bool:
-    """Delete the cached record ``key`` if an artifact it lists no longer exists. True if dropped."""
+def drop_if_dangling(results_url: str, key: str, stage: str,
+                     verify: Optional[Callable[[dict[str, Any]], Optional[str]]] = None) -> bool:
+    """Delete the cached record ``key`` if an artifact it lists no longer exists, or ``verify``
+    (the stage's deeper check of its manifest) finds a problem. True if dropped."""
     from prefect.results import ResultRecord
 
     record_url = storage.join(results_url, key)
@@ -133,7 +140,10 @@ def drop_if_dangling(results_url: str, key: str, stage: str) -> bool:
         missing = [u for u in artifacts if not storage.exists(u)]
         problem = f"artifact(s) missing: {', '.join(missing)}" if missing else None
     except Exception as e:  # an unreadable record is as good as none
+        manifest = None
         problem = f"unreadable cache record ({type(e).__name__}: {e})"
+    if not problem and verify is not None and isinstance(manifest, dict):
+        problem = verify(manifest)  # outside the except above: a failure to verify is an error, never "absent"
     if not problem:
         return False
     run_logger().warning("stage %s: cached result %s is stale, %s; recomputing", stage, key, problem)

@@ -44,7 +44,8 @@ from pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from pipeline.corpus import Document, builtin_path, fetch_source
 from pipeline.errors import DatasetError, PipelineError
 from pipeline.prepare import DATA_FORMAT_VERSION, Chunk, dataset_id, plan_chunks
-from pipeline.shards import MANIFEST, is_complete, open_dataset, parquet_bytes, read_vocab
+from pipeline.integrity import verified_dataset
+from pipeline.shards import MANIFEST, open_dataset, parquet_bytes, read_vocab
 from tasks.caching import StagePolicy, content_id, jsonable, manifest
 
 # Bump a stage's number when its outputs change meaning (the task source is hashed too).
@@ -104,15 +105,15 @@ def fetch_corpus(source: SourceConfig, root: str | None = None) -> dict[str, Any
 # ------------------------------------------------------------------------ plan (no task)
 
 
-def plan(documents: list[dict[str, Any]], chunk_bytes: int) -> list[dict[str, Any]]:
+def plan(documents: list[dict[str, Any]], chunk_bytes: int, tokenizer: TokenizerConfig) -> list[dict[str, Any]]:
     """Line-aligned byte ranges of the fetched documents; cheap (seeks), so not a task."""
     docs = [Document(**d) for d in documents]
     sha = {d.uri: d.sha256 for d in docs}
-    return [{**asdict(c), "sha256": sha[c.uri]} for c in plan_chunks(docs, chunk_bytes)]
+    return [{**asdict(c), "sha256": sha[c.uri]} for c in plan_chunks(docs, chunk_bytes, tokenizer)]
 
 
 def _chunk(ref: dict[str, Any]) -> Chunk:
-    return Chunk(ref["uri"], ref["start"], ref["end"], ref.get("split"), ref.get("source", ""))
+    return Chunk(ref["uri"], ref["start"], ref["end"], ref.get("split"), ref.get("source", ""), ref.get("continues", False))
 
 
 def _chunk_identity(ref: dict[str, Any]) -> dict[str, Any]:
@@ -215,7 +216,17 @@ def shards_identity(inputs: dict[str, Any]):
                           "encoded": [e["id"] for e in inputs["encoded"]], "root": storage.storage_root(inputs.get("root"))}
 
 
-@task(name="write_shards", cache_policy=StagePolicy(stage="shards", identity=shards_identity), tags=["data"])
+def shards_problem(cached: dict[str, Any], inputs: dict[str, Any]) -> str | None:
+    """The cache check of ``write_shards``: a cached dataset that fails verification is quarantined,
+    so the stage runs again and rebuilds it from the encoded chunks."""
+    uri = cached.get("uri")
+    if not uri or verified_dataset(uri, storage.storage_root(inputs.get("root"))) is not None:
+        return None
+    return f"dataset {uri} failed verification and was quarantined (see the warning above)"
+
+
+@task(name="write_shards", cache_policy=StagePolicy(stage="shards", identity=shards_identity, verify=shards_problem),
+      tags=["data"])
 def write_shards(fetched: list[dict[str, Any]], data: DataConfig, vocab: dict[str, Any], encoded: list[dict[str, Any]],
                  root: str | None = None) -> dict[str, Any]:
     """Assemble the encoded chunks, in order, into ``<root>/datasets/<dataset_id>``."""
@@ -224,7 +235,7 @@ def write_shards(fetched: list[dict[str, Any]], data: DataConfig, vocab: dict[st
     documents = _documents(fetched)
     did = dataset_id(documents, data, vocab.get("pinned_sha256"))
     uri = prepare.dataset_uri(documents, data, root, vocab.get("pinned_sha256"))
-    if is_complete(uri):
+    if verified_dataset(uri, root) is not None:
         logger.info("dataset %s already written at %s", did, uri)
     else:
         prepare.write_dataset(uri, documents, data, _counted(vocab), (_read_ids(e["uri"]) for e in encoded))

@@ -172,6 +172,28 @@ def test_deleted_dataset_is_recomputed_not_a_dangling_cache_hit(tmp_path, store)
     assert sorted(states(third)["encode_shards"]).count("Completed") == 1
 
 
+def test_corrupt_cached_dataset_is_quarantined_and_rebuilt(tmp_path, store):
+    """The cache check verifies a cached dataset: one whose shard fails its sha256 is moved to
+    <root>/quarantine/ and rebuilt from the cached encoded chunks, not returned as a cache hit."""
+    from flows.prepare_data import prepare_data_flow
+    from pipeline.shards import open_dataset
+
+    data = run_config(corpus(tmp_path)).data.model_copy(update={"tokens_per_shard": 500})
+    first = prepare_data_flow(data=data, options=options(store))
+    ids = open_dataset(first["uri"]).split("train").copy()
+    shard = Path(first["uri"]) / "train-00001.parquet"
+    broken = bytearray(shard.read_bytes())
+    broken[len(broken) // 2] ^= 0x01
+    shard.write_bytes(bytes(broken))
+    second = prepare_data_flow(data=data, options=options(store))
+    s = states(second)
+    assert s["write_shards"] == ["Completed"], s
+    assert all(n == "Cached" for st in DATA_STAGES[:-1] for n in s[st]), s
+    assert second["uri"] == first["uri"] and np.array_equal(open_dataset(second["uri"]).split("train"), ids)
+    [moved] = (Path(store) / "quarantine" / "datasets").iterdir()
+    assert (moved / shard.name).read_bytes() == bytes(broken)
+
+
 @pytest.mark.parametrize("level", ["char", "word", "named splits", "pinned vocabulary"])
 def test_flow_and_prepare_dataset_write_byte_identical_datasets(tmp_path, store, level):
     """One data chain: the mapped flow and the in-process ``prepare_dataset`` write the same bytes."""
