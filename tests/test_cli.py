@@ -105,3 +105,11 @@ def test_run_against_a_real_mlflow_server(tmp_path):
         assert text.startswith("time traveller") and len(text) == len("time traveller") + 20
     finally:
         stop_server(proc, log_file)
+
+
+def test_pin_vocab_champion_and_an_explicit_pin_conflict(tmp_path):
+    pinned = rnnlm("run", "--pin-vocab", "champion", "--set", "data.vocab.pinned=/some/dataset", *SMALL,
+                   cwd=tmp_path, check=False)
+    assert pinned.returncode == 3 and "--pin-vocab champion" in pinned.stderr and "/some/dataset" in pinned.stderr
+    bad = rnnlm("run", "--pin-vocab", "latest", cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and "champion" in bad.stderr  # argparse names the one choice
