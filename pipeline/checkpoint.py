@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from pipeline import storage
+from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ REQUIRED = {
 }
 # Train-config keys that may change between a checkpoint and the run resuming it:
 # they decide how long and how often, not what a step computes.
-RESUMABLE_CHANGES = {"epochs", "max_minutes", "checkpoint_every_steps", "keep_checkpoints", "device"}
+RESUMABLE_CHANGES = {"epochs", "max_minutes", "patience", "checkpoint_every_steps", "keep_checkpoints", "device"}
 
 
 def checkpoint_name(epoch: int, step: int) -> str:
@@ -122,8 +123,10 @@ def check_compatible(ckpt: dict[str, Any], uri: str, *, model_config: dict, trai
         problems.append(f"vocab_size {ckpt['vocab_size']} != {vocab_size}")
     if train_tokens is not None and ckpt.get("train_tokens", train_tokens) != train_tokens:
         problems.append(f"training split of {ckpt['train_tokens']} tokens != {train_tokens}")
-    for section, saved, current, ignore in (("model", ckpt["model_config"], model_config, set()),
-                                            ("train", ckpt["train_config"], train_config, RESUMABLE_CHANGES)):
+    for section, cls, saved, current, ignore in (
+            ("model", ModelConfig, ckpt["model_config"], model_config, set()),
+            ("train", TrainConfig, ckpt["train_config"], train_config, RESUMABLE_CHANGES)):
+        saved = {**cls().model_dump(mode="json"), **saved}  # keys added since then: their defaults
         for key in sorted((saved.keys() | current.keys()) - ignore):
             if saved.get(key) != current.get(key):
                 problems.append(f"{section}.{key} {saved.get(key)!r} != {current.get(key)!r}")

@@ -180,6 +180,14 @@ class ModelConfig(Strict):
 
     ``embed_size=None`` uses the vocabulary size, which is d2l's one-hot input
     (a one-hot vector times W_xh is an embedding lookup).
+
+    Regularisation (all off by default, active in train mode only). ``dropout`` is d2l's
+    element-wise dropout between layers and on the output. The AWD-LSTM recipe (Merity et
+    al. 2017) uses instead *locked* dropout, one mask per sequence shared by every time step:
+    on the embedding output (``dropout_input``), between layers (``dropout_between``) and on
+    the last layer's output (``dropout_output``); plus ``dropout_embedding`` (whole words
+    dropped from the embedding) and ``weight_drop`` (DropConnect on the hidden-to-hidden
+    weights, one mask per batch).
     """
 
     cell: Literal["rnn", "gru", "lstm"] = "gru"
@@ -192,6 +200,11 @@ class ModelConfig(Strict):
     tie_weights: bool = False
     init: Literal["normal", "uniform", "default"] = "normal"
     init_scale: float = Field(default=0.01, gt=0)  # std for "normal", range for "uniform"
+    dropout_input: float = Field(default=0.0, ge=0, lt=1)
+    dropout_between: float = Field(default=0.0, ge=0, lt=1)
+    dropout_output: float = Field(default=0.0, ge=0, lt=1)
+    dropout_embedding: float = Field(default=0.0, ge=0, lt=1)
+    weight_drop: float = Field(default=0.0, ge=0, lt=1)
     # The output head. "adaptive" is torch's AdaptiveLogSoftmaxWithLoss (Grave et al. 2017):
     # token ids below adaptive_cutoffs[0] form the shortlist, each further range a cluster
     # with a smaller projection (hidden / adaptive_div_value**k). Ids must be sorted by
@@ -204,6 +217,9 @@ class ModelConfig(Strict):
     def _check(self) -> "ModelConfig":
         if self.nonlinearity == "relu" and self.cell != "rnn":
             raise ValueError("nonlinearity='relu' applies to cell='rnn' only")
+        if self.dropout and (self.dropout_between or self.dropout_output):
+            raise ValueError("dropout (element-wise) and dropout_between/dropout_output (locked) act at "
+                             "the same places: set one kind")
         if self.softmax == "adaptive":
             cuts = self.adaptive_cutoffs
             if not cuts or cuts[0] < 1 or any(b <= a for a, b in zip(cuts, cuts[1:])):
@@ -223,14 +239,28 @@ class ModelConfig(Strict):
 
 
 class TrainConfig(Strict):
-    """The training loop's knobs. Defaults are d2l's ch. 8-9 settings."""
+    """The training loop's knobs. Defaults are d2l's ch. 8-9 settings.
+
+    AWD-LSTM's training recipe, all off by default:
+
+    * ``optimizer: nt_asgd``: SGD until validation has not beaten the best of all but the last
+      ``nt_asgd_window`` epochs, then SGD with iterate averaging; the averaged weights are
+      validated, checkpointed and shipped.
+    * ``ar`` / ``tar``: activation regularisation (``ar * mean(h^2)`` of the last layer's
+      dropped output) and temporal activation regularisation (``tar * mean((h_t - h_{t-1})^2)``
+      of its raw output), added to the training loss.
+    * ``variable_bptt``: each batch's length is drawn around ``num_steps`` (sequential sampling),
+      and the lr is scaled by ``length / num_steps``.
+    * ``patience``: stop after this many epochs without a better validation perplexity.
+    """
 
     batch_size: int = Field(default=32, ge=1)
     num_steps: int = Field(default=35, ge=1)
     sampling: Literal["random", "sequential"] = "sequential"
     epochs: int = Field(default=10, ge=1)
     max_minutes: float | None = Field(default=None, gt=0)  # stop after the epoch that passes this
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw", "nt_asgd"] = "sgd"
+    nt_asgd_window: int = Field(default=5, ge=1)  # AWD-LSTM's "nonmono"
     lr: float = Field(default=1.0, gt=0)
     momentum: float = Field(default=0.0, ge=0)
     weight_decay: float = Field(default=0.0, ge=0)
@@ -241,6 +271,10 @@ class TrainConfig(Strict):
     lr_patience: int = Field(default=0, ge=0)  # "plateau": epochs without improvement
     seed: int = 0
     keep_best: bool = True  # ship the weights of the epoch with the lowest validation perplexity
+    patience: int | None = Field(default=None, ge=1)  # early stopping, in epochs
+    ar: float = Field(default=0.0, ge=0)
+    tar: float = Field(default=0.0, ge=0)
+    variable_bptt: bool = False
     checkpoint_every_steps: int | None = Field(default=None, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -249,6 +283,12 @@ class TrainConfig(Strict):
     # The recurrence and the loss's log-softmax stay fp32.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     tf32: bool = True  # CUDA only: TF32 tensor-core matmuls for fp32 work (no effect on CPU)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.variable_bptt and self.sampling != "sequential":
+            raise ValueError("variable_bptt needs sampling='sequential' (consecutive windows of one stream)")
+        return self
 
 
 class GateConfig(Strict):

@@ -9,25 +9,34 @@ Two interchangeable backends run the recurrent stack:
 The scratch stack names and shapes its parameters exactly as torch does
 (``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``, gates stacked
 in torch's order), so the two backends have the same ``state_dict``: a model
-trained with one loads into the other and gives the same outputs
-(``convert_backend``).
+trained with one loads into the other and gives the same outputs.
+
+Regularisation (``pipeline.regularization``) acts in train mode only. Weight drop and
+locked dropout between layers act inside the stack, so then both backends run it layer by
+layer (``run_layers``), drawing the masks in the same order: they agree in training too.
+The torch backend runs each layer through ``torch.func.functional_call`` on a
+parameterless (meta) single-layer twin: the parameters stay where they are (same
+``state_dict``), and torch re-flattens the swapped-in weights for cuDNN itself.
 
 The recurrent state is always a tuple of ``(num_layers, batch, hidden)`` tensors:
 ``(h,)`` for rnn/gru, ``(h, c)`` for lstm.
 
-Only stdlib, torch and ``pipeline.config`` are imported: this file ships inside
-self-contained MLflow models.
+Only stdlib, torch, ``pipeline.config`` and ``pipeline.regularization`` are imported:
+this file ships inside self-contained MLflow models.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from pipeline.config import ModelConfig
+from pipeline.regularization import drop_weight, embedding_dropout, locked_dropout
 
 State = tuple[torch.Tensor, ...]
 
@@ -83,6 +92,33 @@ def lstm_cell(xw, state, w_hh, b_hh=None):
 
 
 CELLS = {"rnn_tanh": rnn_tanh_cell, "rnn_relu": rnn_relu_cell, "gru": gru_cell, "lstm": lstm_cell}
+WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+Weights = tuple[torch.Tensor, ...]  # one layer's (w_ih, w_hh, b_ih, b_hh)
+LayerRunner = Callable[[int, torch.Tensor, State, Weights], tuple[torch.Tensor, State]]
+
+
+def layer_weights(rnn: nn.Module, layer: int) -> Weights:
+    """Layer ``layer``'s parameters of a torch or scratch stack (same names in both)."""
+    return tuple(getattr(rnn, f"{name}_l{layer}") for name in WEIGHT_NAMES)
+
+
+def run_layers(run_layer: LayerRunner, x: torch.Tensor, state: State, num_layers: int,
+               weights: Callable[[int], Weights],
+               between: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, State]:
+    """A recurrent stack, one layer at a time: ``between`` transforms the input of layers 1..L-1.
+
+    ``state`` is a tuple of (L, B, H) tensors; returns the last layer's outputs (B, T, H)
+    and the new state. ``between`` runs before ``weights`` for each layer: that order
+    fixes the order of the random draws, the same for both backends.
+    """
+    final = []  # per layer, the state after the last time step
+    for layer in range(num_layers):
+        if layer > 0:
+            x = between(x)
+        x, s = run_layer(layer, x, tuple(part[layer] for part in state), weights(layer))
+        final.append(s)
+    return x, tuple(torch.stack(parts) for parts in zip(*final))
 
 
 class ScratchRecurrent(nn.Module):
@@ -117,31 +153,26 @@ class ScratchRecurrent(nn.Module):
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
 
-    def layer_weights(self, layer: int) -> tuple[torch.Tensor, ...]:
-        return tuple(getattr(self, f"{name}_l{layer}")
-                     for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    def run_layer(self, layer: int, x: torch.Tensor, s: State, weights: Weights) -> tuple[torch.Tensor, State]:
+        """One layer over all time steps: inputs (B, T, in), state parts (B, H)."""
+        w_ih, w_hh, b_ih, b_hh = weights
+        # Time-major, and unbind rather than index: indexing step t would give each
+        # step's gradient the size of the whole sequence.
+        steps = x.transpose(0, 1).reshape(-1, x.shape[-1])
+        folded = self.cell != "gru"  # gru's b_hn sits inside the reset gate's product
+        bias, b_hh = (b_ih + b_hh, None) if folded else (b_ih, b_hh)
+        xw = torch.addmm(bias, steps, w_ih.T).reshape(x.shape[1], x.shape[0], -1)
+        outputs = []
+        for xw_t in xw.unbind(0):
+            s = self.step(xw_t, s, w_hh, b_hh)
+            outputs.append(s[0])
+        return torch.stack(outputs, dim=1), s
 
     def forward(self, x: torch.Tensor, hx):
         state = hx if self.cell == "lstm" else (hx,)
-        final = []  # per layer, the state after the last time step
-        for layer in range(self.num_layers):
-            if layer > 0:
-                x = F.dropout(x, self.dropout, self.training)
-            w_ih, w_hh, b_ih, b_hh = self.layer_weights(layer)
-            # Time-major, and unbind rather than index: indexing step t would give each
-            # step's gradient the size of the whole sequence.
-            steps = x.transpose(0, 1).reshape(-1, x.shape[-1])
-            folded = self.cell != "gru"  # gru's b_hn sits inside the reset gate's product
-            bias, b_hh = (b_ih + b_hh, None) if folded else (b_ih, b_hh)
-            xw = torch.addmm(bias, steps, w_ih.T).reshape(x.shape[1], x.shape[0], -1)
-            s = tuple(part[layer] for part in state)
-            outputs = []
-            for xw_t in xw.unbind(0):
-                s = self.step(xw_t, s, w_hh, b_hh)
-                outputs.append(s[0])
-            x = torch.stack(outputs, dim=1)
-            final.append(s)
-        new_state = tuple(torch.stack(parts) for parts in zip(*final))
+        x, new_state = run_layers(self.run_layer, x, state, self.num_layers,
+                                  lambda layer: layer_weights(self, layer),
+                                  lambda x: F.dropout(x, self.dropout, self.training))
         return x, (new_state if self.cell == "lstm" else new_state[0])
 
 
@@ -154,7 +185,8 @@ class RNNLM(nn.Module):
     The embedding size is ``cfg.embed_size``, else ``hidden_size`` when the
     weights are tied, else ``vocab_size`` (d2l's one-hot input: a one-hot vector
     times W_xh is a row lookup of W_xh). ``cfg.dropout`` acts between recurrent
-    layers and on the last layer's output, in train mode only.
+    layers and on the last layer's output, in train mode only; so do the AWD-LSTM
+    regularisers of ``ModelConfig``.
     """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
@@ -171,13 +203,14 @@ class RNNLM(nn.Module):
         self.embedding = nn.Embedding(vocab_size, self.embed_size)
         between_layers = cfg.dropout if cfg.num_layers > 1 else 0.0  # torch warns on 1 layer + dropout
         if cfg.backend == "torch":
-            rnn_class = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[cfg.cell]
-            extra = {"nonlinearity": cfg.nonlinearity} if cfg.cell == "rnn" else {}
-            self.rnn = rnn_class(self.embed_size, cfg.hidden_size, cfg.num_layers,
-                                 dropout=between_layers, batch_first=True, **extra)
+            self.rnn = torch_recurrent(cfg, self.embed_size, cfg.num_layers, dropout=between_layers)
+            # Parameterless single-layer twins, for running the stack layer by layer (not submodules).
+            self.torch_layers = [torch_recurrent(cfg, self.embed_size if layer == 0 else cfg.hidden_size, 1,
+                                                 device="meta") for layer in range(cfg.num_layers)]
         else:
             self.rnn = ScratchRecurrent(cfg.cell, self.embed_size, cfg.hidden_size, cfg.num_layers,
                                         dropout=between_layers, nonlinearity=cfg.nonlinearity)
+        self.layerwise = cfg.weight_drop > 0 or (cfg.num_layers > 1 and cfg.dropout_between > 0)
         self.dropout = nn.Dropout(cfg.dropout)
         self.output = output_head(cfg, vocab_size)
         if cfg.tie_weights:
@@ -192,27 +225,35 @@ class RNNLM(nn.Module):
                      for _ in range(2 if self.cfg.cell == "lstm" else 1))
 
     def forward(self, X: torch.Tensor, state: State | None = None, targets: torch.Tensor | None = None,
-                reduction: str = "mean") -> tuple[torch.Tensor, State]:
+                reduction: str = "mean", *, with_activations: bool = False):
         """Token ids ``X`` (B, T) -> logits (B, T, vocab_size) and the state after step T.
 
         With ``targets`` (B, T) the first result is the next-token cross-entropy instead
         (``reduction`` "mean", "sum" or "none" (B*T,)), computed without the full
         logits when the head is adaptive. The adaptive head's "logits" are its
         log-probabilities: softmax, argmax and temperature treat them exactly as logits.
+        ``with_activations=True`` adds a third item, the last layer's ``(raw, dropped)``
+        outputs (B, T, H), before and after output dropout: what AR and TAR penalise.
         """
         if X.dim() != 2:
             raise ValueError(f"X must be (batch, num_steps) token ids, got shape {tuple(X.shape)}")
         if state is None:
             state = self.begin_state(X.shape[0], X.device)
         self._check_state(state, X.shape[0])
-        hx = state if self.cfg.cell == "lstm" else state[0]
+        cfg, training = self.cfg, self.training
         # The recurrence runs in fp32 even under autocast: its state is an accumulator
         # carried across every step and window, where bf16's 8-bit mantissa loses it.
         with torch.autocast(X.device.type, enabled=False):
-            out, hx = self.rnn(self.embedding(X), hx)
-        features = self.dropout(out)
-        result = self.logits(features) if targets is None else self.loss(features, targets, reduction)
-        return result, (tuple(hx) if self.cfg.cell == "lstm" else (hx,))
+            x = embedding_dropout(self.embedding, X, cfg.dropout_embedding, training)
+            x = locked_dropout(x, cfg.dropout_input, training)
+            if training and self.layerwise:
+                raw, state = self._run_layers(x, state)
+            else:
+                raw, hx = self.rnn(x, state if cfg.cell == "lstm" else state[0])
+                state = tuple(hx) if cfg.cell == "lstm" else (hx,)
+        dropped = self.dropout(locked_dropout(raw, cfg.dropout_output, training))
+        result = self.logits(dropped) if targets is None else self.loss(dropped, targets, reduction)
+        return (result, state, (raw, dropped)) if with_activations else (result, state)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Last-layer outputs (..., H) -> logits (..., vocab_size) (log-probabilities if adaptive)."""
@@ -236,6 +277,38 @@ class RNNLM(nn.Module):
             logits = logits.float()
         return F.cross_entropy(logits, y, reduction=reduction)
 
+    def _run_layers(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """The stack layer by layer, with locked dropout between layers and weight drop inside."""
+        cfg = self.cfg
+
+        def weights(layer: int) -> Weights:
+            w_ih, w_hh, b_ih, b_hh = layer_weights(self.rnn, layer)
+            return w_ih, drop_weight(w_hh, cfg.weight_drop, True), b_ih, b_hh
+
+        def between(x: torch.Tensor) -> torch.Tensor:
+            if cfg.dropout_between:
+                return locked_dropout(x, cfg.dropout_between, True)
+            return F.dropout(x, cfg.dropout, True)
+
+        run_layer = self.rnn.run_layer if cfg.backend == "scratch" else self._torch_layer
+        return run_layers(run_layer, x, state, cfg.num_layers, weights, between)
+
+    def _torch_layer(self, layer: int, x: torch.Tensor, s: State, weights: Weights) -> tuple[torch.Tensor, State]:
+        """One layer on torch's kernels (cuDNN on a GPU), with the given (possibly dropped) weights."""
+        hx = tuple(part.unsqueeze(0) for part in s)
+        names = [f"{name}_l0" for name in WEIGHT_NAMES]
+        out, hx = functional_call(self.torch_layers[layer], dict(zip(names, weights)),
+                                  (x, hx if self.cfg.cell == "lstm" else hx[0]))
+        return out, tuple(part[0] for part in (hx if self.cfg.cell == "lstm" else (hx,)))
+
+    def train(self, mode: bool = True) -> "RNNLM":
+        super().train(mode)
+        if not mode and isinstance(self.rnn, nn.RNNBase):
+            # Layer-by-layer training let cuDNN regroup the weights per layer; the whole-stack
+            # kernel used in eval wants them in one buffer again (else it copies, and warns).
+            self.rnn.flatten_parameters()
+        return self
+
     def _check_state(self, state: State, batch_size: int) -> None:
         expected = (self.cfg.num_layers, batch_size, self.cfg.hidden_size)
         count = 2 if self.cfg.cell == "lstm" else 1
@@ -244,6 +317,15 @@ class RNNLM(nn.Module):
         for s in state:
             if tuple(s.shape) != expected:
                 raise ValueError(f"state tensors must be shaped {expected}, got {tuple(s.shape)}")
+
+
+def torch_recurrent(cfg: ModelConfig, input_size: int, num_layers: int, *, dropout: float = 0.0,
+                    device=None) -> nn.RNNBase:
+    """``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` for ``cfg`` (batch first)."""
+    rnn_class = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[cfg.cell]
+    extra = {"nonlinearity": cfg.nonlinearity} if cfg.cell == "rnn" else {}
+    return rnn_class(input_size, cfg.hidden_size, num_layers, dropout=dropout, batch_first=True,
+                     device=device, **extra)
 
 
 def output_head(cfg: ModelConfig, vocab_size: int) -> nn.Module:
@@ -278,19 +360,3 @@ def detach_state(state: State) -> State:
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> RNNLM:
     return RNNLM(cfg, vocab_size)
-
-
-def convert_backend(model: RNNLM, backend: str) -> RNNLM:
-    """A copy of ``model`` running on ``backend`` ("torch" or "scratch") with the same weights.
-
-    The backends share parameter names and shapes, so this is a plain
-    ``load_state_dict``; a scratch-trained checkpoint loads the same way into a
-    torch-backend model for serving.
-    """
-    cfg = ModelConfig.model_validate({**model.cfg.model_dump(), "backend": backend})
-    new = build_model(cfg, model.vocab_size)
-    ref = model.embedding.weight
-    new.to(device=ref.device, dtype=ref.dtype)
-    new.load_state_dict(model.state_dict())
-    new.train(model.training)
-    return new

@@ -26,7 +26,8 @@ def clip_grad_norm_(parameters: list[torch.nn.Parameter], theta: float | None) -
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
+    """``nt_asgd`` is SGD here: its averaging is ``pipeline.averaging.NTAverage``, beside the optimizer."""
+    if cfg.optimizer in ("sgd", "nt_asgd"):
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
@@ -65,9 +66,13 @@ class LRSchedule:
                     self.lr, self.bad_epochs = self.lr * self.cfg.lr_decay, 0
         self._apply()
 
-    def _apply(self) -> None:
+    def scale_batch(self, factor: float) -> None:
+        """The rate for the next step only: ``lr * factor`` (variable BPTT: length / num_steps)."""
+        self._apply(factor)
+
+    def _apply(self, factor: float = 1.0) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
+            group["lr"] = self.lr * factor
 
     def state_dict(self) -> dict[str, Any]:
         return {"lr": self.lr, "best": self.best, "bad_epochs": self.bad_epochs}

@@ -10,6 +10,10 @@ different window boundaries, and ``Y`` is ``X`` shifted by one token.
   ``i+1`` continues batch ``i`` row by row, so the hidden state carries over
   (detached) from one batch to the next.
 
+Variable BPTT (AWD-LSTM, sequential only): each batch's length is drawn around
+``num_steps`` from the same seeded per-epoch stream (``bptt_lengths``); the epoch keeps
+its ``num_batches`` batches, so a step count still identifies a position.
+
 DDP: all ranks draw the same global batch from the same seeded generator and
 each keeps its own contiguous block of ``batch_size // world_size`` rows. Rank
 ``r`` therefore always owns the same streams in sequential mode, and the ranks
@@ -24,6 +28,10 @@ from typing import Literal
 import numpy as np
 
 Sampling = Literal["random", "sequential"]
+
+BPTT_STD = 5.0  # AWD-LSTM: length ~ N(num_steps, 5), or N(num_steps / 2, 5) with probability
+BPTT_HALF_P = 0.05  # 0.05, and at least 5 tokens
+BPTT_MIN = 5
 
 
 def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
@@ -64,70 +72,70 @@ def batches(
     rank: int = 0,
     world_size: int = 1,
     start: int = 0,
+    variable_length: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(X, Y)`` int64 arrays of shape ``(batch_size // world_size, num_steps)``.
 
     ``start`` skips the first ``start`` batches of the epoch (resuming mid-epoch).
+    ``variable_length`` (sequential only): batch ``i`` has ``bptt_lengths(...)[i]`` columns.
     """
-    rows = rank_rows(batch_size, rank, world_size)
-    n = num_batches(len(corpus), batch_size, num_steps, sampling)
-    if n == 0:
-        raise ValueError(
-            f"corpus of {len(corpus)} tokens is too short for one batch of "
-            f"{batch_size} x {num_steps} tokens"
-        )
-    rng = epoch_rng(seed, epoch)
-    offset = int(rng.integers(0, num_steps))
-    if sampling == "random":
-        yield from _random_batches(corpus, batch_size, num_steps, n, offset, rng, rows, start)
-    elif sampling == "sequential":
-        yield from _sequential_batches(corpus, batch_size, num_steps, n, offset, rows, start)
-    else:
-        raise ValueError(f"unknown sampling {sampling!r}: expected 'random' or 'sequential'")
-
-
-def _random_batches(corpus, batch_size, num_steps, n, offset, rng, rows, start):
-    # As d2l: shuffle every window that fits after the offset, use the first n batches' worth.
-    num_windows = (len(corpus) - offset - 1) // num_steps
-    window_starts = offset + num_steps * rng.permutation(num_windows)[: n * batch_size]
-    window = np.arange(num_steps)
-    for i in range(start, n):
-        starts = window_starts[i * batch_size : (i + 1) * batch_size][rows]
-        index = starts[:, None] + window  # (rows, num_steps) token positions
+    starts, lengths = epoch_windows(len(corpus), batch_size, num_steps, sampling, seed=seed, epoch=epoch,
+                                    variable_length=variable_length)
+    mine = starts[:, rank_rows(batch_size, rank, world_size)]
+    for i in range(start, len(starts)):
+        index = mine[i][:, None] + np.arange(lengths[i])  # (rows, length) token positions
         yield corpus[index].astype(np.int64), corpus[index + 1].astype(np.int64)
 
 
-def _sequential_batches(corpus, batch_size, num_steps, n, offset, rows, start):
-    stream_len = n * num_steps
-    length = batch_size * stream_len
-    xs = corpus[offset : offset + length].reshape(batch_size, stream_len)[rows]
-    ys = corpus[offset + 1 : offset + 1 + length].reshape(batch_size, stream_len)[rows]
-    for i in range(start, n):
-        cols = slice(i * num_steps, (i + 1) * num_steps)
-        yield xs[:, cols].astype(np.int64), ys[:, cols].astype(np.int64)
+def epoch_windows(num_tokens: int, batch_size: int, num_steps: int, sampling: Sampling, *,
+                  seed: int, epoch: int, variable_length: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Where every window of the epoch starts, ``(num_batches, batch_size)``, and each batch's
+    length, ``(num_batches,)``: row ``b`` of batch ``i`` is ``corpus[s : s + lengths[i]]`` with
+    ``s = starts[i, b]`` (``Y`` from ``s + 1``). One seeded generator per epoch draws the
+    offset, then the shuffle (random) or the variable lengths (sequential)."""
+    n = num_batches(num_tokens, batch_size, num_steps, sampling)
+    if n == 0:
+        raise ValueError(f"corpus of {num_tokens} tokens is too short for one batch of "
+                         f"{batch_size} x {num_steps} tokens")
+    if sampling not in ("random", "sequential"):
+        raise ValueError(f"unknown sampling {sampling!r}: expected 'random' or 'sequential'")
+    if variable_length and sampling != "sequential":
+        raise ValueError("variable_length needs sequential sampling")
+    rng = epoch_rng(seed, epoch)
+    offset = int(rng.integers(0, num_steps))
+    if sampling == "random":  # as d2l: shuffle every window that fits after the offset, use n batches' worth
+        num_windows = (num_tokens - offset - 1) // num_steps
+        starts = offset + num_steps * rng.permutation(num_windows)[: n * batch_size]
+        return starts.reshape(n, batch_size), np.full(n, num_steps)
+    # Stream b is the b-th contiguous stretch of n * num_steps tokens; variable lengths
+    # cover a prefix of each, so the streams are those of fixed lengths.
+    lengths = bptt_lengths(rng, n, num_steps) if variable_length else np.full(n, num_steps)
+    column = np.cumsum(lengths) - lengths  # where batch i starts within every stream
+    return offset + n * num_steps * np.arange(batch_size)[None, :] + column[:, None], lengths
+
+
+def bptt_lengths(rng: np.random.Generator, n: int, num_steps: int) -> np.ndarray:
+    """``n`` window lengths around ``num_steps`` (AWD-LSTM) that fit in ``n * num_steps`` tokens.
+
+    Each is ``N(num_steps, 5)``, or ``N(num_steps / 2, 5)`` with probability 0.05, at least
+    ``min(5, num_steps)``. Their mean is a little under ``num_steps``; in the rare epoch whose
+    draws would overrun the stream, the last windows are shortened (never below the minimum).
+    """
+    low = min(BPTT_MIN, num_steps)
+    centre = np.where(rng.random(n) < BPTT_HALF_P, num_steps / 2, num_steps)
+    lengths = np.maximum(low, rng.normal(centre, BPTT_STD).astype(np.int64))
+    # Batch i may end no later than room[i], which leaves `low` tokens for each later batch.
+    # Once a cumulative end passes its room it stays past (lengths >= low = the room's steps),
+    # so clipping the ends is the same as shortening windows one by one.
+    room = n * num_steps - low * np.arange(n - 1, -1, -1)
+    return np.diff(np.minimum(np.cumsum(lengths), room), prepend=0)
 
 
 # ------------------------------------------------------------------ on the device
 
 
-def window_starts(num_tokens: int, batch_size: int, num_steps: int, sampling: Sampling, *,
-                  seed: int, epoch: int) -> np.ndarray:
-    """Where every window of the epoch starts, ``(num_batches, batch_size)``: row ``b`` of
-    batch ``i`` is ``corpus[s : s + num_steps]`` with ``s = starts[i, b]`` (``Y`` from ``s + 1``).
-    The same draws from the same generator as ``batches``, so the same windows."""
-    n = num_batches(num_tokens, batch_size, num_steps, sampling)
-    rng = epoch_rng(seed, epoch)
-    offset = int(rng.integers(0, num_steps))
-    if sampling == "random":
-        num_windows = (num_tokens - offset - 1) // num_steps
-        return (offset + num_steps * rng.permutation(num_windows)[: n * batch_size]).reshape(n, batch_size)
-    if sampling == "sequential":  # stream b is the b-th contiguous stretch of n * num_steps tokens
-        return offset + n * num_steps * np.arange(batch_size)[None, :] + num_steps * np.arange(n)[:, None]
-    raise ValueError(f"unknown sampling {sampling!r}: expected 'random' or 'sequential'")
-
-
 def device_batches(tokens, batch_size: int, num_steps: int, sampling: Sampling, *, seed: int, epoch: int,
-                   rank: int = 0, world_size: int = 1, start: int = 0):
+                   rank: int = 0, world_size: int = 1, start: int = 0, variable_length: bool = False):
     """``batches`` over ``tokens``, a 1-D integer tensor that already lives on the device.
 
     The epoch's window starts go to the device once; each batch is then one gather there,
@@ -136,17 +144,15 @@ def device_batches(tokens, batch_size: int, num_steps: int, sampling: Sampling, 
     """
     import torch
 
-    starts = window_starts(len(tokens), batch_size, num_steps, sampling, seed=seed, epoch=epoch)
-    if len(starts) == 0:
-        raise ValueError(f"corpus of {len(tokens)} tokens is too short for one batch of "
-                         f"{batch_size} x {num_steps} tokens")
+    starts, lengths = epoch_windows(len(tokens), batch_size, num_steps, sampling, seed=seed, epoch=epoch,
+                                    variable_length=variable_length)
     mine = torch.from_numpy(np.ascontiguousarray(starts[:, rank_rows(batch_size, rank, world_size)]))
     if tokens.device.type == "cuda":
         mine = mine.pin_memory()
     mine = mine.to(tokens.device, non_blocking=True)
-    window = torch.arange(num_steps + 1, device=tokens.device)
+    window = torch.arange(int(lengths.max()) + 1, device=tokens.device)
     for i in range(start, len(starts)):
-        w = tokens[mine[i][:, None] + window].long()  # (rows, num_steps + 1)
+        w = tokens[mine[i][:, None] + window[: lengths[i] + 1]].long()  # (rows, length + 1)
         yield w[:, :-1], w[:, 1:]
 
 

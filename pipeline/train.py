@@ -18,7 +18,13 @@ collectives), ``optim`` (optimizer, schedule, clipping), ``divergence``,
 * Determinism. Model init is seeded by ``cfg.seed``; the data order is a function
   of (seed, epoch); the dropout RNG is reseeded from (seed, epoch, step, rank) at
   every epoch start and checkpoint. So a checkpoint needs no generator state and
-  a resumed run repeats the uninterrupted one exactly.
+  a resumed run repeats the uninterrupted one exactly. The AWD-LSTM masks
+  (``pipeline.regularization``) and the variable BPTT lengths (``sampling``) come
+  from the same streams.
+* AWD-LSTM's recipe (``TrainConfig``): AR/TAR penalties join the loss (the reported
+  train perplexity stays the plain cross-entropy's); under ``nt_asgd`` the averaged
+  weights (``averaging.NTAverage``) are validated, kept as best and shipped once the
+  trigger fires; ``patience`` ends the run early (``stopping.EarlyStopping``).
 * Checkpoints, written by rank 0 at every epoch end (and every
   ``checkpoint_every_steps``), are resumed from automatically. Mid-epoch ones
   under sequential sampling carry the recurrent state of every rank's streams.
@@ -60,6 +66,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline import storage
+from pipeline.averaging import NTAverage
 from pipeline.checkpoint import check_compatible, latest_valid, load_checkpoint, save_checkpoint
 from pipeline.config import ModelConfig, RunConfig, TrainConfig, load_config
 from pipeline.distributed import (Dist, all_reduce_sum, barrier, broadcast_from_main, broadcast_object,
@@ -72,8 +79,10 @@ from pipeline.metrics import emit, finite_or_none, metrics_uri, print_line, trun
 from pipeline.models import build_model, detach_state
 from pipeline.optim import LRSchedule, clip_grad_norm_, make_optimizer
 from pipeline.precision import MixedPrecision, set_matmul_precision
+from pipeline.regularization import activation_penalty
 from pipeline.rundir import remove, write_failure, write_outputs
 from pipeline.sampling import batches, device_batches, num_batches, rank_rows, token_tensor
+from pipeline.stopping import EarlyStopping
 from pipeline.training_data import check_inputs, load_dataset
 
 log = logging.getLogger("pipeline.train")
@@ -103,6 +112,8 @@ class Run:
     watch: FiniteWatch
     mp: MixedPrecision
     steps_per_epoch: int
+    averager: NTAverage | None  # nt_asgd: the trigger and the averaged weights
+    early_stopping: EarlyStopping
     train_tokens: torch.Tensor | None = None  # CUDA: the training split on the device
     epoch: int = 0  # completed epochs
     step: int = 0  # completed optimizer steps (global: the same on every rank)
@@ -115,12 +126,17 @@ class Run:
     tokens_trained: int = 0
     train_time: float = 0.0
     val_ppl: float | None = None  # the last epoch's; None without a validation split
-    stop: bool = False  # max_minutes reached
+    stop: bool = False  # max_minutes reached, or early stopping
     t_start: float = field(default_factory=time.perf_counter)
 
     @property
     def metrics(self) -> str:
         return metrics_uri(self.run_dir)
+
+    @property
+    def evaluated_model(self) -> torch.nn.Module:
+        """What is validated, kept as best and shipped: the averaged weights once NT-ASGD averages."""
+        return self.averager.evaluated_model() if self.averager else self.model
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t_start
@@ -133,6 +149,7 @@ class EpochTotals:
     loss_sum: float
     norm_sum: float
     steps: int  # trained by this process in this attempt
+    tokens: int  # in those steps, global (all ranks)
     seconds: float
 
 
@@ -193,7 +210,9 @@ def _start(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d:
     tokens = token_tensor(train_ids, vocab_size, d.device) if d.device.type == "cuda" else None
     return Run(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d, model, model,
                optimizer, LRSchedule(optimizer, cfg), FiniteWatch(d.device), MixedPrecision(cfg.precision, d.device),
-               num_batches(len(train_ids), cfg.batch_size, cfg.num_steps, cfg.sampling), tokens)
+               num_batches(len(train_ids), cfg.batch_size, cfg.num_steps, cfg.sampling),
+               NTAverage(model, cfg.nt_asgd_window) if cfg.optimizer == "nt_asgd" else None,
+               EarlyStopping(cfg.patience), train_tokens=tokens)
 
 
 def _resume(run: Run) -> None:
@@ -213,6 +232,10 @@ def _resume(run: Run) -> None:
         run.epoch, run.step, run.elapsed_before = ckpt["epoch"], ckpt["step"], ckpt["elapsed_s"]
         run.hidden, run.stats = ckpt.get("hidden"), ckpt["epoch_stats"]
         run.best, run.last_checkpoint = ckpt.get("best") or run.best, uri
+        if run.averager:
+            run.averager.load_state_dict(ckpt["averaging"])
+        if ckpt.get("early_stopping"):  # absent from checkpoints written before early stopping
+            run.early_stopping.load_state_dict(ckpt["early_stopping"])
         if d.is_main:
             log.info("resuming from epoch %d step %d (%s)", run.epoch, run.step, uri)
             print_line(json.dumps({"event": "resume", "epoch": run.epoch, "step": run.step, "checkpoint": uri}))
@@ -244,23 +267,25 @@ def _train_epoch(run: Run) -> EpochTotals:
     run.ddp_model.train()
     params = list(run.model.parameters())
     t_epoch = t_log = time.perf_counter()
-    steps = 0
+    steps = tokens = 0
     for X, Y in _epoch_batches(run, first):
         if cfg.sampling == "random":
             state = None  # unrelated windows: start every batch from the zero state
         elif state is not None:
             state = detach_state(state)  # truncated BPTT: keep the values, drop the graph
-        with run.mp.autocast():
-            loss, state = run.ddp_model(X, state, targets=Y)  # the model's head computes the loss
-        run.optimizer.zero_grad(set_to_none=True)
-        run.mp.backward(loss)  # under DDP this also averages the gradients over ranks
+        loss, state = _forward_backward(run, X, Y, state)  # under DDP, gradients averaged over ranks
         run.mp.unscale_(run.optimizer)  # fp16: clip the true gradients, not the scaled ones
         norm = clip_grad_norm_(params, cfg.clip_norm)  # after the all-reduce: the global norm
         # fp16 overflows are the scaler's business (the step is skipped); a non-finite loss is not.
         run.watch.push(loss.detach() if run.mp.scaler else norm, run.step + 1)
+        if cfg.variable_bptt:  # AWD-LSTM: a shorter window takes a smaller step
+            run.schedule.scale_batch(X.shape[1] / cfg.num_steps)
         run.mp.step(run.optimizer)
+        if run.averager:
+            run.averager.update()
         run.step += 1
         steps += 1
+        tokens += cfg.batch_size * X.shape[1]  # global, all ranks
         loss_sum += loss.detach()
         norm_sum += norm.nan_to_num(0.0, 0.0, 0.0) if run.mp.scaler else norm  # skipped fp16 steps add 0
         if cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0 \
@@ -272,13 +297,28 @@ def _train_epoch(run: Run) -> EpochTotals:
                      run.step - run.epoch * run.steps_per_epoch, run.steps_per_epoch, loss.item(), norm.item())
     run.watch.flush()
     sums = all_reduce_sum(torch.stack([loss_sum, norm_sum]), run.d).tolist()  # syncs the device
-    return EpochTotals(sums[0], sums[1], steps, time.perf_counter() - t_epoch)
+    return EpochTotals(sums[0], sums[1], steps, tokens, time.perf_counter() - t_epoch)
+
+
+def _forward_backward(run: Run, X: torch.Tensor, Y: torch.Tensor, state):
+    """One batch: returns the plain cross-entropy (what is reported) and the new state; the
+    gradients are those of the loss plus the AR/TAR penalty, when on (averaged over ranks under DDP)."""
+    cfg = run.cfg
+    regularised = bool(cfg.ar or cfg.tar)
+    with run.mp.autocast():
+        out = run.ddp_model(X, state, targets=Y, with_activations=regularised)  # the model's head computes the loss
+        loss, state = out[0], out[1]
+        total = (loss + activation_penalty(*out[2], cfg.ar, cfg.tar)) if regularised else loss
+    run.optimizer.zero_grad(set_to_none=True)
+    run.mp.backward(total)
+    return loss, state
 
 
 def _epoch_batches(run: Run, first: int):
     """This rank's batches of the current epoch from batch ``first`` on, where the model is."""
     d, cfg = run.d, run.cfg
-    kwargs = dict(seed=cfg.seed, epoch=run.epoch, rank=d.rank, world_size=d.world_size, start=first)
+    kwargs = dict(seed=cfg.seed, epoch=run.epoch, rank=d.rank, world_size=d.world_size, start=first,
+                  variable_length=cfg.variable_bptt)
     if run.train_tokens is not None:
         yield from device_batches(run.train_tokens, cfg.batch_size, cfg.num_steps, cfg.sampling, **kwargs)
         return
@@ -307,28 +347,36 @@ def _end_epoch(run: Run, totals: EpochTotals) -> None:
         raise non_finite(run.step, "training loss/perplexity")
     run.epoch += 1
     run.epochs_run += 1
-    run.tokens_trained += totals.steps * cfg.batch_size * cfg.num_steps  # global, all ranks
+    run.tokens_trained += totals.tokens
     run.train_time += totals.seconds
     elapsed = run.elapsed()
     val_ppl = _validate(run)  # every rank scores its share and gets the total
     over_time = cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60
-    val_ppl, stop = broadcast_from_main([math.nan if val_ppl is None else val_ppl, float(over_time)], d)
-    run.val_ppl, run.stop = (val_ppl if _has_validation(run) else None), bool(stop)
+    val_ppl, over_time = broadcast_from_main([math.nan if val_ppl is None else val_ppl, float(over_time)], d)
+    run.val_ppl = val_ppl if _has_validation(run) else None
     if run.val_ppl is not None and not math.isfinite(run.val_ppl):  # every rank sees it: all stop
         raise non_finite(run.step, "validation perplexity")
+    # Every rank sees the same val_ppl, so these decisions agree across ranks (without a
+    # validation split neither early stopping nor the NT-ASGD trigger has anything to go by).
+    stale = run.val_ppl is not None and run.early_stopping.update(run.val_ppl)
+    if run.val_ppl is not None and run.averager and run.averager.observe(run.val_ppl) and d.is_main:
+        log.info("NT-ASGD: averaging the weights from epoch %d on", run.epoch + 1)
+    run.stop = bool(over_time) or stale
     if d.is_main and cfg.keep_best and run.val_ppl is not None and run.val_ppl < run.best["val_ppl"]:
         run.best = {"val_ppl": run.val_ppl, "epoch": run.epoch,
-                    "model": {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}}
+                    "model": {k: v.detach().to("cpu", copy=True)
+                              for k, v in run.evaluated_model.state_dict().items()}}
     lr = run.schedule.lr
     run.schedule.step(run.epoch, run.val_ppl if run.val_ppl is not None else train_ppl)
     if d.is_main:
         emit(run.metrics, {"event": "epoch", "epoch": run.epoch, "step": run.step,
                            "train_ppl": train_ppl, "val_ppl": run.val_ppl,
-                           "tokens_per_s": totals.steps * cfg.batch_size * cfg.num_steps / totals.seconds,
+                           "tokens_per_s": totals.tokens / totals.seconds,
                            "grad_norm": totals.norm_sum / per_step, "lr": lr, "elapsed_s": elapsed})
         _checkpoint(run, {"loss_sum": 0.0, "norm_sum": 0.0}, None)
     if run.stop and run.epoch < cfg.epochs and d.is_main:
-        log.info("max_minutes=%g reached after epoch %d: stopping", cfg.max_minutes, run.epoch)
+        why = f"no better validation for {cfg.patience} epochs" if stale else f"max_minutes={cfg.max_minutes:g}"
+        log.info("%s after epoch %d: stopping", why, run.epoch)
 
 
 def _checkpoint(run: Run, epoch_stats: dict[str, float], hidden_parts) -> None:
@@ -336,6 +384,8 @@ def _checkpoint(run: Run, epoch_stats: dict[str, float], hidden_parts) -> None:
                "optimizer": run.optimizer.state_dict(), "scheduler": run.schedule.state_dict(),
                "scaler": run.mp.state_dict(),
                "hidden": hidden_parts, "epoch_stats": epoch_stats, "best": run.best,
+               "averaging": run.averager.state_dict() if run.averager else None,
+               "early_stopping": run.early_stopping.state_dict(),
                "elapsed_s": run.elapsed(), "model_config": run.model_cfg.model_dump(mode="json"),
                "train_config": run.cfg.model_dump(mode="json"), "vocab_size": run.vocab_size,
                "train_tokens": len(run.train_ids), "world_size": run.d.world_size}
@@ -355,15 +405,16 @@ def _finish(run: Run) -> dict[str, Any]:
               "finished": run.epoch >= run.cfg.epochs,
               "eval_batch_size": EVAL_BATCH_SIZE, "eval_num_steps": EVAL_NUM_STEPS}
     if d.is_main:
+        shipped = run.evaluated_model
         best, last = run.best, (run.val_ppl if run.val_ppl is not None else math.inf)
         if run.cfg.keep_best and best["model"] is not None and best["val_ppl"] < last:
             # Early stopping's choice: ship the epoch that generalised best, not the last one.
-            run.model.load_state_dict(best["model"])
+            shipped.load_state_dict(best["model"])
             log.info("keeping the weights of epoch %d (val ppl %.4f; last epoch %.4f)", best["epoch"],
                      best["val_ppl"], run.val_ppl)
             result["val_ppl"] = best["val_ppl"]
         result["best_epoch"] = best["epoch"] if best["model"] is not None else run.epoch
-        write_outputs(run.run_dir, run.model, run.model_cfg, run.cfg, run.vocab_size, result)
+        write_outputs(run.run_dir, shipped, run.model_cfg, run.cfg, run.vocab_size, result)
     barrier(d)  # nobody exits (tearing down the group) while rank 0 still writes
     return result
 
@@ -378,12 +429,14 @@ def _has_validation(run: Run) -> bool:
 
 
 def _validate(run: Run) -> float | None:
-    """The validation perplexity with the pipeline's one evaluation setting (pipeline.evaluate),
-    sharded: each rank scores a contiguous slice of the streams and one all-reduce gives every
-    rank the single-process figure. Called on every rank."""
+    """The validation perplexity (of the averaged weights once NT-ASGD averages) with the
+    pipeline's one evaluation setting (pipeline.evaluate), sharded: each rank scores a contiguous
+    slice of the streams and one all-reduce gives every rank the single-process figure. Called
+    on every rank."""
     if not _has_validation(run):
         return None
-    return perplexity(run.model, run.val_ids, device=run.d.device, rank=run.d.rank, world_size=run.d.world_size)
+    return perplexity(run.evaluated_model, run.val_ids, device=run.d.device, rank=run.d.rank,
+                      world_size=run.d.world_size)
 
 
 # -------------------------------------------------------------------------------- CLI

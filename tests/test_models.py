@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from pipeline.config import ModelConfig
-from pipeline.models import RNNLM, build_model, convert_backend, detach_state
+from pipeline.models import RNNLM, build_model, detach_state
 
 torch.set_num_threads(1)
 
@@ -90,11 +90,6 @@ def test_scratch_trained_model_serves_as_torch_backend():
     served.eval()
     with torch.no_grad():
         torch.testing.assert_close(served(X)[0], scratch(X)[0], atol=1e-5, rtol=1e-5)
-        converted = convert_backend(scratch, "torch")
-        assert converted.cfg.backend == "torch" and not converted.training
-        torch.testing.assert_close(converted(X)[0], scratch(X)[0], atol=1e-5, rtol=1e-5)
-        back = convert_backend(converted, "scratch")
-        torch.testing.assert_close(back(X)[0], scratch(X)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_one_hot_times_weight_is_embedding_lookup():

@@ -151,3 +151,70 @@ def test_errors(mode):
         epoch(mode, rank=2, world_size=2)
     with pytest.raises(ValueError, match="unknown sampling"):
         epoch("shuffled")
+
+
+# ------------------------------------------------------------------- variable BPTT
+
+
+def variable(corpus, batch_size=4, num_steps=20, seed=1, e=0, **kw):
+    return list(batches(corpus, batch_size, num_steps, "sequential", seed=seed, epoch=e, variable_length=True, **kw))
+
+
+def test_variable_lengths_keep_the_epoch_and_the_streams():
+    corpus = np.arange(20_000)
+    n = num_batches(len(corpus), 4, 20, "sequential")
+    lengths_seen = set()
+    for e in range(10):
+        out = variable(corpus, e=e)
+        assert len(out) == n  # a step count still identifies a position
+        lengths = [x.shape[1] for x, _ in out]
+        lengths_seen.update(lengths)
+        assert min(lengths) >= 5 and sum(lengths) <= n * 20
+        for (x0, _), (x1, _) in zip(out, out[1:]):
+            assert np.array_equal(x1[:, 0], x0[:, -1] + 1)  # rows still continue batch to batch
+        for x, y in out:
+            assert np.array_equal(y, x + 1)
+        fixed = list(batches(corpus, 4, 20, "sequential", seed=1, epoch=e))
+        assert np.array_equal(out[0][0][:, 0], fixed[0][0][:, 0])  # same offset and streams as fixed length
+    assert len(lengths_seen) > 10 and max(lengths_seen) > 20 and min(lengths_seen) < 15
+
+
+def test_variable_lengths_are_seeded_resumable_and_shared_by_ranks():
+    corpus = np.arange(5_000)
+    full = variable(corpus, seed=3, e=2)
+    assert [x.shape[1] for x, _ in full] == [x.shape[1] for x, _ in variable(corpus, seed=3, e=2)]
+    assert [x.shape[1] for x, _ in full] != [x.shape[1] for x, _ in variable(corpus, seed=3, e=3)]
+    rest = variable(corpus, seed=3, e=2, start=5)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(full[5:], rest)) and len(rest) == len(full) - 5
+    parts = [variable(corpus, seed=3, e=2, rank=r, world_size=2) for r in range(2)]
+    for i, (x, _) in enumerate(full):
+        assert np.array_equal(np.concatenate([p[i][0] for p in parts]), x)
+
+
+def test_bptt_lengths_fit_the_stream_even_when_the_draws_overrun():
+    from pipeline.sampling import bptt_lengths
+
+    for seed in range(300):  # some of these overrun n * num_steps before clipping
+        for num_steps in (3, 5, 12, 64):
+            lengths = bptt_lengths(np.random.default_rng(seed), 40, num_steps)
+            assert len(lengths) == 40 and lengths.min() >= min(5, num_steps)
+            assert lengths.sum() <= 40 * num_steps
+
+
+def test_variable_lengths_need_sequential_sampling():
+    with pytest.raises(ValueError, match="sequential"):
+        list(batches(np.arange(500), 2, 5, "random", seed=0, epoch=0, variable_length=True))
+
+
+def test_variable_lengths_on_the_device_equal_the_host_batches():
+    import torch
+
+    from pipeline.sampling import device_batches
+
+    corpus = np.arange(3_000)
+    kwargs = dict(seed=5, epoch=1, rank=1, world_size=2, start=2, variable_length=True)
+    host = list(batches(corpus, 4, 20, "sequential", **kwargs))
+    device = list(device_batches(torch.from_numpy(corpus), 4, 20, "sequential", **kwargs))
+    assert len(host) == len(device) and len({x.shape[1] for x, _ in host}) > 1
+    for (hx, hy), (dx, dy) in zip(host, device):
+        assert np.array_equal(hx, dx.numpy()) and np.array_equal(hy, dy.numpy())
