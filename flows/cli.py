@@ -1,6 +1,7 @@
 """The ``rnnlm`` command line.
 
     rnnlm run                      the main job: the retrain flow on the default preset
+    rnnlm run --pin-vocab champion the same, on the current champion's vocabulary (nightly retrains)
     rnnlm prepare [--config X]     fetch, tokenize and shard a corpus; print the manifest summary
     rnnlm train --config X [--nproc N]
     rnnlm run --launcher ray --ray-address auto --workers N [--gpus-per-worker K]   (a Ray cluster)
@@ -62,6 +63,8 @@ def cmd_run(args) -> int:
     args.log_file = run_log_file(args.root)
     configure_logging(args.verbose, args.log_file)
     options = {"nproc": args.nproc, "register_model": not args.no_register, **_launcher_options(args)}
+    if args.pin_vocab:
+        options["pin_vocab"] = args.pin_vocab
     if args.dask:
         options["dask"] = args.dask
     run_main(args.config, args.root, args.overrides, options=options)
@@ -176,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launcher_args(p)
     p.add_argument("--dask", default=None, help="map data stages on Dask: 'local', 'local-threads' or a scheduler address")
     p.add_argument("--no-register", action="store_true", help="skip MLflow registration and the champion gate")
+    p.add_argument("--pin-vocab", choices=["champion"], default=None,
+                   help="champion: reuse the current champion's vocabulary (data.vocab.pinned), so a growing corpus "
+                        "keeps producing candidates the gate can compare; without a champion yet, build one")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("prepare", help="fetch, tokenize and shard a corpus")

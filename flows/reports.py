@@ -108,13 +108,25 @@ def print_report(s: dict[str, Any], file=sys.stdout) -> None:
         p(f"  sample {i}          {text!r}")
     p(f"  wall time         {s['wall_s']:.1f} s")
     p(f"  Prefect UI        {s['prefect_ui']}")
-    reg = s.get("registered")
-    if reg and reg.get("registered"):
-        gate = reg["gate"]
-        p(f"  registered        {reg['name']} version {reg['version']} "
-          f"({'champion' if gate['promoted'] else 'challenger; champion stays version ' + str(gate['champion_version'])})")
-        p(f"  gate              {gate['reason']}")
-        p(f"  MLflow UI         mlflow ui --backend-store-uri {reg['tracking_uri']} --host 127.0.0.1 --port 5000"
-          if reg["tracking_uri"].startswith("sqlite") else f"  MLflow UI         open {reg['tracking_uri']}")
-        p(f"  consume           mlflow.pyfunc.load_model('models:/{reg['name']}@champion')")
+    for line in registration_lines(s.get("registered")):
+        p(line)
     p("=" * 72)
+
+
+def registration_lines(reg: Optional[dict[str, Any]]) -> list[str]:
+    """The summary's registry lines: the version (or "nothing new to register" when this training
+    run was registered before), the gate's decision (its "not comparable" reason when that is it)."""
+    if not (reg and reg.get("registered")):
+        return []
+    gate = reg["gate"]
+    role = "champion" if gate["promoted"] else f"challenger; champion stays version {gate['champion_version']}"
+    if reg.get("new_version", True):
+        lines = [f"  registered        {reg['name']} version {reg['version']} ({role})"]
+    else:
+        lines = [f"  registered        nothing new to register (version {reg['version']} unchanged; {role})"]
+    # the gate's reason starts "not comparable: ..." when that was the outcome
+    lines.append(f"  gate              {gate['reason']}" + (" (decided before)" if gate.get("decided_before") else ""))
+    lines.append(f"  MLflow UI         mlflow ui --backend-store-uri {reg['tracking_uri']} --host 127.0.0.1 --port 5000"
+                 if reg["tracking_uri"].startswith("sqlite") else f"  MLflow UI         open {reg['tracking_uri']}")
+    lines.append(f"  consume           mlflow.pyfunc.load_model('models:/{reg['name']}@champion')")
+    return lines

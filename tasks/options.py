@@ -45,6 +45,9 @@ class PipelineOptions(BaseModel):
     sample_tokens: int = Field(default=100, ge=1)
     sample_temperature: float = Field(default=0.7, ge=0)
     register_model: bool = Field(default=True, description="register the model in MLflow and run the champion gate")
+    pin_vocab: Optional[Literal["champion"]] = Field(
+        default=None, description="'champion': pin data.vocab.pinned to the current champion's dataset vocabulary "
+                                  "(pipeline.champion_vocab), so a growing corpus stays comparable; no champion: unpinned")
     # distributed mode (see flows/retrain.py and deployments/README.md)
     dispatch: Literal["local", "deployments"] = Field(
         default="local", description="'local': stages run as subflows in this process; 'deployments': each stage "

@@ -187,3 +187,11 @@ def test_failed_run_ends_with_one_line_verdict_and_runs_servers_without_telemetr
 
     verbose = rnnlm("--verbose", "run", "--set", f"data.sources=[{{url: {missing}}}]", cwd=tmp_path, check=False)
     assert verbose.returncode == 3 and "Traceback" in verbose.stderr
+
+
+def test_pin_vocab_champion_and_an_explicit_pin_conflict(tmp_path):
+    pinned = rnnlm("run", "--pin-vocab", "champion", "--set", "data.vocab.pinned=/some/dataset", *SMALL,
+                   cwd=tmp_path, check=False)
+    assert pinned.returncode == 3 and "--pin-vocab champion" in pinned.stderr and "/some/dataset" in pinned.stderr
+    bad = rnnlm("run", "--pin-vocab", "latest", cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and "champion" in bad.stderr  # argparse names the one choice

@@ -81,3 +81,38 @@ def test_pinned_excludes_settings_that_build_a_vocabulary():
     cfg = parse_config(DataConfig, {"vocab": {"pinned": "/some/dataset"}})
     assert cfg.vocab.pinned.uri == "/some/dataset" and cfg.vocab.pinned.sha256 is None
     assert DataConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+
+
+# ------------------------------------------------ --pin-vocab champion (pipeline.champion_vocab)
+
+
+def run_config(url: str, **vocab):
+    from pipeline.config import RunConfig
+
+    return RunConfig.model_validate({"data": config(url, **vocab).model_dump(mode="json")})
+
+
+def test_pin_to_champion_without_a_champion_proceeds_unpinned(tmp_path, store):
+    from pipeline.champion_vocab import pin_to_champion
+
+    cfg = run_config(corpus(tmp_path, NIGHT_1), min_freq=2)
+    assert pin_to_champion(cfg, "rnnlm-nobody", store) == cfg  # no such registered model: no champion yet
+
+
+def test_pin_to_champion_fails_closed_when_the_registry_cannot_be_read(tmp_path, store):
+    from pipeline.champion_vocab import pin_to_champion
+    from pipeline.errors import RegistryUnavailableError
+
+    Path(store).mkdir(parents=True)
+    (Path(store) / "mlflow.db").write_bytes(b"not a database" * 100)  # unreadable, not "absent"
+    with pytest.raises(RegistryUnavailableError) as info:
+        pin_to_champion(run_config(corpus(tmp_path, NIGHT_1)), "rnnlm-x", store)
+    assert info.value.retryable and "champion" in str(info.value)
+
+
+def test_pin_to_champion_refuses_a_second_pin(tmp_path, store):
+    from pipeline.champion_vocab import pin_to_champion
+
+    first = prepare_dataset(config(corpus(tmp_path, NIGHT_1)), store)
+    with pytest.raises(ConfigError, match="both pin"):
+        pin_to_champion(run_config(corpus(tmp_path, NIGHT_2, "grown.txt"), pinned=first.uri), "rnnlm-x", store)
