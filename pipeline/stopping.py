@@ -29,6 +29,11 @@ class EarlyStopping:
             self.best, self.bad_epochs = val_ppl, 0
         else:
             self.bad_epochs += 1
+        return self.exhausted
+
+    @property
+    def exhausted(self) -> bool:
+        """Patience has run out (also right after resuming a run that early stopping ended)."""
         return self.patience is not None and self.bad_epochs >= self.patience
 
     def state_dict(self) -> dict[str, Any]:

@@ -183,9 +183,10 @@ def _train(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d:
     check_inputs(train_ids, val_ids, vocab_size, cfg, d.world_size)
     run = _start(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d)
     _resume(run)
-    # max_minutes counts the training time of all attempts (it is saved in checkpoints);
-    # elapsed_before comes from the same checkpoint on every rank, so they agree.
-    run.stop = cfg.max_minutes is not None and run.elapsed_before > cfg.max_minutes * 60
+    # max_minutes counts the training time of all attempts (it is saved in checkpoints), and a
+    # run that early stopping ended stays ended; both come from the same checkpoint on every rank.
+    run.stop = (cfg.max_minutes is not None and run.elapsed_before > cfg.max_minutes * 60) \
+        or run.early_stopping.exhausted
     try:
         while run.epoch < cfg.epochs and not run.stop:
             totals = _train_epoch(run)

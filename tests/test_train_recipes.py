@@ -98,6 +98,9 @@ def test_patience_stops_after_that_many_epochs_without_improvement(tmp_path):
     assert len(vals) == best + 2 < 30  # stopped two epochs after the best one
     assert not result["finished"] and result["best_epoch"] == best and result["val_ppl"] == min(vals)
     assert all(v >= min(vals) for v in vals[best:])
+    # Run again (a retry, a second `rnnlm train`): the run early stopping ended stays ended.
+    again, _ = run(tmp_path, "run", dict(cell="gru", hidden_size=128, embed_size=16), cfg, tokens=3000)
+    assert val_ppls(run_dir) == vals and again["epochs"] == result["epochs"]
 
 
 def test_activation_regularisers_shrink_what_they_penalise(tmp_path):
