@@ -126,7 +126,7 @@ def test_the_trainers_validation_is_the_one_evaluation(tmp_path):
 
 # ------------------------------------------------------------------- one run, one trainer
 
-LONG = [*SMALL, "--set", "train.epochs=150"]  # long enough that the second starts mid-run
+LONG = [*SMALL, "--set", "train.epochs=150", "--set", "train.patience=null"]  # long enough that the second starts mid-run
 
 
 def start_rnnlm_train(cwd: Path, *args: str) -> subprocess.Popen:
