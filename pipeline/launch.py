@@ -50,6 +50,7 @@ import psutil
 import yaml
 
 from pipeline import storage
+from pipeline.code_version import code_digest
 from pipeline.config import ModelConfig, RunConfig, TrainConfig
 from pipeline.errors import (CheckpointError, ConfigError, DatasetError, NonFiniteLossError,
                              PipelineError)
@@ -75,15 +76,19 @@ WATCH_EVERY_S = 0.2  # how often a trainer checks that its launcher is alive
 
 
 def run_id(dataset_id: str, model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
-    """The content address of a training run: which data, which model, which loop (not how long).
+    """The content address of a training run: which data, which model, which loop (not how long),
+    and which code.
 
     A retried or repeated run with the same inputs lands in the same directory and
     resumes from its checkpoints instead of starting over; so does one asking for
     more epochs or minutes (``BUDGET_KEYS``), which continues from the last checkpoint.
     """
     train = {k: v for k, v in train_cfg.model_dump(mode="json").items() if k not in BUDGET_KEYS}
-    return storage.stable_hash({"version": TRAIN_FORMAT_VERSION, "dataset_id": dataset_id,
-                                "model": model_cfg.model_dump(mode="json"), "train": train}, 24)
+    # The code that trains it too (pipeline.code_version): an upgrade trains anew, never
+    # resumes or reuses a run the old code wrote.
+    return storage.stable_hash({"version": TRAIN_FORMAT_VERSION, "code": code_digest("train"),
+                                "dataset_id": dataset_id, "model": model_cfg.model_dump(mode="json"),
+                                "train": train}, 24)
 
 
 def run_directory(root: str, dataset_id: str, model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline import storage
+from pipeline.code_version import code_digest
 from pipeline.config import DataConfig, TokenizerConfig
 from pipeline.corpus import Document, fetch_corpus, located_sources
 from pipeline.errors import ConfigError, CorpusError, PipelineError
@@ -67,7 +68,8 @@ class Chunk:
 
 
 def dataset_id(documents: list[Document], cfg: DataConfig, pinned_sha256: str | None = None) -> str:
-    """The content address of a dataset: what the text is and how it is cut, never where it came from.
+    """The content address of a dataset: what the text is, how it is cut and the code that cuts it
+    (``pipeline.code_version``), never where it came from.
 
     ``pinned_sha256``: the token hash of the ``vocab.pinned`` vocabulary (its content, not its URI).
     """
@@ -78,7 +80,9 @@ def dataset_id(documents: list[Document], cfg: DataConfig, pinned_sha256: str | 
     if pinned_sha256:
         settings["pinned_vocab"] = pinned_sha256
     docs = [d.sha256 if d.split is None else [d.split, d.sha256] for d in documents]
-    return storage.stable_hash({"version": DATA_FORMAT_VERSION, "documents": docs, "settings": settings})
+    # The code that tokenizes and writes it too: an upgrade never reuses a dataset it would cut differently.
+    return storage.stable_hash({"version": DATA_FORMAT_VERSION, "code": code_digest("shards"), "documents": docs,
+                                "settings": settings})
 
 
 def plan_chunks(documents: list[Document], chunk_bytes: int, tokenizer: TokenizerConfig | None = None) -> list[Chunk]:

@@ -446,7 +446,8 @@ def test_stage_keys_follow_the_project_code_they_run(tmp_path, store, monkeypatc
         code_version.clear_cache()
 
     cfg = run_config(corpus(tmp_path))
-    first = states(retrain(cfg, store))
+    first_result = retrain(cfg, store)
+    first = states(first_result)
     assert all(n == "Completed" for names in first.values() for n in names), first
     encoded = _encoded_uris(store)
 
@@ -458,7 +459,11 @@ def test_stage_keys_follow_the_project_code_they_run(tmp_path, store, monkeypatc
     assert all(n == "Cached" for names in registry_changed.values() for n in names), registry_changed
 
     edit("pipeline/tokenizer.py")
-    tokenizer_changed = states(retrain(cfg, store))
+    upgraded = retrain(cfg, store)
+    tokenizer_changed = states(upgraded)
+    # ... into a new dataset and a new run: the old code's artifacts are neither reused nor resumed
+    assert upgraded["dataset"]["dataset_id"] != first_result["dataset"]["dataset_id"]
+    assert upgraded["run"]["run_dir"] != first_result["run"]["run_dir"]
     assert tokenizer_changed["fetch_corpus"] == ["Cached"], tokenizer_changed  # fetching runs no tokenizer
     for stage in DATA_STAGES[1:] + TRAIN_STAGES:
         assert all(n == "Completed" for n in tokenizer_changed[stage]), (stage, tokenizer_changed)
