@@ -172,7 +172,13 @@ def prefect_client(api: str):
             return self._client.__enter__()
 
         def __exit__(self, *exc):
+            from prefect.events.worker import EventsWorker
+
             self._client.__exit__(*exc)
+            # Events this process emitted meanwhile (e.g. loading the S3 results block) went to a
+            # worker bound to this API; drain and stop it while the server is up, or it outlives the
+            # server and later tests' events go to a dead address (their task runs never show).
+            EventsWorker.drain_all(timeout=30)
             self._settings.__exit__(*exc)
 
     return _Client()
