@@ -47,13 +47,16 @@ PLACEMENT = re.compile(r"\[rank (\d)\] INFO pipeline\.ray_launch: rank \d of 2 o
 @pytest.fixture(scope="module")
 def cluster():
     """Head + one worker node, 1 CPU each; every process they started is stopped by PID at the end."""
+    # Only what the cluster starts: the session's other servers (moto, redis, postgres) are children too.
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         c.add_node(num_cpus=1)
         c.wait_for_nodes()
         yield c
     finally:
-        started = psutil.Process().children(recursive=True)  # GCS, raylets and the workers under them
+        # GCS, raylets and the workers under them
+        started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
         c.shutdown()
         _, alive = psutil.wait_procs(started, timeout=10)
         for proc in alive:
