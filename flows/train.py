@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.reports import epochs_table, markdown_report
 from flows.run_context import flow_run_id
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.launch import read_epochs
+from pipeline.metrics import read_epochs
 from tasks.caching import bind
 from tasks.options import PipelineOptions
 from tasks.retries import retry_if_retryable

@@ -4,7 +4,7 @@ one, like for like.
     decision = promote_if_better(mv.name, mv.version, dataset)        # maybe alias "champion"
 
 Like for like. Both models are scored on the *current* held-out split (test, or val when
-test is empty) with fixed evaluation settings (``pipeline.lm.EVAL_BATCH_SIZE`` /
+test is empty) with fixed evaluation settings (``pipeline.evaluate.EVAL_BATCH_SIZE`` /
 ``EVAL_NUM_STEPS``), and only when both turn text into the very same ids as that dataset:
 same tokenizer config, same vocabulary (sha256 of its token list). A version's stored
 figure is used when it was trained on this very dataset (its ``dataset_id`` tag);
@@ -140,7 +140,7 @@ def version_perplexity(c, name: str, mv, dataset, split: str, root: str | None =
     evaluated with the current evaluation settings; otherwise the model is loaded and
     re-evaluated (and the figure cached in a tag ``eval.<dataset_id>.<split>_ppl``).
     """
-    from pipeline.lm import EVAL_BATCH_SIZE, EVAL_NUM_STEPS
+    from pipeline.evaluate import EVAL_BATCH_SIZE, EVAL_NUM_STEPS
 
     tags = mv.tags
     same_eval = tags.get("eval_batch_size") == str(EVAL_BATCH_SIZE) and tags.get("eval_num_steps") == str(EVAL_NUM_STEPS)

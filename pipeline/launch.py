@@ -54,7 +54,6 @@ from pipeline.code_version import code_digest
 from pipeline.config import ModelConfig, RunConfig, TrainConfig
 from pipeline.errors import (CheckpointError, ConfigError, DatasetError, NonFiniteLossError,
                              PipelineError)
-from pipeline.metrics import read_epochs  # noqa: F401  (re-exported: its callers predate pipeline.metrics)
 from pipeline.ray_launch import RayCluster, driver_env, ray_command, worker_line
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ import torch
 
 from pipeline.config import ModelConfig, TokenizerConfig
 from pipeline.errors import CheckpointError, GenerationInputError
-from pipeline.evaluate import EVAL_BATCH_SIZE, EVAL_NUM_STEPS  # noqa: F401  (the registry reads them here)
+from pipeline.evaluate import EVAL_BATCH_SIZE, EVAL_NUM_STEPS
 from pipeline.generate import generate, join_tokens
 from pipeline.models import RNNLM, build_model
 from pipeline.tokenizer import UNK, tokenize

@@ -34,7 +34,7 @@ from filelock import FileLock
 from pipeline import storage
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, PipelineError, RegistryError, RegistryUnavailableError
-from pipeline.launch import read_epochs
+from pipeline.metrics import read_epochs
 from pipeline.metrics import with_bits
 from pipeline.run_checks import check_training_succeeded, load_run_lm
 from pipeline.run_record import code_version, flatten, generate_samples, run_files
@@ -293,7 +293,7 @@ def _log_metrics(c, run_id: str, lm, dataset, result: dict[str, Any], epochs: li
     """Per-epoch metrics, training totals and the final held-out figures; returns the latter."""
     from mlflow.entities import Metric, RunTag
 
-    from pipeline.lm import EVAL_BATCH_SIZE, EVAL_NUM_STEPS
+    from pipeline.evaluate import EVAL_BATCH_SIZE, EVAL_NUM_STEPS
 
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(e[k]), now, int(e["epoch"])) for e in epochs for k in EPOCH_METRICS

@@ -144,7 +144,7 @@ def test_a_trainer_killed_mid_run_resumes_from_its_s3_checkpoint(tmp_path, s3_ro
     import torch
 
     from pipeline.checkpoint import list_checkpoints
-    from pipeline.launch import read_epochs
+    from pipeline.metrics import read_epochs
     from tests.test_train import TINY, child_env, trainer_cmd, write_inputs
 
     dataset, config = write_inputs(tmp_path, {**TINY, "dropout": 0.2},
