@@ -171,6 +171,19 @@ def test_quality_bench_ablation_turns_off_one_technique_per_run():
     assert not any(on(none) for _, on, _ in bench.TECHNIQUES)
 
 
+def test_quality_bench_counts_only_the_epochs_within_the_budget():
+    # The run ends after the epoch that passes max_minutes: that epoch's figure is past the budget.
+    spec = importlib.util.spec_from_file_location("train_quality", Path(__file__).parents[1] / "bench" / "train_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    epochs = [{"epoch": 1, "val_ppl": 4.40, "elapsed_s": 150.0}, {"epoch": 2, "val_ppl": 4.29, "elapsed_s": 170.0},
+              {"epoch": 3, "val_ppl": 4.28, "elapsed_s": 190.0}]
+    assert bench.best_within(epochs, 180.0)["epoch"] == 2
+    assert bench.best_within(epochs, 1000.0)["epoch"] == 3
+    assert bench.best_within(epochs, 100.0) is None
+    assert bench.best_within([{"epoch": 1, "val_ppl": None, "elapsed_s": 1.0}], 180.0) is None
+
+
 def test_checkpoints_from_before_the_new_fields_still_resume():
     # A checkpoint written before issue 14 lacks the new config keys: they count as their defaults.
     from pipeline.checkpoint import check_compatible
