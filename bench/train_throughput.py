@@ -14,13 +14,15 @@ Sections (``--sections``, all by default; each runs in subprocesses of its own):
 * ``bf16``: the trainer at ``train.precision: bf16`` over fp32, d2l's GRU, on the CPU.
 * ``peers``: d2l 0.17.6's own ``train_epoch_ch8`` against the trainer (bench/throughput_peers.py).
 * ``softmax``: adaptive vs full softmax at vocabularies 10k/50k/250k (bench/throughput_softmax.py).
-* ``shared``: tokens/s beside a process using 20% of one core (bench/throughput_shared_host.py).
+* ``shared``: tokens/s beside a process using 20% of one core, and alone, for each OpenMP waiting
+  behaviour, over the best alone (bench/throughput_shared_host.py).
 * ``ray``: 2 Ray Train workers vs ``torchrun --nproc-per-node 2`` on this machine, tokens/s and
   the Ray launch's start-up seconds (bench/throughput_ray.py; skipped without the ``ray`` extra).
 
 Prints tables, then one JSON line: the rows of every section, ``ratio_min`` (trainer over
 plain), ``peer_ratio_min``, ``bf16_cpu_ratio``, ``adaptive_speedup_250k``,
-``shared_host_ratio``, ``ray_ratio`` and ``ray_startup_s`` (null for a section not run).
+``shared_host_ratio``, ``quiet_host_ratio``, ``ray_ratio`` and ``ray_startup_s`` (null for a
+section not run).
 
     python bench/train_throughput.py --sections trainer --steps 20 --cells gru --layers 1 --ranks 1,2
     python bench/train_throughput.py --device cuda --sections trainer,softmax --models d2l,presets,ptb-medium
@@ -279,15 +281,15 @@ def main() -> None:
     if "shared" in sections:
         from bench.throughput_shared_host import shared_host_rows
 
-        rows, ratio = shared_host_rows(REPO)
-        print_rows("beside a neighbour using 20% of one core", rows)
-        out.update(shared_host_rows=rows, shared_host_ratio=ratio)
+        rows, ratio, quiet = shared_host_rows(REPO, repeats=args.repeats)
+        print_rows("beside a neighbour using 20% of one core, and alone (over the best alone)", rows)
+        out.update(shared_host_rows=rows, shared_host_ratio=ratio, quiet_host_ratio=quiet)
     if "ray" in sections:
         from bench.throughput_ray import ray_section
 
         out.update(ray_section(REPO, args, print_rows))
     for key in ("ratio_min", "peer_ratio_min", "bf16_cpu_ratio", "adaptive_speedup_250k", "shared_host_ratio",
-                "ray_ratio", "ray_startup_s"):
+                "quiet_host_ratio", "ray_ratio", "ray_startup_s"):
         out.setdefault(key, None)
     print(json.dumps(out))
 
