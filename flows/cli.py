@@ -29,7 +29,7 @@ import sys
 
 from flows.servers import TELEMETRY_OFF
 from flows.terminal import configure_logging, run_log_file, verdict
-from pipeline.config import DEFAULT_PRESET, load_run_config, preset_names
+from pipeline.config_sources import DEFAULT_PRESET, load_run_config, preset_names
 from pipeline.errors import EXIT_DO_NOT_RETRY, EXIT_FAILED, ConfigError, GenerationInputError, PipelineError
 
 

@@ -41,7 +41,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import RunConfig, load_config
+from pipeline.config import RunConfig
+from pipeline.config_sources import load_config
 from pipeline.errors import EXIT_DO_NOT_RETRY, EXIT_FAILED, EXIT_OK, ConfigError, PipelineError
 
 log = logging.getLogger("pipeline.ray_launch")

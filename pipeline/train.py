@@ -68,7 +68,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pipeline import storage
 from pipeline.averaging import NTAverage
 from pipeline.checkpoint import check_compatible, latest_valid, load_checkpoint, save_checkpoint
-from pipeline.config import ModelConfig, RunConfig, TrainConfig, load_config
+from pipeline.config import ModelConfig, RunConfig, TrainConfig
+from pipeline.config_sources import load_config
 from pipeline.distributed import (Dist, all_reduce_sum, barrier, broadcast_from_main, broadcast_object,
                                   gather_hidden, setup_distributed, teardown_distributed)
 from pipeline.divergence import FiniteWatch, non_finite, with_checkpoint_note
