@@ -182,7 +182,7 @@ def fit(run_dir: str, dataset_uri: str, run_cfg: RunConfig, *, workers: int, clu
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     from pipeline import storage
-    from pipeline.launch import LAUNCHER_PID_ENV
+    from pipeline.processes import LAUNCHER_PID_ENV
 
     fs, path = storage.filesystem(run_dir)
     # Not the launcher's pid: it names a process of this host, meaningless on a worker's.

@@ -42,7 +42,7 @@ collectives), ``optim`` (optimizer, schedule, clipping), ``divergence``,
   a GPU the split lives on the device and batches are gathered there; the step
   loop syncs with the host only for the progress line and checkpoints.
   Validation is sharded over all ranks (``evaluate``).
-* Started by ``pipeline.launch``, every rank stops when the launcher is gone.
+* Started by ``pipeline.launch``, every rank stops when the launcher is gone (``processes``).
 
 Outputs in the run directory: checkpoints/, metrics.jsonl (one JSON line per
 epoch, also printed to stdout), model.pt, model_config.json, train_config.json,
@@ -75,11 +75,11 @@ from pipeline.distributed import (Dist, all_reduce_sum, barrier, broadcast_from_
 from pipeline.divergence import FiniteWatch, non_finite, with_checkpoint_note
 from pipeline.errors import EXIT_DO_NOT_RETRY, EXIT_FAILED, EXIT_OK, NonFiniteLossError, PipelineError
 from pipeline.evaluate import EVAL_BATCH_SIZE, EVAL_NUM_STEPS, perplexity, perplexity_from_loss
-from pipeline.launch import exit_with_launcher
 from pipeline.metrics import emit, finite_or_none, metrics_uri, print_line, truncate_after
 from pipeline.models import build_model, detach_state
 from pipeline.optim import LRSchedule, clip_grad_norm_, make_optimizer
 from pipeline.precision import MixedPrecision, set_matmul_precision
+from pipeline.processes import exit_with_launcher
 from pipeline.regularization import activation_penalty
 from pipeline.rundir import remove, write_failure, write_outputs
 from pipeline.sampling import batches, device_batches, num_batches, rank_rows, token_tensor
