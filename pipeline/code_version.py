@@ -29,7 +29,7 @@ _TRAIN = _DATA + ("pipeline/training_data.py", "pipeline/sampling.py", "pipeline
                   "pipeline/precision.py", "pipeline/distributed.py", "pipeline/divergence.py",
                   "pipeline/evaluate.py", "pipeline/checkpoint.py", "pipeline/metrics.py", "pipeline/rundir.py",
                   "pipeline/averaging.py", "pipeline/regularization.py", "pipeline/stopping.py",
-                  "pipeline/config_sources.py", "pipeline/train.py", "pipeline/launch.py", "pipeline/processes.py", "pipeline/ray_launch.py", "pipeline/lm.py",
+                  "pipeline/config_sources.py", "pipeline/run_state.py", "pipeline/train.py", "pipeline/launch.py", "pipeline/processes.py", "pipeline/ray_launch.py", "pipeline/lm.py",
                   "tasks/train.py")
 _EVALUATE = _TRAIN + ("pipeline/generate.py",)
 
