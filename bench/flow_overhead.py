@@ -37,7 +37,7 @@ def overrides_for(args) -> list[str]:
 
 
 def child_direct(preset: str, overrides: list[str], root: str) -> dict:
-    from pipeline.config import load_run_config
+    from pipeline.config_sources import load_run_config
     from pipeline.evaluate import perplexity
     from pipeline.generate import generate
     from pipeline.launch import launch_training

@@ -30,7 +30,8 @@ import tempfile
 import time
 from typing import Any
 
-from pipeline.config import RunConfig, load_run_config
+from pipeline.config import RunConfig
+from pipeline.config_sources import load_run_config
 from pipeline.metrics import read_epochs
 from pipeline.prepare import prepare_dataset
 from pipeline.train import train

@@ -176,7 +176,7 @@ def worker(args) -> None:
 
 def preset_specs() -> list[Spec]:
     """Each bundled preset's model and batch shape (the vocabulary from its prepared data)."""
-    from pipeline.config import load_run_config, preset_names
+    from pipeline.config_sources import load_run_config, preset_names
     from pipeline.prepare import prepare_dataset
 
     specs = []

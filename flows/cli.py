@@ -29,7 +29,7 @@ import sys
 
 from flows.servers import TELEMETRY_OFF
 from flows.terminal import configure_logging, run_log_file, verdict
-from pipeline.config import DEFAULT_PRESET, load_run_config, preset_names
+from pipeline.config_sources import DEFAULT_PRESET, load_run_config, preset_names
 from pipeline.errors import EXIT_DO_NOT_RETRY, EXIT_FAILED, ConfigError, GenerationInputError, PipelineError
 
 
@@ -170,10 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rnnlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add_parser in (_presets_parser, _run_parser, _prepare_parser, _train_parser, _generate_parser,
+                       _server_parser, _deploy_parser, _worker_parser):
+        add_parser(sub)
+    return parser
 
+
+def _presets_parser(sub) -> None:
     p = sub.add_parser("presets", help="list the bundled presets")
     p.set_defaults(fn=cmd_presets)
 
+
+def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="the main job: the retrain flow (prepare, train, evaluate, register)")
     _add_config_args(p)
     _add_launcher_args(p)
@@ -184,15 +192,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "keeps producing candidates the gate can compare; without a champion yet, build one")
     p.set_defaults(fn=cmd_run)
 
+
+def _prepare_parser(sub) -> None:
     p = sub.add_parser("prepare", help="fetch, tokenize and shard a corpus")
     _add_config_args(p)
     p.set_defaults(fn=cmd_prepare)
 
+
+def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="prepare the data and train (DDP with --nproc > 1)")
     _add_config_args(p)
     _add_launcher_args(p)
     p.set_defaults(fn=cmd_train)
 
+
+def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a trained run or a registered model")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--run", help="a run directory (rnnlm train prints it)")
@@ -205,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help="storage root holding the default MLflow database")
     p.set_defaults(fn=cmd_generate)
 
+
+def _server_parser(sub) -> None:
     p = sub.add_parser("server", help="start a Prefect server (SQLite by default; see deployments/README.md)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=4200, help="port (default 4200)")
@@ -214,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help="artifact storage root (default $RNNLM_STORAGE or ./.rnnlm)")
     p.set_defaults(fn=cmd_server)
 
+
+def _deploy_parser(sub) -> None:
     p = sub.add_parser("deploy", help="create the work pools and deploy deployments/prefect.yaml")
     p.add_argument("--prefect-file", default=None, help="default deployments/prefect.yaml")
     p.add_argument("--name", action="append", default=[], metavar="FLOW/DEPLOYMENT", help="only these (default all)")
@@ -222,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-url", default=None, help="default $PREFECT_API_URL, else http://127.0.0.1:4200/api")
     p.set_defaults(fn=cmd_deploy)
 
+
+def _worker_parser(sub) -> None:
     p = sub.add_parser("worker", help="start a process worker for a work pool")
     p.add_argument("--pool", required=True, help="work pool: control, cpu or gpu")
     p.add_argument("--name", default=None, help="worker name (default: Prefect's)")
@@ -230,7 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-dir", default=None, help="this repository on this host (default $RNNLM_REPO_DIR, else this checkout)")
     p.add_argument("--api-url", default=None, help="default $PREFECT_API_URL, else http://127.0.0.1:4200/api")
     p.set_defaults(fn=cmd_worker)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

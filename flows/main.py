@@ -22,7 +22,7 @@ from typing import Any, Optional
 from flows.reports import make_summary, prefect_ui_hint, print_report
 from flows.servers import TELEMETRY_OFF
 from pipeline import storage
-from pipeline.config import DEFAULT_PRESET
+from pipeline.config_sources import DEFAULT_PRESET
 
 
 def _prefect_settings(root: str):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from pipeline.config import DEFAULT_PRESET, RunConfig, load_run_config, preset_names
+from pipeline.config import RunConfig
+from pipeline.config_sources import DEFAULT_PRESET, load_run_config, preset_names
 
 
 def resolve_config(config: Optional[RunConfig] = None, preset: Optional[str] = None,
@@ -13,7 +14,8 @@ def resolve_config(config: Optional[RunConfig] = None, preset: Optional[str] = N
     """A RunConfig given directly, or a preset name / YAML path plus ``section.key=value`` overrides."""
     if config is not None:
         if overrides:
-            from pipeline.config import apply_overrides, parse_config
+            from pipeline.config import parse_config
+            from pipeline.config_sources import apply_overrides
 
             return parse_config(RunConfig, apply_overrides(config.model_dump(mode="json"), overrides), source="overrides")
         return config

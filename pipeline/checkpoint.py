@@ -16,7 +16,8 @@ Only rank 0 writes, to a temporary name that is then renamed into place, so a
 crash never leaves a file that looks complete. Loading uses
 ``torch.load(weights_only=True)`` only: a checkpoint is data, never code. The
 data-loader position and dropout RNG are not stored: both are pure functions of
-(seed, epoch, step, rank), see ``pipeline.train``.
+(seed, epoch, step, rank), see ``pipeline.train``. ``checkpoint_payload`` is what a
+training run (``pipeline.run_state.Run``) saves, ``restore`` loads it back into one.
 """
 
 from __future__ import annotations
@@ -24,13 +25,16 @@ from __future__ import annotations
 import io
 import logging
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pipeline import storage
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from pipeline.run_state import Run
 
 log = logging.getLogger(__name__)
 
@@ -135,3 +139,35 @@ def check_compatible(ckpt: dict[str, Any], uri: str, *, model_config: dict, trai
             f"checkpoint {uri} was written by a different run configuration "
             f"(checkpoint vs current: {'; '.join(problems)}); use a fresh run directory "
             f"or the original configuration")
+
+
+def checkpoint_payload(run: Run, epoch_stats: dict[str, float], hidden_parts) -> dict[str, Any]:
+    """What a checkpoint of ``run`` holds now (see the module docstring); ``hidden_parts``: the
+    gathered recurrent state of a mid-epoch checkpoint under sequential sampling, else None."""
+    return {"epoch": run.epoch, "step": run.step, "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.schedule.state_dict(),
+            "scaler": run.mp.state_dict(),
+            "hidden": hidden_parts, "epoch_stats": epoch_stats, "best": run.best,
+            "averaging": run.averager.state_dict() if run.averager else None,
+            "early_stopping": run.early_stopping.state_dict(),
+            "elapsed_s": run.elapsed(), "model_config": run.model_cfg.model_dump(mode="json"),
+            "train_config": run.cfg.model_dump(mode="json"), "vocab_size": run.vocab_size,
+            "train_tokens": len(run.train_ids), "world_size": run.d.world_size}
+
+
+def restore(run: Run, ckpt: dict[str, Any], uri: str) -> None:
+    """Check that checkpoint ``ckpt`` (at ``uri``) fits ``run``, then load it into ``run``."""
+    check_compatible(ckpt, uri, model_config=run.model_cfg.model_dump(mode="json"),
+                     train_config=run.cfg.model_dump(mode="json"), vocab_size=run.vocab_size,
+                     train_tokens=len(run.train_ids))
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.schedule.load_state_dict(ckpt["scheduler"])
+    run.mp.load_state_dict(ckpt.get("scaler"))
+    run.epoch, run.step, run.elapsed_before = ckpt["epoch"], ckpt["step"], ckpt["elapsed_s"]
+    run.hidden, run.stats = ckpt.get("hidden"), ckpt["epoch_stats"]
+    run.best, run.last_checkpoint = ckpt.get("best") or run.best, uri
+    if run.averager:
+        run.averager.load_state_dict(ckpt["averaging"])
+    if ckpt.get("early_stopping"):  # absent from checkpoints written before early stopping
+        run.early_stopping.load_state_dict(ckpt["early_stopping"])

@@ -25,12 +25,12 @@ SOURCE_ROOT = Path(__file__).resolve().parents[1]  # holds pipeline/ (and tasks/
 _FETCH = ("pipeline/config.py", "pipeline/storage.py", "pipeline/corpus.py", "tasks/data.py")
 _DATA = _FETCH + ("pipeline/tokenizer.py", "pipeline/vocab.py", "pipeline/shards.py", "pipeline/integrity.py",
                   "pipeline/prepare.py", "pipeline/code_version.py")
-_TRAIN = _DATA + ("pipeline/training_data.py", "pipeline/sampling.py", "pipeline/models.py", "pipeline/optim.py",
-                  "pipeline/precision.py", "pipeline/distributed.py", "pipeline/divergence.py",
+_TRAIN = _DATA + ("pipeline/training_data.py", "pipeline/sampling.py", "pipeline/cells.py", "pipeline/models.py",
+                  "pipeline/optim.py", "pipeline/precision.py", "pipeline/distributed.py", "pipeline/divergence.py",
                   "pipeline/evaluate.py", "pipeline/checkpoint.py", "pipeline/metrics.py", "pipeline/rundir.py",
                   "pipeline/averaging.py", "pipeline/regularization.py", "pipeline/stopping.py",
-                  "pipeline/train.py", "pipeline/launch.py", "pipeline/ray_launch.py", "pipeline/lm.py",
-                  "tasks/train.py")
+                  "pipeline/config_sources.py", "pipeline/run_state.py", "pipeline/train.py", "pipeline/launch.py",
+                  "pipeline/processes.py", "pipeline/ray_launch.py", "pipeline/lm.py", "tasks/train.py")
 _EVALUATE = _TRAIN + ("pipeline/generate.py",)
 
 STAGE_MODULES: dict[str, tuple[str, ...]] = {

@@ -27,7 +27,8 @@ import math
 import numpy as np
 import torch
 
-from pipeline.models import RNNLM, State, detach_state
+from pipeline.cells import State
+from pipeline.models import RNNLM, detach_state
 
 # The one evaluation setting (see the module docstring). Changing it changes every
 # stored figure's meaning: the registry records it in tags and re-evaluates on a mismatch.

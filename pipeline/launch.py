@@ -16,7 +16,7 @@ comes from FAILED.json (written by rank 0) rather than from the exit code.
 A SIGTERM to this process is forwarded to the child, which gets ``grace_s``
 seconds before the whole process tree is killed; a launcher killed outright
 (SIGKILL) takes the trainer with it: every rank watches the launcher's pid
-(``exit_with_launcher``) and stops as soon as it is gone.
+(``processes.exit_with_launcher``) and stops as soon as it is gone.
 
 One run directory, one trainer: on a local file system the launch holds an OS
 lock on ``<run_dir>/.lock`` (``filelock``; released by the kernel if the launcher
@@ -35,18 +35,14 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import filelock
-import psutil
 import yaml
 
 from pipeline import storage
@@ -54,6 +50,7 @@ from pipeline.code_version import code_digest
 from pipeline.config import ModelConfig, RunConfig, TrainConfig
 from pipeline.errors import (CheckpointError, ConfigError, DatasetError, NonFiniteLossError,
                              PipelineError)
+from pipeline.processes import LAUNCHER_PID_ENV, Stopper
 from pipeline.ray_launch import RayCluster, driver_env, ray_command, worker_line
 
 log = logging.getLogger(__name__)
@@ -69,9 +66,7 @@ TRAIN_FORMAT_VERSION = 2
 # computes: left out of the run id, so a bigger budget continues the same run.
 # (checkpoint_every_steps stays in: a mid-epoch checkpoint reseeds the dropout RNG.)
 BUDGET_KEYS = frozenset({"epochs", "max_minutes", "keep_checkpoints", "device"})
-LAUNCHER_PID_ENV = "RNNLM_LAUNCHER_PID"
 LOCK_FILE = ".lock"
-WATCH_EVERY_S = 0.2  # how often a trainer checks that its launcher is alive
 
 
 def run_id(dataset_id: str, model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
@@ -195,16 +190,7 @@ def _launch(run_dir: str, dataset_uri: str, config: str | RunConfig, nproc: int,
             node_rank: int, rdzv_endpoint: str | None, rdzv_backend: str, rdzv_id: str, max_restarts: int,
             checkpoint_dir: str | None, ray: RayCluster | None, on_line: Callable[[str], None] | None,
             env: dict[str, str] | None, grace_s: float, python: str) -> LaunchResult:
-    fs = storage.filesystem(run_dir)[0]
-    if isinstance(config, RunConfig):
-        config_path = storage.join(run_dir, "run_config.yaml")
-        storage.write_bytes_atomic(config_path, yaml.safe_dump(config.model_dump(mode="json")).encode())
-    else:
-        config_path = str(config)
-    failed_uri = storage.join(run_dir, "FAILED.json")
-    if storage.exists(failed_uri):  # a verdict from an earlier attempt must not be read as ours
-        fs.rm(storage.filesystem(failed_uri)[1])
-
+    config_path, failed_uri = _prepare_attempt(run_dir, config)
     if ray is None:
         cmd = training_command(run_dir, dataset_uri, config_path, nproc=nproc, nnodes=nnodes,
                                node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_backend=rdzv_backend,
@@ -219,13 +205,39 @@ def _launch(run_dir: str, dataset_uri: str, config: str | RunConfig, nproc: int,
         clean, launcher_env = worker_line, driver_env()
     child_env = {**trainer_env(env), **launcher_env}
     log.info("launching: %s", " ".join(cmd))
+    returncode, metrics, tail = _run_child(cmd, child_env, clean, on_line, grace_s, run_dir)
+    return _outcome(run_dir, returncode, metrics, tail, failed_uri)
+
+
+def _prepare_attempt(run_dir: str, config: str | RunConfig) -> tuple[str, str]:
+    """Write a RunConfig where the child reads it and clear an earlier attempt's FAILED.json;
+    returns the config's path and FAILED.json's URI."""
+    fs = storage.filesystem(run_dir)[0]
+    if isinstance(config, RunConfig):
+        config_path = storage.join(run_dir, "run_config.yaml")
+        storage.write_bytes_atomic(config_path, yaml.safe_dump(config.model_dump(mode="json")).encode())
+    else:
+        config_path = str(config)
+    failed_uri = storage.join(run_dir, "FAILED.json")
+    if storage.exists(failed_uri):  # a verdict from an earlier attempt must not be read as ours
+        fs.rm(storage.filesystem(failed_uri)[1])
+    return config_path, failed_uri
+
+
+def _run_child(cmd: list[str], child_env: dict[str, str], clean: Callable[[str], str],
+               on_line: Callable[[str], None] | None, grace_s: float,
+               run_dir: str) -> tuple[int, list[dict[str, Any]], deque[str]]:
+    """Run the child to its end, streaming its lines; its exit code, JSON events and last lines.
+
+    Raises TrainingFailedError when a SIGTERM to us stopped it.
+    """
     metrics: list[dict[str, Any]] = []
     tail: deque[str] = deque(maxlen=50)
     # A new session: a Ctrl-C meant for us is not also delivered straight to the
     # child; we forward signals ourselves and can kill the whole tree.
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              bufsize=1, env=child_env, start_new_session=True)
-    stopper = _Stopper(child, grace_s)
+    stopper = Stopper(child, grace_s)
     previous = stopper.install()
     try:
         assert child.stdout is not None
@@ -249,6 +261,12 @@ def _launch(run_dir: str, dataset_uri: str, config: str | RunConfig, nproc: int,
     if stopper.signalled:
         stopper.redeliver(previous)
         raise TrainingFailedError(f"training in {run_dir} was stopped by SIGTERM (exit {returncode})")
+    return returncode, metrics, tail
+
+
+def _outcome(run_dir: str, returncode: int, metrics: list[dict[str, Any]], tail: deque[str],
+             failed_uri: str) -> LaunchResult:
+    """The child's exit as a LaunchResult, or the error FAILED.json (or the exit code) calls for."""
     if returncode == 0:
         result_uri = storage.join(run_dir, "result.json")
         result = storage.read_json(result_uri) if storage.exists(result_uri) else None
@@ -260,97 +278,3 @@ def _launch(run_dir: str, dataset_uri: str, config: str | RunConfig, nproc: int,
             raise cls(f"training in {run_dir} failed ({failure.get('reason')}): {failure.get('message')}")
     raise TrainingFailedError(f"training in {run_dir} exited with {returncode}; last output:\n"
                               + "\n".join(list(tail)[-20:]))
-
-
-class _Stopper:
-    """Forwards SIGTERM to the child; after ``grace_s`` kills the child's whole process tree."""
-
-    def __init__(self, child: subprocess.Popen, grace_s: float):
-        self.child, self.grace_s = child, grace_s
-        self.signalled = False
-
-    def install(self):
-        if threading.current_thread() is not threading.main_thread():
-            return None  # signal handlers live in the main thread; the caller's own cancel path applies
-        return signal.signal(signal.SIGTERM, self._on_sigterm)
-
-    def uninstall(self, previous) -> None:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-    def redeliver(self, previous) -> None:
-        """After the child is gone, let the SIGTERM do to us what it would have done."""
-        if callable(previous):
-            previous(signal.SIGTERM, None)
-        elif previous == signal.SIG_DFL:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    def _on_sigterm(self, signum, frame) -> None:
-        self.signalled = True
-        threading.Thread(target=self.stop, daemon=True).start()
-
-    def stop(self) -> None:
-        """SIGTERM the child (torchrun passes it on to its workers), wait, then SIGKILL the tree."""
-        try:
-            stop_process_trees([psutil.Process(self.child.pid)], self.grace_s)
-        except psutil.NoSuchProcess:
-            pass
-
-
-def stop_process_trees(roots: list[psutil.Process], grace_s: float) -> None:
-    """SIGTERM each root, wait up to ``grace_s`` for the roots to exit, then SIGKILL every
-    process of their trees (as found before the SIGTERM).
-
-    torchrun forwards the SIGTERM to its workers and waits for them, so waiting on the
-    roots gives every rank its grace; workers that run in sessions of their own are then
-    killed one by one. A root is never reaped here (that is its parent's ``wait``).
-    """
-    trees = []
-    for root in roots:
-        try:
-            trees.append([root, *root.children(recursive=True)])
-            root.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(root) for root in roots):
-        time.sleep(0.1)
-    for tree in trees:
-        for proc in tree:
-            try:
-                proc.kill()  # psutil checks the pid still names the same process
-            except psutil.NoSuchProcess:
-                pass
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def exit_with_launcher() -> None:
-    """In a trainer started by ``launch_training``: SIGTERM ourselves once the launcher is gone.
-
-    A killed launcher (SIGKILL, OOM) cannot forward anything; without this its trainer
-    would go on training unobserved, its output going nowhere. Every rank watches (the
-    launcher's pid reaches them through torchrun's environment), so torchrun sees its
-    workers end and exits too. Metric lines are written whole before they are printed,
-    so ``metrics.jsonl`` keeps every finished epoch.
-    """
-    pid = os.environ.get(LAUNCHER_PID_ENV)
-    if not pid:
-        return
-    try:
-        launcher = psutil.Process(int(pid))
-    except (psutil.NoSuchProcess, ValueError):
-        launcher = None
-
-    def watch() -> None:
-        while launcher is not None and _alive(launcher):  # a zombie launcher is gone too
-            time.sleep(WATCH_EVERY_S)
-        log.warning("the launcher (pid %s) is gone: stopping", pid)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()

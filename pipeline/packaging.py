@@ -37,8 +37,8 @@ MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 # The pipeline modules a served model imports (pipeline.lm and everything it imports at
 # load/generate/perplexity time). Only torch, numpy, pyarrow, pydantic and pyyaml are
 # needed beyond them: all mlflow (or torch) dependencies.
-SHIPPED_MODULES = ("__init__.py", "config.py", "errors.py", "models.py", "regularization.py", "generate.py",
-                   "tokenizer.py", "evaluate.py", "lm.py")
+SHIPPED_MODULES = ("__init__.py", "config.py", "errors.py", "cells.py", "models.py", "regularization.py",
+                   "generate.py", "tokenizer.py", "evaluate.py", "lm.py")
 
 
 def model_name(preset: str) -> str:

@@ -41,7 +41,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import RunConfig, load_config
+from pipeline.config import RunConfig
+from pipeline.config_sources import load_config
 from pipeline.errors import EXIT_DO_NOT_RETRY, EXIT_FAILED, EXIT_OK, ConfigError, PipelineError
 
 log = logging.getLogger("pipeline.ray_launch")
@@ -181,7 +182,7 @@ def fit(run_dir: str, dataset_uri: str, run_cfg: RunConfig, *, workers: int, clu
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     from pipeline import storage
-    from pipeline.launch import LAUNCHER_PID_ENV
+    from pipeline.processes import LAUNCHER_PID_ENV
 
     fs, path = storage.filesystem(run_dir)
     # Not the launcher's pid: it names a process of this host, meaningless on a worker's.

@@ -3,13 +3,14 @@
     python -m pipeline.train --run-dir DIR --dataset URI --config RUN.yaml
     torchrun --nproc-per-node 2 -m pipeline.train --run-dir DIR --dataset URI --config RUN.yaml
 
-``_train()`` is the whole loop on one screen: ``_start`` (model, optimizer,
+``_train()`` is the whole loop on one screen: ``start_run`` (model, optimizer,
 schedule), ``_resume`` (newest valid checkpoint), then ``_train_epoch`` and
 ``_end_epoch`` until done, and ``_finish`` (the shipped weights, result.json).
-Their shared state is one ``Run``. Neighbours: ``distributed`` (ranks and
-collectives), ``optim`` (optimizer, schedule, clipping), ``divergence``,
-``precision``, ``checkpoint``, ``metrics`` (metrics.jsonl), ``rundir`` (outputs, FAILED.json),
-``training_data`` (loading and checking the splits). Things worth knowing:
+Their shared state is one ``Run``. Neighbours: ``run_state`` (``Run``, ``start_run``,
+``reseed``), ``distributed`` (ranks and collectives), ``optim`` (optimizer, schedule,
+clipping), ``divergence``, ``precision``, ``checkpoint`` (files, and a run's payload and
+restore), ``metrics`` (metrics.jsonl), ``rundir`` (outputs, FAILED.json), ``training_data``
+(loading and checking the splits), ``processes`` (exiting with the launcher). Things worth knowing:
 
 * Batches. ``cfg.batch_size`` is global: every rank draws the same global batch
   from the sampler's seeded generator and keeps its own rows, so N ranks with
@@ -58,7 +59,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -66,91 +66,27 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline import storage
-from pipeline.averaging import NTAverage
-from pipeline.checkpoint import check_compatible, latest_valid, load_checkpoint, save_checkpoint
-from pipeline.config import ModelConfig, RunConfig, TrainConfig, load_config
+from pipeline.checkpoint import checkpoint_payload, latest_valid, load_checkpoint, restore, save_checkpoint
+from pipeline.config import ModelConfig, RunConfig, TrainConfig
+from pipeline.config_sources import load_config
 from pipeline.distributed import (Dist, all_reduce_sum, barrier, broadcast_from_main, broadcast_object,
                                   gather_hidden, setup_distributed, teardown_distributed)
-from pipeline.divergence import FiniteWatch, non_finite, with_checkpoint_note
+from pipeline.divergence import non_finite, with_checkpoint_note
 from pipeline.errors import EXIT_DO_NOT_RETRY, EXIT_FAILED, EXIT_OK, NonFiniteLossError, PipelineError
-from pipeline.evaluate import EVAL_BATCH_SIZE, EVAL_NUM_STEPS, perplexity, perplexity_from_loss
-from pipeline.launch import exit_with_launcher
-from pipeline.metrics import emit, finite_or_none, metrics_uri, print_line, truncate_after
-from pipeline.models import build_model, detach_state
-from pipeline.optim import LRSchedule, clip_grad_norm_, make_optimizer
-from pipeline.precision import MixedPrecision, set_matmul_precision
+from pipeline.evaluate import EVAL_BATCH_SIZE, EVAL_NUM_STEPS, perplexity_from_loss
+from pipeline.metrics import emit, finite_or_none, print_line, truncate_after
+from pipeline.models import detach_state
+from pipeline.optim import clip_grad_norm_
+from pipeline.processes import exit_with_launcher
 from pipeline.regularization import activation_penalty
+from pipeline.run_state import EpochTotals, Run, reseed, start_run
 from pipeline.rundir import remove, write_failure, write_outputs
-from pipeline.sampling import batches, device_batches, num_batches, rank_rows, token_tensor
-from pipeline.stopping import EarlyStopping
+from pipeline.sampling import batches, device_batches, rank_rows
 from pipeline.training_data import check_inputs, load_dataset
 
 log = logging.getLogger("pipeline.train")
 
 PROGRESS_EVERY_S = 30.0  # rank 0 logs a progress line this often within a long epoch
-
-
-# ---------------------------------------------------------------------------- the run
-
-
-@dataclass
-class Run:
-    """One training run: its fixed inputs, the objects being trained, and how far it got."""
-
-    train_ids: np.ndarray
-    val_ids: np.ndarray
-    vocab_size: int
-    model_cfg: ModelConfig
-    cfg: TrainConfig
-    run_dir: str
-    ckpt_dir: str
-    d: Dist
-    model: torch.nn.Module
-    ddp_model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    schedule: LRSchedule
-    watch: FiniteWatch
-    mp: MixedPrecision
-    steps_per_epoch: int
-    averager: NTAverage | None  # nt_asgd: the trigger and the averaged weights
-    early_stopping: EarlyStopping
-    train_tokens: torch.Tensor | None = None  # CUDA: the training split on the device
-    epoch: int = 0  # completed epochs
-    step: int = 0  # completed optimizer steps (global: the same on every rank)
-    elapsed_before: float = 0.0  # training seconds of earlier attempts (from the checkpoint)
-    hidden: list[torch.Tensor] | None = None  # mid-epoch resume, sequential: the global state
-    stats: dict[str, float] = field(default_factory=lambda: {"loss_sum": 0.0, "norm_sum": 0.0})
-    best: dict[str, Any] = field(default_factory=lambda: {"val_ppl": math.inf, "epoch": 0, "model": None})
-    last_checkpoint: str | None = None  # rank 0: the newest checkpoint written or resumed from
-    epochs_run: int = 0  # epochs ended in this attempt
-    tokens_trained: int = 0
-    train_time: float = 0.0
-    val_ppl: float | None = None  # the last epoch's; None without a validation split
-    stop: bool = False  # max_minutes reached, or early stopping
-    t_start: float = field(default_factory=time.perf_counter)
-
-    @property
-    def metrics(self) -> str:
-        return metrics_uri(self.run_dir)
-
-    @property
-    def evaluated_model(self) -> torch.nn.Module:
-        """What is validated, kept as best and shipped: the averaged weights once NT-ASGD averages."""
-        return self.averager.evaluated_model() if self.averager else self.model
-
-    def elapsed(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self.t_start
-
-
-@dataclass
-class EpochTotals:
-    """What one (possibly partial) epoch adds up to, summed over ranks."""
-
-    loss_sum: float
-    norm_sum: float
-    steps: int  # trained by this process in this attempt
-    tokens: int  # in those steps, global (all ranks)
-    seconds: float
 
 
 # ------------------------------------------------------------------------------- train
@@ -181,7 +117,7 @@ def train(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int, model_cfg
 
 def _train(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d: Dist) -> dict[str, Any]:
     check_inputs(train_ids, val_ids, vocab_size, cfg, d.world_size)
-    run = _start(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d)
+    run = start_run(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d)
     _resume(run)
     # max_minutes counts the training time of all attempts (it is saved in checkpoints), and a
     # run that early stopping ended stays ended; both come from the same checkpoint on every rank.
@@ -196,26 +132,6 @@ def _train(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d:
     return _finish(run)
 
 
-def _start(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d: Dist) -> Run:
-    """A fresh model, optimizer and schedule. Same seed on every rank -> same init (DDP broadcasts it anyway)."""
-    if d.is_main:
-        fs, path = storage.filesystem(run_dir)
-        fs.makedirs(path, exist_ok=True)
-        remove(storage.join(run_dir, "FAILED.json"))  # a stale verdict from an earlier attempt
-    torch.manual_seed(cfg.seed)
-    set_matmul_precision(cfg.tf32, d.device)
-    model = build_model(model_cfg, vocab_size).to(d.device)
-    optimizer = make_optimizer(model, cfg)
-    # On a GPU the split lives there (a byte per token at char level) and batches are sliced
-    # there; on CPU the sampler's numpy batches are already where they are needed.
-    tokens = token_tensor(train_ids, vocab_size, d.device) if d.device.type == "cuda" else None
-    return Run(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d, model, model,
-               optimizer, LRSchedule(optimizer, cfg), FiniteWatch(d.device), MixedPrecision(cfg.precision, d.device),
-               num_batches(len(train_ids), cfg.batch_size, cfg.num_steps, cfg.sampling),
-               NTAverage(model, cfg.nt_asgd_window) if cfg.optimizer == "nt_asgd" else None,
-               EarlyStopping(cfg.patience), train_tokens=tokens)
-
-
 def _resume(run: Run) -> None:
     """Load the newest valid checkpoint, if any; rank 0 chooses so that all ranks agree. Then wrap in DDP."""
     d, cfg = run.d, run.cfg
@@ -223,20 +139,7 @@ def _resume(run: Run) -> None:
     uri = broadcast_object(found[1] if found else None, d)
     if uri is not None:
         ckpt = found[0] if d.is_main else load_checkpoint(uri)
-        check_compatible(ckpt, uri, model_config=run.model_cfg.model_dump(mode="json"),
-                         train_config=cfg.model_dump(mode="json"), vocab_size=run.vocab_size,
-                         train_tokens=len(run.train_ids))
-        run.model.load_state_dict(ckpt["model"])
-        run.optimizer.load_state_dict(ckpt["optimizer"])
-        run.schedule.load_state_dict(ckpt["scheduler"])
-        run.mp.load_state_dict(ckpt.get("scaler"))
-        run.epoch, run.step, run.elapsed_before = ckpt["epoch"], ckpt["step"], ckpt["elapsed_s"]
-        run.hidden, run.stats = ckpt.get("hidden"), ckpt["epoch_stats"]
-        run.best, run.last_checkpoint = ckpt.get("best") or run.best, uri
-        if run.averager:
-            run.averager.load_state_dict(ckpt["averaging"])
-        if ckpt.get("early_stopping"):  # absent from checkpoints written before early stopping
-            run.early_stopping.load_state_dict(ckpt["early_stopping"])
+        restore(run, ckpt, uri)
         if d.is_main:
             log.info("resuming from epoch %d step %d (%s)", run.epoch, run.step, uri)
             print_line(json.dumps({"event": "resume", "epoch": run.epoch, "step": run.step, "checkpoint": uri}))
@@ -351,10 +254,10 @@ def _end_epoch(run: Run, totals: EpochTotals) -> None:
     run.tokens_trained += totals.tokens
     run.train_time += totals.seconds
     elapsed = run.elapsed()
-    val_ppl = _validate(run)  # every rank scores its share and gets the total
+    val_ppl = run.validate()  # every rank scores its share and gets the total
     over_time = cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60
     val_ppl, over_time = broadcast_from_main([math.nan if val_ppl is None else val_ppl, float(over_time)], d)
-    run.val_ppl = val_ppl if _has_validation(run) else None
+    run.val_ppl = val_ppl if run.has_validation else None
     if run.val_ppl is not None and not math.isfinite(run.val_ppl):  # every rank sees it: all stop
         raise non_finite(run.step, "validation perplexity")
     # Every rank sees the same val_ppl, so these decisions agree across ranks (without a
@@ -381,15 +284,7 @@ def _end_epoch(run: Run, totals: EpochTotals) -> None:
 
 
 def _checkpoint(run: Run, epoch_stats: dict[str, float], hidden_parts) -> None:
-    payload = {"epoch": run.epoch, "step": run.step, "model": run.model.state_dict(),
-               "optimizer": run.optimizer.state_dict(), "scheduler": run.schedule.state_dict(),
-               "scaler": run.mp.state_dict(),
-               "hidden": hidden_parts, "epoch_stats": epoch_stats, "best": run.best,
-               "averaging": run.averager.state_dict() if run.averager else None,
-               "early_stopping": run.early_stopping.state_dict(),
-               "elapsed_s": run.elapsed(), "model_config": run.model_cfg.model_dump(mode="json"),
-               "train_config": run.cfg.model_dump(mode="json"), "vocab_size": run.vocab_size,
-               "train_tokens": len(run.train_ids), "world_size": run.d.world_size}
+    payload = checkpoint_payload(run, epoch_stats, hidden_parts)
     run.last_checkpoint = save_checkpoint(run.ckpt_dir, payload, keep=run.cfg.keep_checkpoints)
     log.info("checkpoint %s", run.last_checkpoint)
 
@@ -398,7 +293,7 @@ def _finish(run: Run) -> dict[str, Any]:
     """result.json, and on rank 0 the shipped weights: the best epoch's under keep_best."""
     d = run.d
     if run.epochs_run == 0:  # nothing left to train (resumed a finished run); every rank: sharded
-        run.val_ppl = _validate(run)
+        run.val_ppl = run.validate()
     result = {"val_ppl": finite_or_none(run.val_ppl), "epochs": run.epoch, "steps": run.step,
               "tokens_per_s": run.tokens_trained / run.train_time if run.train_time else None,
               "wall_s": run.elapsed(), "world_size": d.world_size,
@@ -418,26 +313,6 @@ def _finish(run: Run) -> dict[str, Any]:
         write_outputs(run.run_dir, shipped, run.model_cfg, run.cfg, run.vocab_size, result)
     barrier(d)  # nobody exits (tearing down the group) while rank 0 still writes
     return result
-
-
-def reseed(seed: int, epoch: int, step: int, rank: int) -> None:
-    """Dropout RNG for the stretch of training that starts at (epoch, step) on ``rank``."""
-    torch.manual_seed(int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1)[0]))
-
-
-def _has_validation(run: Run) -> bool:
-    return len(run.val_ids) >= 2
-
-
-def _validate(run: Run) -> float | None:
-    """The validation perplexity (of the averaged weights once NT-ASGD averages) with the
-    pipeline's one evaluation setting (pipeline.evaluate), sharded: each rank scores a contiguous
-    slice of the streams and one all-reduce gives every rank the single-process figure. Called
-    on every rank."""
-    if not _has_validation(run):
-        return None
-    return perplexity(run.evaluated_model, run.val_ids, device=run.d.device, rank=run.d.rank,
-                      world_size=run.d.world_size)
 
 
 # -------------------------------------------------------------------------------- CLI

@@ -49,7 +49,8 @@ def register_model(run: dict[str, Any], evaluation: dict[str, Any], dataset: dic
     from pipeline.gate import promote_if_better
     from pipeline.packaging import register_model as register_version
     from pipeline.shards import open_dataset
-    from pipeline.tracking import log_training_run, tracking_uri
+    from pipeline.run_logging import log_training_run
+    from pipeline.tracking import tracking_uri
 
     logger = get_run_logger()
     ds = open_dataset(dataset["uri"])

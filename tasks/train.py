@@ -35,8 +35,8 @@ from prefect import get_run_logger, task
 
 from pipeline import storage
 from pipeline.config import ModelConfig, RunConfig, TrainConfig
-from pipeline.launch import stop_process_trees
 from pipeline.metrics import finite_or_none, read_epochs, with_bits
+from pipeline.processes import stop_process_trees
 from pipeline.ray_launch import RayCluster
 from tasks.caching import StagePolicy, content_id, jsonable, manifest
 from tasks.retries import terminating

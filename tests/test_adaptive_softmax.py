@@ -124,11 +124,11 @@ def test_adaptive_model_registers_passes_the_gate_and_serves(adaptive_run):
     """The registry path: tracked run, registered pyfunc, the gate's evaluation, a champion that generates."""
     import mlflow
 
-    from pipeline import gate, packaging, tracking
+    from pipeline import gate, packaging, run_logging, tracking
 
     dataset, run_dir, _ = adaptive_run
-    run_id = tracking.log_training_run(str(run_dir), dataset, preset="test-adaptive",
-                                       config=RunConfig(data=DATA, model=ADAPTIVE_MODEL, train=ADAPTIVE_TRAIN))
+    run_id = run_logging.log_training_run(str(run_dir), dataset, preset="test-adaptive",
+                                          config=RunConfig(data=DATA, model=ADAPTIVE_MODEL, train=ADAPTIVE_TRAIN))
     version = packaging.register_model(run_id, str(run_dir), name="rnnlm-adaptive")
     lm = LanguageModel.from_dir(str(run_dir))
     held_out = gate.held_out_split(dataset)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 
 from pipeline.checkpoint import list_checkpoints, load_checkpoint
-from pipeline.config import RunConfig, parse_config, read_raw
+from pipeline.config import RunConfig, parse_config
+from pipeline.config_sources import read_raw
 from pipeline.metrics import read_epochs
 from pipeline.prepare import prepare_dataset
 from pipeline.train import train

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import gate, packaging, tracking
+from pipeline import gate, packaging, run_logging, tracking
 from pipeline.config import DataConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig, VocabConfig
 from pipeline.errors import RegistryUnavailableError
 from pipeline.lm import LanguageModel, write_lm_metadata
@@ -50,8 +50,8 @@ class Runs:
 
     def register(self, name: str, model: str, run_key: str | None = None) -> packaging.RegisteredVersion:
         cfg = RunConfig(data=self.data[name], model=MODEL, train=BAD if name == "bad" else GOOD)
-        run_id = tracking.log_training_run(self.dirs[name], self.dataset(name), preset="test", config=cfg,
-                                           samples=["x"], run_key=run_key)
+        run_id = run_logging.log_training_run(self.dirs[name], self.dataset(name), preset="test", config=cfg,
+                                              samples=["x"], run_key=run_key)
         return packaging.register_model(run_id, self.dirs[name], name=model)
 
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from flows.servers import TELEMETRY_OFF
-from pipeline import consumer, errors, gate, packaging, tracking
+from pipeline import consumer, errors, gate, packaging, run_logging, tracking
 from pipeline.config import DataConfig, ModelConfig, RunConfig, SourceConfig, SplitConfig, TrainConfig
 from pipeline.errors import CheckpointError, NonFiniteLossError
 from pipeline.lm import LanguageModel, write_lm_metadata
@@ -103,9 +103,9 @@ def trained(tmp_path_factory) -> Trained:
 
 
 def log_and_register(trained: Trained, name: str, flow_run_id: str | None = None) -> packaging.RegisteredVersion:
-    run_id = tracking.log_training_run(trained.runs[name], trained.dataset(name), preset=PRESET,
-                                       config=trained.config(name), flow_run_id=flow_run_id,
-                                       flow_run_url=f"http://prefect.invalid/runs/{flow_run_id}")
+    run_id = run_logging.log_training_run(trained.runs[name], trained.dataset(name), preset=PRESET,
+                                          config=trained.config(name), flow_run_id=flow_run_id,
+                                          flow_run_url=f"http://prefect.invalid/runs/{flow_run_id}")
     return packaging.register_model(run_id, trained.runs[name], name=NAME)
 
 
@@ -336,7 +336,7 @@ def test_gate_reevaluates_champion_trained_on_other_data(trained):
 WORKER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from pipeline import consumer, errors, gate, packaging, tracking
+    from pipeline import consumer, errors, gate, packaging, run_logging, tracking
     from pipeline.config import RunConfig
     from pipeline.shards import open_dataset
     run_dir, dataset_uri, config_json, go = sys.argv[1:5]
@@ -344,7 +344,7 @@ WORKER = textwrap.dedent("""
     config = RunConfig.model_validate_json(config_json)
     while not Path(go).exists():
         time.sleep(0.01)
-    run_id = tracking.log_training_run(run_dir, dataset, preset="test", config=config)
+    run_id = run_logging.log_training_run(run_dir, dataset, preset="test", config=config)
     mv = packaging.register_model(run_id, run_dir, name="rnnlm-test")
     decision = gate.promote_if_better(mv.name, mv.version, dataset)
     print(json.dumps({"version": mv.version, "test_ppl": mv.test_ppl, "promoted": decision.promoted}))
@@ -534,10 +534,10 @@ def test_failed_or_nan_training_registers_nothing(trained, tmp_path):
     result = json.loads((nan_result / "result.json").read_text())
     (nan_result / "result.json").write_text(json.dumps({**result, "val_ppl": None}))
 
-    good_run = tracking.log_training_run(trained.runs["good"], tm, preset=PRESET, config=trained.config("good"))
+    good_run = run_logging.log_training_run(trained.runs["good"], tm, preset=PRESET, config=trained.config("good"))
     for run_dir in (diverged, str(nan_weights), str(nan_result)):
         with pytest.raises(errors.UnregistrableRunError, match="refusing"):
-            tracking.log_training_run(run_dir, tm, preset=PRESET, config=trained.config("good"))
+            run_logging.log_training_run(run_dir, tm, preset=PRESET, config=trained.config("good"))
         # Even handed a valid MLflow run id, registration refuses a failed run directory.
         with pytest.raises(errors.UnregistrableRunError, match="refusing"):
             packaging.register_model(good_run, run_dir, name=NAME)

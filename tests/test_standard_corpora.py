@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import DataConfig, RunConfig, apply_overrides, parse_config, read_raw
+from pipeline.config import DataConfig, RunConfig, parse_config
+from pipeline.config_sources import apply_overrides, read_raw
 from pipeline.errors import ConfigError, CorpusError
 from pipeline.metrics import bits_per_token, with_bits
 from pipeline.prepare import prepare_dataset, summary
@@ -159,7 +160,7 @@ def test_every_preset_runs_its_data_stage_on_a_local_copy(name, store):
 
 
 def test_every_preset_validates():
-    from pipeline.config import load_run_config, preset_names
+    from pipeline.config_sources import load_run_config, preset_names
 
     assert set(PRESET_FIXTURES) <= set(preset_names())
     for name in preset_names():

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from pipeline.checkpoint import list_checkpoints, load_checkpoint
-from pipeline.config import ModelConfig, TrainConfig, load_run_config
+from pipeline.config import ModelConfig, TrainConfig
+from pipeline.config_sources import load_run_config
 from pipeline.distributed import Dist
 from pipeline.errors import ConfigError
 from pipeline.evaluate import perplexity
