@@ -150,11 +150,7 @@ def test_recipe_config_errors():
 
 
 def test_quality_bench_ablation_turns_off_one_technique_per_run():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_quality", Path(__file__).parents[1] / "bench" / "train_quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _quality_bench()
     everything = [f"model.{k}={v}" for k, v in AWD_MODEL.items() if k.startswith(("dropout", "weight"))] + \
                  ["model.dropout=0", "train.optimizer=nt_asgd", "train.ar=2", "train.tar=1", "train.variable_bptt=true",
                   "train.patience=3"]
@@ -172,11 +168,19 @@ def test_quality_bench_ablation_turns_off_one_technique_per_run():
     assert not any(on(none) for _, on, _ in bench.TECHNIQUES)
 
 
-def test_quality_bench_counts_only_the_epochs_within_the_budget():
-    # The run ends after the epoch that passes max_minutes: that epoch's figure is past the budget.
+def _quality_bench():
+    """bench/train_quality.py as a module (bench/ is scripts, not a package)."""
+    import importlib.util
+
     spec = importlib.util.spec_from_file_location("train_quality", Path(__file__).parents[1] / "bench" / "train_quality.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_quality_bench_counts_only_the_epochs_within_the_budget():
+    # The run ends after the epoch that passes max_minutes: that epoch's figure is past the budget.
+    bench = _quality_bench()
     epochs = [{"epoch": 1, "val_ppl": 4.40, "elapsed_s": 150.0}, {"epoch": 2, "val_ppl": 4.29, "elapsed_s": 170.0},
               {"epoch": 3, "val_ppl": 4.28, "elapsed_s": 190.0}]
     assert bench.best_within(epochs, 180.0)["epoch"] == 2
