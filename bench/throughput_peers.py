@@ -14,7 +14,6 @@ Target: ratio (trainer over d2l) >= 1.0 for each.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -133,8 +132,9 @@ def child(target: str, workdir: str, repeats: int) -> None:
 def peer_rows(repo: Path, repeats: int = 3) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         install_d2l(f"{tmp}/d2l")
-        env = {**os.environ, "PYTHONPATH": str(repo), "PYTHONUNBUFFERED": "1"}
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        from pipeline.launch import trainer_env
+
+        env = trainer_env({"PYTHONPATH": str(repo)})  # OpenMP's waiting as the launcher sets it
         proc = subprocess.run([sys.executable, __file__, f"{tmp}/d2l", f"{tmp}/runs", str(repeats)], env=env,
                               capture_output=True, text=True)
         if proc.returncode:

@@ -10,7 +10,6 @@ allocator's peak on a GPU. ``speedup`` is adaptive over full tokens/s; target at
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -69,8 +68,9 @@ def measure(vocab: int, softmax: str, device: str) -> dict:
 
 
 def softmax_rows(repo: Path, device: str = "auto") -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": str(repo), "PYTHONUNBUFFERED": "1"}
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from pipeline.launch import trainer_env
+
+    env = trainer_env({"PYTHONPATH": str(repo)})  # OpenMP's waiting as the launcher sets it
     rows = []
     for vocab in VOCABS:
         pair = {}

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -207,10 +206,12 @@ def specs_for(args) -> list[Spec]:
 
 def run_workers(args, specs: list[Spec], ranks_list: list[int]) -> list[dict]:
     rows = []
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the launcher runs the trainer
+    from pipeline.launch import trainer_env
+
     with tempfile.TemporaryDirectory() as workdir:
         for ranks in ranks_list:
+            # OpenMP's waiting as the launcher sets it for the trainer (both sides of a row share it)
+            env = trainer_env({"PYTHONPATH": str(REPO)}, nproc=ranks)
             launcher = [sys.executable] if ranks == 1 else [
                 sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
             cmd = [*launcher, __file__, "--worker", "--workdir", workdir, "--steps", str(args.steps),

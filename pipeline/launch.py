@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import filelock
+import psutil
 import yaml
 
 from pipeline import storage
@@ -90,17 +91,40 @@ def run_directory(root: str, dataset_id: str, model_cfg: ModelConfig, train_cfg:
 
 
 # libgomp (torch's OpenMP on Linux) lets a thread that waits at a barrier spin 300,000 times
-# before it sleeps. On a shared host a neighbour that takes a core for a moment stalls one
-# trainer thread while the others spin, taking the cores the stalled thread needs: an epoch
-# went from 11 s to 150 s beside a process using 20% of one core. PASSIVE waiters sleep at
-# once. libgomp reads this when torch loads, so it goes into the trainer's environment; an
-# explicit value in the caller's environment (or ``env``) wins.
-TRAINER_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+# before it sleeps. Measured on a 2-core host (bench/throughput_shared_host.py, README): alone
+# or beside a process using 20% of one core, spinning is fastest and PASSIVE (sleep at once)
+# costs a third to a half of the speed; with more busy threads than cores (a second trainer
+# beside it) spinning collapses (4x slower) while PASSIVE keeps the machine's throughput. So the
+# launcher looks at the host just before it starts the trainer: PASSIVE where the CPUs already
+# busy plus the trainer's threads would oversubscribe the cores, libgomp's default otherwise.
+# libgomp reads this when torch loads, so it goes into the trainer's environment; an explicit
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT in the caller's environment (or ``env``) wins.
+WAIT_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+BUSY_PROBE_S = 0.3
 
 
-def trainer_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """The trainer child's environment: ours, ``env`` on top, TRAINER_ENV_DEFAULTS where unset."""
-    return {**TRAINER_ENV_DEFAULTS, **os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+def busy_cpus() -> float:
+    """How many CPUs this host's processes keep busy now (a short system-wide sample)."""
+    return psutil.cpu_percent(interval=BUSY_PROBE_S) / 100 * (os.cpu_count() or 1)
+
+
+def wait_policy(threads: int, busy: float, cpus: int) -> dict[str, str]:
+    """PASSIVE waiting where ``threads`` more would oversubscribe ``cpus`` (``busy`` already in use)."""
+    return {"OMP_WAIT_POLICY": "PASSIVE"} if busy + threads > cpus + 0.5 else {}
+
+
+def trainer_env(env: dict[str, str] | None = None, *, nproc: int = 1) -> dict[str, str]:
+    """The trainer child's environment: ours, ``env`` on top, and where neither says how OpenMP
+    threads wait, the policy for this host's load now (``wait_policy``) for ``nproc`` local ranks."""
+    merged = {**os.environ, **(env or {})}
+    if not any(key in merged for key in WAIT_ENV):
+        cpus = os.cpu_count() or 1
+        threads = int(merged.get("RNNLM_NUM_THREADS") or max(1, cpus // nproc)) * nproc  # as distributed.py
+        policy = wait_policy(threads, busy := busy_cpus(), cpus)
+        log.info("OpenMP waiting: %s (%.1f of %d CPUs busy, %d trainer threads)",
+                 "passive" if policy else "libgomp's default (spin, then sleep)", busy, cpus, threads)
+        merged.update(policy)
+    return {**merged, "PYTHONUNBUFFERED": "1"}
 
 
 class TrainingFailedError(PipelineError):
@@ -203,7 +227,7 @@ def _launch(run_dir: str, dataset_uri: str, config: str | RunConfig, nproc: int,
         cmd = ray_command(run_dir, dataset_uri, config_path, workers=nproc, cluster=ray,
                           checkpoint_dir=checkpoint_dir, python=python)
         clean, launcher_env = worker_line, driver_env()
-    child_env = {**trainer_env(env), **launcher_env}
+    child_env = {**trainer_env(env, nproc=nproc), **launcher_env}
     log.info("launching: %s", " ".join(cmd))
     returncode, metrics, tail = _run_child(cmd, child_env, clean, on_line, grace_s, run_dir)
     return _outcome(run_dir, returncode, metrics, tail, failed_uri)
