@@ -5,7 +5,7 @@ d2l's GRU (hidden 256, vocab 28, batch 32 x 35), ``STEPS`` steps per epoch, ``EP
 the best epoch after the first counts. The neighbour busy-loops 2 ms out of every 10 ms.
 Each of libgomp's waiting behaviours is measured alone and beside the neighbour, ``--repeats``
 times interleaved (best of each): ``launcher default`` (whatever
-``pipeline.launch.TRAINER_ENV_DEFAULTS`` sets), ``passive`` (sleep at once), ``spin 10k``
+``pipeline.launch.trainer_env`` chooses for the host at that moment), ``passive`` (sleep at once), ``spin 10k``
 (``GOMP_SPINCOUNT=10000``) and ``spin 300k`` (libgomp's own default).
 
 ``shared_host_ratio`` is the launcher default beside the neighbour over the *best* speed any
