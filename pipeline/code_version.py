@@ -26,7 +26,8 @@ _FETCH = ("pipeline/config.py", "pipeline/storage.py", "pipeline/corpus.py", "ta
 _DATA = _FETCH + ("pipeline/tokenizer.py", "pipeline/vocab.py", "pipeline/shards.py", "pipeline/integrity.py",
                   "pipeline/prepare.py", "pipeline/code_version.py")
 _TRAIN = _DATA + ("pipeline/training_data.py", "pipeline/sampling.py", "pipeline/cells.py", "pipeline/models.py",
-                  "pipeline/optim.py", "pipeline/precision.py", "pipeline/distributed.py", "pipeline/divergence.py",
+                  "pipeline/optim.py", "pipeline/precision.py", "pipeline/distributed.py", "pipeline/cpu_threads.py",
+                  "pipeline/divergence.py",
                   "pipeline/evaluate.py", "pipeline/checkpoint.py", "pipeline/metrics.py", "pipeline/rundir.py",
                   "pipeline/averaging.py", "pipeline/regularization.py", "pipeline/stopping.py",
                   "pipeline/config_sources.py", "pipeline/run_state.py", "pipeline/train.py", "pipeline/launch.py",

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline.cpu_threads import threads_per_rank
 from pipeline.errors import ConfigError
 
 
@@ -61,10 +62,7 @@ def setup_distributed(device: str = "auto", *, placement: tuple[int, int, int, i
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
-    # Ranks on one node share its cores; oversubscribing them makes every rank slow
-    # (OpenMP threads spin). RNNLM_NUM_THREADS overrides, e.g. on a machine shared with others.
-    threads = os.environ.get("RNNLM_NUM_THREADS")
-    torch.set_num_threads(int(threads) if threads else max(1, _cpu_count() // local_world_size))
+    torch.set_num_threads(threads_per_rank(local_world_size))  # ranks on one node share its cores
     if world_size > 1 and not dist.is_initialized():  # Ray Train sets the group up itself
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return Dist(rank, world_size, local_rank, local_world_size, dev)
@@ -73,13 +71,6 @@ def setup_distributed(device: str = "auto", *, placement: tuple[int, int, int, i
 def teardown_distributed(d: Dist | None) -> None:
     if d is not None and d.distributed and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def broadcast_from_main(values: list[float], d: Dist) -> list[float]:

@@ -43,10 +43,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import filelock
-import psutil
 import yaml
 
-from pipeline import storage
+from pipeline import cpu_threads, storage
 from pipeline.code_version import code_digest
 from pipeline.config import ModelConfig, RunConfig, TrainConfig
 from pipeline.errors import (CheckpointError, ConfigError, DatasetError, NonFiniteLossError,
@@ -104,8 +103,8 @@ BUSY_PROBE_S = 0.3
 
 
 def busy_cpus() -> float:
-    """How many CPUs this host's processes keep busy now (a short system-wide sample)."""
-    return psutil.cpu_percent(interval=BUSY_PROBE_S) / 100 * (os.cpu_count() or 1)
+    """How many of our usable CPUs the host's processes keep busy now (a short sample)."""
+    return cpu_threads.busy_cpus(BUSY_PROBE_S)
 
 
 def wait_policy(threads: int, busy: float, cpus: int) -> dict[str, str]:
@@ -118,8 +117,8 @@ def trainer_env(env: dict[str, str] | None = None, *, nproc: int = 1) -> dict[st
     threads wait, the policy for this host's load now (``wait_policy``) for ``nproc`` local ranks."""
     merged = {**os.environ, **(env or {})}
     if not any(key in merged for key in WAIT_ENV):
-        cpus = os.cpu_count() or 1
-        threads = int(merged.get("RNNLM_NUM_THREADS") or max(1, cpus // nproc)) * nproc  # as distributed.py
+        cpus = len(cpu_threads.usable_cpus())
+        threads = cpu_threads.threads_per_rank(nproc, merged) * nproc  # what the ranks will take
         policy = wait_policy(threads, busy := busy_cpus(), cpus)
         log.info("OpenMP waiting: %s (%.1f of %d CPUs busy, %d trainer threads)",
                  "passive" if policy else "libgomp's default (spin, then sleep)", busy, cpus, threads)
