@@ -3,7 +3,11 @@
 Both launches go through ``pipeline.launch.launch_training``, as the pipeline runs them, on
 d2l's GRU (hidden 256, vocab 28, batch 32 x 35, SGD lr 1, clip 1), ``steps`` steps an epoch,
 two epochs (the second is timed, by the trainer's own ``tokens_per_s``), interleaved
-``repeats`` times, best of each kept:
+``repeats`` times, best of each kept. The epochs are long (``--ray-steps``, 400 by default,
+about 13 s here) because for the first seconds after a launch Ray is still starting its own
+actors (the Train controller and its helpers, a dozen Python processes on 2 cores): with
+50-step epochs (1.6 s) the timed epoch fell inside that and Ray scored 0.83 of torchrun, with
+400-step epochs 1.01 (this machine, best of 3 each). Launchers:
 
 * ``torchrun``: ``torchrun --standalone --nproc-per-node 2``;
 * ``ray``: ``pipeline.ray_launch`` with 2 Ray Train workers at ``address`` (``local``: a
@@ -64,6 +68,6 @@ def ray_section(repo: Path, args, print_rows) -> dict:
     except ImportError:
         print("ray section skipped: needs the ray extra (pip install -e '.[ray]')", file=sys.stderr)
         return {}
-    rows, ratio = ray_rows(repo, steps=args.steps, repeats=args.repeats, device=args.device, address=args.ray_address)
+    rows, ratio = ray_rows(repo, steps=args.ray_steps, repeats=args.repeats, device=args.device, address=args.ray_address)
     print_rows("Ray Train (2 workers) vs torchrun --nproc-per-node 2", rows)
     return {"ray_rows": rows, "ray_ratio": ratio, "ray_startup_s": rows[1]["startup_s"]}

@@ -16,8 +16,9 @@ Sections (``--sections``, all by default; each runs in subprocesses of its own):
 * ``softmax``: adaptive vs full softmax at vocabularies 10k/50k/250k (bench/throughput_softmax.py).
 * ``shared``: tokens/s beside a process using 20% of one core, and alone, for each OpenMP waiting
   behaviour, over the best alone (bench/throughput_shared_host.py).
-* ``ray``: 2 Ray Train workers vs ``torchrun --nproc-per-node 2`` on this machine, tokens/s and
-  the Ray launch's start-up seconds (bench/throughput_ray.py; skipped without the ``ray`` extra).
+* ``ray``: 2 Ray Train workers vs ``torchrun --nproc-per-node 2`` on this machine, tokens/s over
+  epochs of ``--ray-steps`` steps (the steady state, not Ray's start-up) and the Ray launch's
+  start-up seconds (bench/throughput_ray.py; skipped without the ``ray`` extra).
 
 Prints tables, then one JSON line: the rows of every section, ``ratio_min`` (trainer over
 plain), ``peer_ratio_min``, ``bf16_cpu_ratio``, ``adaptive_speedup_250k``,
@@ -26,7 +27,7 @@ section not run).
 
     python bench/train_throughput.py --sections trainer --steps 20 --cells gru --layers 1 --ranks 1,2
     python bench/train_throughput.py --device cuda --sections trainer,softmax --models d2l,presets,ptb-medium
-    python bench/train_throughput.py --sections ray --steps 50 --repeats 2 --device cpu
+    python bench/train_throughput.py --sections ray --ray-steps 400 --repeats 3 --device cpu
 """
 
 from __future__ import annotations
@@ -246,6 +247,8 @@ def main() -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; the best of each counts")
     p.add_argument("--ray-address", default="local", help="ray section: local (a private Ray), auto or ray://...")
+    p.add_argument("--ray-steps", type=int, default=400,
+                   help="ray section: steps per epoch (400: ~13 s on 2 cores, past Ray's start-up transients)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--specs", help=argparse.SUPPRESS)
