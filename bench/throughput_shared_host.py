@@ -8,7 +8,8 @@ times interleaved (best of each): ``launcher default`` (whatever
 ``pipeline.launch.trainer_env`` chooses for the host at that moment), ``passive`` (sleep at once), ``spin 10k``
 (``GOMP_SPINCOUNT=10000``) and ``spin 300k`` (libgomp's own default).
 
-``shared_host_ratio`` is the launcher default beside the neighbour over the *best* speed any
+The launcher default's row says what it chose in each run (``chose``: spin or passive, alone and
+beside). ``shared_host_ratio`` is the launcher default beside the neighbour over the *best* speed any
 behaviour reaches alone (target >= 0.7), and ``quiet_host_ratio`` the launcher default alone
 over that same best (what the default costs on a quiet host). Run it on an otherwise quiet
 machine.
@@ -16,6 +17,7 @@ machine.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -33,6 +35,19 @@ NEIGHBOUR = ("import time\n"
 POLICIES = {"launcher default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"},
             "spin 10k": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10000"},
             "spin 300k": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}}
+
+
+class _Choices(logging.Handler):
+    """The launcher's "OpenMP waiting: ..." log lines: which behaviour it chose for each run."""
+
+    def __init__(self):
+        super().__init__()
+        self.chosen: list[str] = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("OpenMP waiting:"):
+            self.chosen.append("passive" if message.startswith("OpenMP waiting: passive") else "spin")
 
 
 def train_tokens_per_s(workdir: Path, name: str, dataset: str, env: dict) -> float:
@@ -53,6 +68,9 @@ def shared_host_rows(repo: Path, repeats: int = 2) -> tuple[list[dict], float, f
 
     alone = {policy: 0.0 for policy in POLICIES}
     beside = dict(alone)
+    chosen = {"alone": _Choices(), "beside": _Choices()}  # what the launcher default chose, per run
+    launch_log = logging.getLogger("pipeline.launch")
+    launch_log.setLevel(logging.INFO)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         ids = np.random.default_rng(0).integers(0, VOCAB, STEPS * BATCH * NUM_STEPS + NUM_STEPS + 2_000)
@@ -64,18 +82,26 @@ def shared_host_rows(repo: Path, repeats: int = 2) -> tuple[list[dict], float, f
             for policy, extra in POLICIES.items():
                 env = {"PYTHONPATH": str(repo), **extra}
                 name = f"{policy.replace(' ', '-')}-{rep}"
-                alone[policy] = max(alone[policy], train_tokens_per_s(workdir, f"{name}-alone", dataset, env))
+                launch_log.addHandler(chosen["alone"])
+                try:
+                    alone[policy] = max(alone[policy], train_tokens_per_s(workdir, f"{name}-alone", dataset, env))
+                finally:
+                    launch_log.removeHandler(chosen["alone"])
                 neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR])
+                launch_log.addHandler(chosen["beside"])
                 try:
                     beside[policy] = max(beside[policy],
                                          train_tokens_per_s(workdir, f"{name}-beside", dataset, env))
                 finally:
+                    launch_log.removeHandler(chosen["beside"])
                     neighbour.kill()  # by its PID: the only process this started
                     neighbour.wait()
     best_alone = max(alone.values())
     rows = [{"policy": policy, "alone_tokens_per_s": round(alone[policy]), "beside_tokens_per_s": round(beside[policy]),
              "beside_over_best_alone": round(beside[policy] / best_alone, 3),
              "alone_over_best_alone": round(alone[policy] / best_alone, 3),
-             "threads": os.environ.get("RNNLM_NUM_THREADS", "all cores")} for policy in POLICIES]
+             "threads": os.environ.get("RNNLM_NUM_THREADS", "all cores"), "chose": "(set)"} for policy in POLICIES]
     default = rows[0]
+    # Only the default consults the host's load (the others set the variables themselves).
+    default["chose"] = "; ".join(f"{where} {','.join(c.chosen)}" for where, c in chosen.items())
     return rows, default["beside_over_best_alone"], default["alone_over_best_alone"]
