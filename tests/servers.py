@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,20 +90,26 @@ class Processes:
 
     def stop_all(self) -> None:
         for name, proc, log in reversed(self.procs):  # the last started (clients) first, servers last
-            stop_process(proc)
+            t = time.monotonic()
+            if not stop_process(proc):
+                # A process that ignores SIGTERM is a defect of its own (and costs every run the grace
+                # period): say which, in pytest's warnings summary.
+                warnings.warn(f"{name} (pid {proc.pid}) was still running {time.monotonic() - t:.0f} s after "
+                              f"SIGTERM and was killed; its log: {self.logs / (name + '.log')}", stacklevel=2)
             log.close()
         self.procs.clear()
 
 
-def stop_process(proc: subprocess.Popen, grace_s: float = 15) -> None:
+def stop_process(proc: subprocess.Popen, grace_s: float = 15) -> bool:
     """SIGTERM the process group of ``proc`` (started with start_new_session), then SIGKILL; also
-    kill any descendant that left the group."""
+    kill any descendant that left the group. Returns whether ``proc`` stopped on SIGTERM."""
     import psutil
 
     try:
         descendants = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         descendants = []
+    stopped_on_sigterm = False
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
@@ -110,6 +117,7 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 15) -> None:
             pass
         try:
             proc.wait(timeout=wait)
+            stopped_on_sigterm = sig == signal.SIGTERM
             break
         except subprocess.TimeoutExpired:
             continue
@@ -118,6 +126,7 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 15) -> None:
             d.kill()
         except psutil.NoSuchProcess:
             pass
+    return stopped_on_sigterm
 
 
 def wait_until(ready, proc: subprocess.Popen, procs: Processes, name: str, timeout: float = 120) -> None:
