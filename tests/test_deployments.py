@@ -21,7 +21,7 @@ import pytest
 import yaml
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
-from tests.servers import Processes, clean_env, free_port, wait_http
+from tests.servers import Processes, clean_env, free_port, wait_http, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -292,6 +292,9 @@ def test_the_server_and_every_worker_run_with_telemetry_off(stack):
 
     off = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
     for name, proc, _ in stack["procs"].procs:  # `rnnlm worker` execs the worker: same pid, its environment
+        if name.startswith("worker-"):  # run first (-k), the exec may not have happened yet
+            wait_until(lambda pid=proc.pid: "start" in psutil.Process(pid).cmdline(), proc, stack["procs"], name,
+                       timeout=60)
         env = psutil.Process(proc.pid).environ()
         assert {k: env.get(k) for k in off} == off, name
     with prefect_client(stack["api"]) as client:
