@@ -89,9 +89,13 @@ class Processes:
         return "\n".join(f"----- {name} -----\n{self.log(name)}" for name, _, _ in self.procs)
 
     def stop_all(self) -> None:
-        for name, proc, log in reversed(self.procs):  # the last started (clients) first, servers last
-            t = time.monotonic()
-            if not stop_process(proc):
+        """Stop every process: SIGTERM to all, the last started (clients) first and servers last, then
+        one grace period for all of them together (a stuck process costs it once, not once each)."""
+        started = list(reversed(self.procs))
+        t = time.monotonic()
+        stopped = stop_processes([proc for _, proc, _ in started])
+        for (name, proc, log), ok in zip(started, stopped):
+            if not ok:
                 # A process that ignores SIGTERM is a defect of its own (and costs every run the grace
                 # period): say which, in pytest's warnings summary.
                 warnings.warn(f"{name} (pid {proc.pid}) was still running {time.monotonic() - t:.0f} s after "
@@ -100,27 +104,34 @@ class Processes:
         self.procs.clear()
 
 
-def stop_process(proc: subprocess.Popen, grace_s: float = 15) -> bool:
-    """SIGTERM the process group of ``proc`` (started with start_new_session), then SIGKILL; also
-    kill any descendant that left the group. Returns whether ``proc`` stopped on SIGTERM."""
+def stop_processes(procs: list[subprocess.Popen], grace_s: float = 15) -> list[bool]:
+    """SIGTERM the process group of each of ``procs`` (started with start_new_session), in order;
+    SIGKILL the groups still running ``grace_s`` later; also kill any descendant that left its
+    group. Returns, for each, whether it stopped on SIGTERM."""
     import psutil
 
-    try:
-        descendants = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
-    stopped_on_sigterm = False
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
+    descendants = []
+    for proc in procs:
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
+            descendants += psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
             pass
-        try:
-            proc.wait(timeout=wait)
-            stopped_on_sigterm = sig == signal.SIGTERM
-            break
-        except subprocess.TimeoutExpired:
-            continue
+    stopped_on_sigterm = [proc.poll() is not None for proc in procs]  # already gone: nothing ignored
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
+        # SIGTERM every group (an exited leader may have left members); SIGKILL where the leader runs on
+        running = [i for i, proc in enumerate(procs) if sig == signal.SIGTERM or proc.poll() is None]
+        for i in running:
+            try:
+                os.killpg(procs[i].pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        for i in running:
+            try:
+                procs[i].wait(timeout=max(0.0, deadline - time.monotonic()))
+                stopped_on_sigterm[i] = sig == signal.SIGTERM
+            except subprocess.TimeoutExpired:
+                pass
     for d in descendants:
         try:
             d.kill()
