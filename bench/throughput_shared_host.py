@@ -17,6 +17,7 @@ machine.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -49,6 +50,17 @@ class _Choices(logging.Handler):
         if message.startswith("OpenMP waiting:"):
             self.chosen.append("passive" if message.startswith("OpenMP waiting: passive") else "spin")
 
+    @contextlib.contextmanager
+    def recording(self):
+        """Collect the launcher's choices made inside the ``with`` block."""
+        launch_log = logging.getLogger("pipeline.launch")
+        launch_log.setLevel(logging.INFO)
+        launch_log.addHandler(self)
+        try:
+            yield
+        finally:
+            launch_log.removeHandler(self)
+
 
 def train_tokens_per_s(workdir: Path, name: str, dataset: str, env: dict) -> float:
     from pipeline.config import ModelConfig, RunConfig, TrainConfig
@@ -69,8 +81,6 @@ def shared_host_rows(repo: Path, repeats: int = 2) -> tuple[list[dict], float, f
     alone = {policy: 0.0 for policy in POLICIES}
     beside = dict(alone)
     chosen = {"alone": _Choices(), "beside": _Choices()}  # what the launcher default chose, per run
-    launch_log = logging.getLogger("pipeline.launch")
-    launch_log.setLevel(logging.INFO)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         ids = np.random.default_rng(0).integers(0, VOCAB, STEPS * BATCH * NUM_STEPS + NUM_STEPS + 2_000)
@@ -82,18 +92,14 @@ def shared_host_rows(repo: Path, repeats: int = 2) -> tuple[list[dict], float, f
             for policy, extra in POLICIES.items():
                 env = {"PYTHONPATH": str(repo), **extra}
                 name = f"{policy.replace(' ', '-')}-{rep}"
-                launch_log.addHandler(chosen["alone"])
-                try:
+                with chosen["alone"].recording():
                     alone[policy] = max(alone[policy], train_tokens_per_s(workdir, f"{name}-alone", dataset, env))
-                finally:
-                    launch_log.removeHandler(chosen["alone"])
                 neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR])
-                launch_log.addHandler(chosen["beside"])
                 try:
-                    beside[policy] = max(beside[policy],
-                                         train_tokens_per_s(workdir, f"{name}-beside", dataset, env))
+                    with chosen["beside"].recording():
+                        beside[policy] = max(beside[policy],
+                                             train_tokens_per_s(workdir, f"{name}-beside", dataset, env))
                 finally:
-                    launch_log.removeHandler(chosen["beside"])
                     neighbour.kill()  # by its PID: the only process this started
                     neighbour.wait()
     best_alone = max(alone.values())
