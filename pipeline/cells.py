@@ -92,8 +92,8 @@ def run_layers(run_layer: LayerRunner, x: torch.Tensor, state: State, num_layers
                between: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, State]:
     """A recurrent stack, one layer at a time: ``between`` transforms the input of layers 1..L-1.
 
-    ``state`` is a tuple of (L, B, H) tensors; returns the last layer's outputs (B, T, H)
-    and the new state. ``between`` runs before ``weights`` for each layer: that order
+    ``x`` is time-major (T, B, in) and ``state`` a tuple of (L, B, H) tensors; returns the
+    last layer's outputs (T, B, H) and the new state. ``between`` runs before ``weights`` for each layer: that order
     fixes the order of the random draws, the same for both backends.
     """
     final = []  # per layer, the state after the last time step
@@ -108,9 +108,9 @@ def run_layers(run_layer: LayerRunner, x: torch.Tensor, state: State, num_layers
 class ScratchRecurrent(nn.Module):
     """A multi-layer recurrent stack that loops over time steps with the cells above.
 
-    Called like ``nn.RNN(batch_first=True)``: ``forward(x (B, T, in), hx)`` with
+    Called like ``nn.RNN`` (time-major): ``forward(x (T, B, in), hx)`` with
     ``hx`` a ``(L, B, H)`` tensor, or ``(h, c)`` for lstm; returns the last
-    layer's outputs ``(B, T, H)`` and the final ``hx``. Dropout is applied to the
+    layer's outputs ``(T, B, H)`` and the final ``hx``. Dropout is applied to the
     input of every layer but the first, as torch does.
     """
 
@@ -138,19 +138,18 @@ class ScratchRecurrent(nn.Module):
             nn.init.uniform_(p, -bound, bound)
 
     def run_layer(self, layer: int, x: torch.Tensor, s: State, weights: Weights) -> tuple[torch.Tensor, State]:
-        """One layer over all time steps: inputs (B, T, in), state parts (B, H)."""
+        """One layer over all time steps: inputs (T, B, in), state parts (B, H)."""
         w_ih, w_hh, b_ih, b_hh = weights
-        # Time-major, and unbind rather than index: indexing step t would give each
-        # step's gradient the size of the whole sequence.
-        steps = x.transpose(0, 1).reshape(-1, x.shape[-1])
         folded = self.cell != "gru"  # gru's b_hn sits inside the reset gate's product
         bias, b_hh = (b_ih + b_hh, None) if folded else (b_ih, b_hh)
-        xw = torch.addmm(bias, steps, w_ih.T).reshape(x.shape[1], x.shape[0], -1)
+        xw = torch.addmm(bias, x.reshape(-1, x.shape[-1]), w_ih.T).reshape(x.shape[0], x.shape[1], -1)
         outputs = []
+        # Unbind rather than index: indexing step t would give each step's gradient the
+        # size of the whole sequence.
         for xw_t in xw.unbind(0):
             s = self.step(xw_t, s, w_hh, b_hh)
             outputs.append(s[0])
-        return torch.stack(outputs, dim=1), s
+        return torch.stack(outputs), s
 
     def forward(self, x: torch.Tensor, hx):
         state = hx if self.cell == "lstm" else (hx,)

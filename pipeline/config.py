@@ -177,8 +177,8 @@ class DataConfig(Strict):
 class ModelConfig(Strict):
     """A recurrent language model: embedding -> recurrent stack -> vocabulary projection.
 
-    ``embed_size=None`` uses the vocabulary size, which is d2l's one-hot input
-    (a one-hot vector times W_xh is an embedding lookup).
+    ``embed_size=None`` is d2l's one-hot input: a vocabulary-wide embedding fixed to the
+    identity, not trained (a one-hot vector times W_xh is a lookup of W_xh).
 
     Regularisation (all off by default, active in train mode only). ``dropout`` is d2l's
     element-wise dropout between layers and on the output. The AWD-LSTM recipe (Merity et

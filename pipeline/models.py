@@ -39,8 +39,12 @@ class RNNLM(nn.Module):
     """Embedding -> ``num_layers`` recurrent layers -> dropout -> linear projection to the vocabulary.
 
     The embedding size is ``cfg.embed_size``, else ``hidden_size`` when the
-    weights are tied, else ``vocab_size`` (d2l's one-hot input: a one-hot vector
-    times W_xh is a row lookup of W_xh). ``cfg.dropout`` acts between recurrent
+    weights are tied, else ``vocab_size``: d2l's one-hot input, an embedding fixed
+    to the identity and not trained (a one-hot vector times W_xh is a row lookup of
+    W_xh; a learned V x V matrix in front would only multiply into W_xh, and its
+    gradient costs time). It stays in the ``state_dict`` as ``embedding.weight``,
+    so models from before it was fixed (trained there) still load and give their
+    outputs. ``cfg.dropout`` acts between recurrent
     layers and on the last layer's output, in train mode only; so do the AWD-LSTM
     regularisers of ``ModelConfig``.
     """
@@ -72,6 +76,10 @@ class RNNLM(nn.Module):
         if cfg.tie_weights:
             self.output.weight = self.embedding.weight  # one tensor, two uses
         init_parameters(self, cfg.init, cfg.init_scale)
+        if cfg.embed_size is None and not cfg.tie_weights:  # d2l's one-hot input
+            with torch.no_grad():
+                self.embedding.weight.copy_(torch.eye(vocab_size))
+            self.embedding.weight.requires_grad_(False)
 
     def begin_state(self, batch_size: int, device=None) -> State:
         """The zero state for ``batch_size`` streams, in the model's dtype."""
@@ -97,19 +105,27 @@ class RNNLM(nn.Module):
             state = self.begin_state(X.shape[0], X.device)
         self._check_state(state, X.shape[0])
         cfg, training = self.cfg, self.training
+        # Inside, time-major (T, B, ...): the recurrent kernels' own layout (batch_first makes
+        # torch transpose and copy on the way in and out, forward and backward).
         # The recurrence runs in fp32 even under autocast: its state is an accumulator
         # carried across every step and window, where bf16's 8-bit mantissa loses it.
         with torch.autocast(X.device.type, enabled=False):
-            x = embedding_dropout(self.embedding, X, cfg.dropout_embedding, training)
+            x = embedding_dropout(self.embedding, X.T, cfg.dropout_embedding, training)
             x = locked_dropout(x, cfg.dropout_input, training)
             if training and self.layerwise:
                 raw, state = self._run_layers(x, state)
             else:
                 raw, hx = self.rnn(x, state if cfg.cell == "lstm" else state[0])
                 state = tuple(hx) if cfg.cell == "lstm" else (hx,)
-        dropped = self.dropout(locked_dropout(raw, cfg.dropout_output, training))
-        result = self.logits(dropped) if targets is None else self.loss(dropped, targets, reduction)
-        return (result, state, (raw, dropped)) if with_activations else (result, state)
+        dropped = locked_dropout(raw, cfg.dropout_output, training)
+        if cfg.dropout:
+            dropped = self.dropout(dropped)
+        if targets is None:
+            result = self.logits(dropped).transpose(0, 1)
+        else:
+            result = self._loss(dropped, targets.T, reduction)
+        return (result, state, (raw.transpose(0, 1), dropped.transpose(0, 1))) if with_activations \
+            else (result, state)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Last-layer outputs (..., H) -> logits (..., vocab_size) (log-probabilities if adaptive)."""
@@ -119,19 +135,26 @@ class RNNLM(nn.Module):
             return flat.reshape(*features.shape[:-1], self.vocab_size)
         return self.output(features)
 
-    def loss(self, features: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Next-token cross-entropy (nats) of last-layer outputs ``features`` (B, T, H), in fp32."""
-        flat, y = features.reshape(-1, features.shape[-1]), targets.reshape(-1)
+    def _loss(self, features: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+        """Next-token cross-entropy (nats, fp32) of time-major last-layer outputs ``features``
+        (T, B, H) and ``targets`` (T, B); ``reduction="none"`` gives (B*T,), batch-major."""
         if isinstance(self.output, nn.AdaptiveLogSoftmaxWithLoss):
-            # In the features' dtype (fp32 under autocast: the recurrence is): autocast
-            # would mix dtypes inside the module, which then fails in index_copy_.
+            # Batch-major rows: then each rank's rows of a cluster are a contiguous block of what
+            # one process gathers, and sharded evaluation sums bit for bit what one process does
+            # (interleaved time-major rows change the low bits). In the features' dtype (fp32
+            # under autocast: the recurrence is): autocast would mix dtypes inside the module,
+            # which then fails in index_copy_.
+            flat = features.transpose(0, 1).reshape(-1, features.shape[-1])
             with torch.autocast(flat.device.type, enabled=False):
-                nll = -self.output(flat, y).output
-            return {"mean": nll.mean, "sum": nll.sum, "none": lambda: nll}[reduction]()
-        logits = self.output(flat)
+                nll = -self.output(flat, targets.T.reshape(-1)).output
+            return nll if reduction == "none" else {"mean": nll.mean, "sum": nll.sum}[reduction]()
+        logits = self.output(features.reshape(-1, features.shape[-1]))
         if logits.dtype in (torch.float16, torch.bfloat16):  # the log-softmax in fp32 (CPU autocast keeps bf16)
             logits = logits.float()
-        return F.cross_entropy(logits, y, reduction=reduction)
+        y = targets.reshape(-1)
+        if reduction != "none":
+            return F.cross_entropy(logits, y, reduction=reduction)
+        return F.cross_entropy(logits, y, reduction="none").reshape(targets.shape).T.reshape(-1)
 
     def _run_layers(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """The stack layer by layer, with locked dropout between layers and weight drop inside."""
@@ -177,11 +200,10 @@ class RNNLM(nn.Module):
 
 def torch_recurrent(cfg: ModelConfig, input_size: int, num_layers: int, *, dropout: float = 0.0,
                     device=None) -> nn.RNNBase:
-    """``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` for ``cfg`` (batch first)."""
+    """``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` for ``cfg`` (time-major: input (T, B, in))."""
     rnn_class = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[cfg.cell]
     extra = {"nonlinearity": cfg.nonlinearity} if cfg.cell == "rnn" else {}
-    return rnn_class(input_size, cfg.hidden_size, num_layers, dropout=dropout, batch_first=True,
-                     device=device, **extra)
+    return rnn_class(input_size, cfg.hidden_size, num_layers, dropout=dropout, device=device, **extra)
 
 
 def output_head(cfg: ModelConfig, vocab_size: int) -> nn.Module:

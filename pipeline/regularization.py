@@ -26,10 +26,11 @@ def keep_mask(shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.Ten
 
 
 def locked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Dropout of a (batch, time, features) tensor with one mask per row, shared across time."""
+    """Dropout of a time-major (time, batch, features) tensor with one mask per sequence,
+    shared across time. (The (1, B, F) mask draws the same numbers as a batch-major (B, 1, F) one.)"""
     if not training or p == 0:
         return x
-    return x * keep_mask((x.shape[0], 1, x.shape[2]), p, x)
+    return x * keep_mask((1, x.shape[1], x.shape[2]), p, x)
 
 
 def embedding_dropout(embedding: torch.nn.Embedding, ids: torch.Tensor, p: float,

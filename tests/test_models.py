@@ -122,6 +122,46 @@ def test_embedding_defaults_to_one_hot_width():
 
 
 @pytest.mark.parametrize("backend", ["torch", "scratch"])
+@pytest.mark.parametrize("init", ["normal", "uniform", "default"])
+def test_default_input_is_d2ls_one_hot_and_stays_so(backend, init):
+    """embed_size null is d2l's model: one-hot inputs straight into W_xh, no learned V x V matrix in front."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backend=backend, cell="gru", hidden_size=H, init=init), V)
+    X = torch.randint(0, V, (B, T))
+    torch.testing.assert_close(model.embedding(X), F.one_hot(X, V).float(), atol=0, rtol=0)
+
+    # d2l.RNNModel (sec. 9.6): one-hot input, the recurrent layer, a linear head; same weights.
+    rnn = torch.nn.GRU(V, H)
+    rnn.load_state_dict({k.removeprefix("rnn."): v for k, v in model.state_dict().items() if k.startswith("rnn.")})
+    out, _ = rnn(F.one_hot(X.T, V).float())
+    d2l_logits = model.output(out).transpose(0, 1)
+    torch.testing.assert_close(model(X)[0], d2l_logits, atol=1e-6, rtol=1e-5)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(X, targets=X)[0].backward()
+        optimizer.step()
+    assert model.embedding.weight.grad is None  # not trained: the input stays one-hot
+    torch.testing.assert_close(model.embedding.weight, torch.eye(V), atol=0, rtol=0)
+    assert model.rnn.weight_ih_l0.grad.abs().sum() > 0
+    restored = build_model(ModelConfig(backend=backend, cell="gru", hidden_size=H, init=init), V)
+    restored.load_state_dict(model.state_dict())  # the state_dict keeps the (identity) embedding
+    torch.testing.assert_close(restored(X)[0], model(X)[0])
+
+    # A model trained before the input was fixed (a learned V x V matrix there) loads and uses it.
+    old = dict(model.state_dict(), **{"embedding.weight": torch.randn(V, V)})
+    restored.load_state_dict(old)
+    torch.testing.assert_close(restored.embedding(X), old["embedding.weight"][X], atol=0, rtol=0)
+
+
+def test_an_explicit_embed_size_is_learned():
+    model = build_model(ModelConfig(hidden_size=H, embed_size=V), V)
+    assert model.embedding.weight.requires_grad
+    assert not torch.equal(model.embedding.weight, torch.eye(V))
+
+
+@pytest.mark.parametrize("backend", ["torch", "scratch"])
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
 def test_shapes_and_state_conventions(backend, cell):
     model = build_model(cfg(cell=cell, backend=backend), V)
@@ -197,7 +237,7 @@ def test_tie_weights_shares_one_tensor():
 def test_normal_init(backend):
     torch.manual_seed(0)
     scale = 0.05
-    model = build_model(ModelConfig(backend=backend, cell="lstm", hidden_size=64, num_layers=2,
+    model = build_model(ModelConfig(backend=backend, cell="lstm", hidden_size=64, num_layers=2, embed_size=32,
                                     init="normal", init_scale=scale), 80)
     names = [n for n, _ in model.named_parameters()]
     assert any("bias" in n for n in names) and any("weight_hh" in n for n in names)
@@ -213,7 +253,8 @@ def test_normal_init(backend):
 def test_uniform_init(backend):
     torch.manual_seed(0)
     scale = 0.1
-    model = build_model(ModelConfig(backend=backend, hidden_size=64, init="uniform", init_scale=scale), 80)
+    model = build_model(ModelConfig(backend=backend, hidden_size=64, embed_size=32, init="uniform",
+                                    init_scale=scale), 80)
     for name, p in model.named_parameters():
         assert p.abs().max() <= scale, name
         assert p.abs().max() > 0.9 * scale, name
@@ -225,7 +266,7 @@ def test_default_init_is_torchs_for_both_backends():
     torch.manual_seed(0)
     bound = 1 / math.sqrt(64)
     for backend in ("torch", "scratch"):
-        model = build_model(ModelConfig(backend=backend, hidden_size=64, init="default"), 80)
+        model = build_model(ModelConfig(backend=backend, hidden_size=64, embed_size=32, init="default"), 80)
         rnn_params = list(model.rnn.parameters())
         assert len(rnn_params) == 4
         for p in rnn_params:

@@ -36,12 +36,12 @@ def model_pair(cell, **overrides):
 
 def test_locked_dropout_shares_one_mask_across_time():
     torch.manual_seed(0)
-    x = torch.rand(B, T, 50) + 0.5
+    x = torch.rand(T, B, 50) + 0.5  # time-major, as inside the model
     out = locked_dropout(x, 0.4, training=True)
     mask = out / x
-    torch.testing.assert_close(mask, mask[:, :1].expand_as(mask))  # every step: the first step's mask
+    torch.testing.assert_close(mask, mask[:1].expand_as(mask))  # every step: the first step's mask
     assert torch.all((mask == 0) | torch.isclose(mask, torch.tensor(1 / 0.6)))
-    assert not torch.all(mask[0, 0] == mask[1, 0])  # but each sequence has its own
+    assert not torch.all(mask[0, 0] == mask[0, 1])  # but each sequence has its own
     assert 0.25 < (mask == 0).float().mean() < 0.55
     state = torch.get_rng_state()
     assert locked_dropout(x, 0.4, training=False) is x
