@@ -6,9 +6,15 @@ and its ``read_time_machine`` reads the bundled copy instead of downloading. Dat
 10,000 characters of the Time Machine (d2l's ``max_tokens=10000``), batch 32 x 35, sequential.
 Models (hidden 256, one-hot input, SGD lr 1, clipping at 1): nn.RNN, nn.GRU, 2-layer nn.LSTM
 through ``d2l.RNNModel``, and the book's scratch RNN (sec. 8.5, ``d2l.RNNModelScratch``)
-against ``backend: scratch``. Each side trains ``EPOCHS`` epochs of ~8 steps; the best epoch's
-tokens/s after the first counts (both sides count the same tokens: batch x num_steps per step).
-Target: ratio (trainer over d2l) >= 1.0 for each.
+against ``backend: scratch``.
+
+An epoch here is ~8 steps, 0.1-0.3 s, and this machine's speed drifts by tens of percent
+within seconds, so the two sides are paired: in each of ``rounds`` rounds each side takes a
+turn of two epochs, in a random order, and the second epoch of the turn counts (the first
+absorbs the trainer's restart: ``train()`` resumes its run from the last checkpoint for two
+more epochs; its figure is its own ``tokens_per_s`` for the epoch). The row's ratio is the
+median of the rounds' ratios (after 2 warm-up rounds). Both sides count the same tokens:
+batch x num_steps per step. Target: ratio (trainer over d2l) >= 1.0 for each.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import types
 from pathlib import Path
 
 D2L = "d2l==0.17.6"
-EPOCHS = 30
+WARMUP_ROUNDS = 2
+EPOCHS_PER_TURN = 2  # the last one counts
 HIDDEN, BATCH, NUM_STEPS, MAX_TOKENS = 256, 32, 35, 10_000
 MODELS = {"rnn": ("rnn", 1, "torch"), "gru": ("gru", 1, "torch"), "lstm-2": ("lstm", 2, "torch"),
           "scratch-rnn": ("rnn", 1, "scratch")}
@@ -83,7 +90,8 @@ def scratch_rnn_fns(torch):
     return get_params, init_rnn_state, rnn
 
 
-def d2l_speed(d2l, name: str, train_iter, vocab_size: int) -> float:
+def d2l_turns(d2l, name: str, train_iter, vocab_size: int):
+    """A function that trains d2l's model for a turn of epochs with ``train_epoch_ch8``; returns the last's tokens/s."""
     import torch
     from torch import nn
 
@@ -98,11 +106,15 @@ def d2l_speed(d2l, name: str, train_iter, vocab_size: int) -> float:
         net = d2l.RNNModel(layer, vocab_size).to(device)
         updater = torch.optim.SGD(net.parameters(), 1.0)
     loss = nn.CrossEntropyLoss()
-    speeds = [d2l.train_epoch_ch8(net, train_iter, loss, updater, device, False)[1] for _ in range(EPOCHS)]
-    return max(speeds[1:])
+
+    def turn() -> float:
+        return [d2l.train_epoch_ch8(net, train_iter, loss, updater, device, False)[1]
+                for _ in range(EPOCHS_PER_TURN)][-1]
+    return turn
 
 
-def ours_speed(name: str, corpus, vocab_size: int, run_dir: str) -> float:
+def trainer_turns(name: str, corpus, vocab_size: int, run_dir: str):
+    """A function that resumes the trainer's run for a turn of epochs; returns the last one's tokens/s."""
     import numpy as np
 
     from pipeline.config import ModelConfig, TrainConfig
@@ -110,32 +122,48 @@ def ours_speed(name: str, corpus, vocab_size: int, run_dir: str) -> float:
 
     cell, layers, backend = MODELS[name]
     ids = np.asarray(corpus, dtype=np.int32)
-    train(ids, ids[:1000], vocab_size, ModelConfig(cell=cell, num_layers=layers, hidden_size=HIDDEN, backend=backend),
-          TrainConfig(batch_size=BATCH, num_steps=NUM_STEPS, sampling="sequential", epochs=EPOCHS, optimizer="sgd",
-                      lr=1.0, clip_norm=1.0, device="cpu", keep_best=False), run_dir)
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return max(json.loads(line)["tokens_per_s"] for line in lines[1:])
+    done = 0
+
+    def turn() -> float:
+        nonlocal done
+        done += EPOCHS_PER_TURN
+        train(ids, ids[:1000], vocab_size, ModelConfig(cell=cell, num_layers=layers, hidden_size=HIDDEN,
+                                                       backend=backend),
+              TrainConfig(batch_size=BATCH, num_steps=NUM_STEPS, sampling="sequential", epochs=done,
+                          optimizer="sgd", lr=1.0, clip_norm=1.0, device="cpu", keep_best=False), run_dir)
+        last = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()[-1]
+        return json.loads(last)["tokens_per_s"]
+    return turn
 
 
-def child(target: str, workdir: str, repeats: int) -> None:
+def child(target: str, workdir: str, rounds: int) -> None:
+    import random
+    import statistics
+
     d2l = import_d2l(target)
     train_iter, vocab = d2l.load_data_time_machine(BATCH, NUM_STEPS, False, MAX_TOKENS)
+    order = random.Random(0)
     for name in MODELS:
-        theirs = ours = 0.0
-        for rep in range(repeats):  # interleaved, best of each
-            theirs = max(theirs, d2l_speed(d2l, name, train_iter, len(vocab)))
-            ours = max(ours, ours_speed(name, train_iter.corpus, len(vocab), f"{workdir}/{name}-{rep}"))
-        print("PEER " + json.dumps({"model": name, "tokens_per_s": round(ours), "d2l_tokens_per_s": round(theirs),
-                                    "ratio": round(ours / theirs, 3)}), flush=True)
+        sides = {"d2l": d2l_turns(d2l, name, train_iter, len(vocab)),
+                 "trainer": trainer_turns(name, train_iter.corpus, len(vocab), f"{workdir}/{name}")}
+        speeds = {"d2l": [], "trainer": []}
+        for _ in range(WARMUP_ROUNDS + rounds):
+            for side in order.sample(list(sides), 2):
+                speeds[side].append(sides[side]())
+        theirs, ours = (speeds[side][WARMUP_ROUNDS:] for side in ("d2l", "trainer"))
+        print("PEER " + json.dumps({
+            "model": name, "tokens_per_s": round(statistics.median(ours)),
+            "d2l_tokens_per_s": round(statistics.median(theirs)),
+            "ratio": round(statistics.median(a / b for a, b in zip(ours, theirs)), 3), "rounds": rounds}), flush=True)
 
 
-def peer_rows(repo: Path, repeats: int = 3) -> list[dict]:
+def peer_rows(repo: Path, rounds: int = 40) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         install_d2l(f"{tmp}/d2l")
         from pipeline.launch import trainer_env
 
         env = trainer_env({"PYTHONPATH": str(repo)})  # OpenMP's waiting as the launcher sets it
-        proc = subprocess.run([sys.executable, __file__, f"{tmp}/d2l", f"{tmp}/runs", str(repeats)], env=env,
+        proc = subprocess.run([sys.executable, __file__, f"{tmp}/d2l", f"{tmp}/runs", str(rounds)], env=env,
                               capture_output=True, text=True)
         if proc.returncode:
             sys.exit(f"peer rows failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -12,7 +12,8 @@ Sections (``--sections``, all by default; each runs in subprocesses of its own):
   for rnn/gru/lstm x ``--layers`` x ``--ranks``; ``presets`` each bundled preset's model;
   ``ptb-medium`` a 2 x 650 LSTM, vocab 10k, batch 20 x 35. Target ratio >= 0.95 (CPU).
 * ``bf16``: the trainer at ``train.precision: bf16`` over fp32, d2l's GRU, on the CPU.
-* ``peers``: d2l 0.17.6's own ``train_epoch_ch8`` against the trainer (bench/throughput_peers.py).
+* ``peers``: d2l 0.17.6's own ``train_epoch_ch8`` against the trainer, epoch by epoch in
+  ``--peer-rounds`` paired rounds, the median ratio (bench/throughput_peers.py).
 * ``softmax``: adaptive vs full softmax at vocabularies 10k/50k/250k (bench/throughput_softmax.py).
 * ``shared``: tokens/s beside a process using 20% of one core, and alone, for each OpenMP waiting
   behaviour, over the best alone (bench/throughput_shared_host.py).
@@ -90,6 +91,7 @@ def plain_loop(spec: Spec, ids, steps: int, init_state: dict, d) -> float:
             super().__init__()
             embed = spec.embed or spec.vocab
             self.embedding = nn.Embedding(spec.vocab, embed)
+            self.embedding.weight.requires_grad_(spec.embed is not None)  # None: one-hot, as the trainer's
             self.rnn = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[spec.cell](
                 embed, spec.hidden, spec.layers, batch_first=True, dropout=spec.dropout if spec.layers > 1 else 0.0)
             self.dropout = nn.Dropout(spec.dropout)
@@ -246,6 +248,8 @@ def main() -> None:
     p.add_argument("--ranks", default="1,2", help="world sizes to run, e.g. 1,2")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; the best of each counts")
+    p.add_argument("--peer-rounds", type=int, default=40,
+                   help="peers section: paired rounds (one d2l epoch and one trainer epoch each) per model")
     p.add_argument("--ray-address", default="local", help="ray section: local (a private Ray), auto or ray://...")
     p.add_argument("--ray-steps", type=int, default=400,
                    help="ray section: steps per epoch (400: ~13 s on 2 cores, past Ray's start-up transients)")
@@ -272,7 +276,7 @@ def main() -> None:
     if "peers" in sections:
         from bench.throughput_peers import peer_rows
 
-        rows = peer_rows(REPO, repeats=args.repeats)
+        rows = peer_rows(REPO, rounds=args.peer_rounds)
         print_rows("trainer vs d2l 0.17.6 train_epoch_ch8 (first 10,000 chars, batch 32 x 35)", rows)
         out.update(peer_rows=rows, peer_ratio_min=min(r["ratio"] for r in rows))
     if "softmax" in sections:
