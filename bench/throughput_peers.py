@@ -9,11 +9,13 @@ through ``d2l.RNNModel``, and the book's scratch RNN (sec. 8.5, ``d2l.RNNModelSc
 against ``backend: scratch``.
 
 An epoch here is ~8 steps, 0.1-0.3 s, and this machine's speed drifts by tens of percent
-within seconds, so the two sides are paired: in each of ``rounds`` rounds each side takes a
-turn of two epochs, in a random order, and the second epoch of the turn counts (the first
-absorbs the trainer's restart: ``train()`` resumes its run from the last checkpoint for two
-more epochs; its figure is its own ``tokens_per_s`` for the epoch). The row's ratio is the
-median of the rounds' ratios (after 2 warm-up rounds). Both sides count the same tokens:
+within seconds, so the two sides are paired: each of ``rounds`` rounds trains one d2l epoch
+and one trainer epoch, in a random order, and the row's ratio is the median of the rounds'
+ratios (after 2 warm-up rounds). The trainer's epoch is the body of ``pipeline.train``'s
+own loop (``_train_epoch`` then ``_end_epoch``: validation, metrics line, checkpoint) on a
+run from ``start_run``; its figure is the epoch's ``tokens_per_s``, as metrics.jsonl has it.
+(Restarting ``train()`` for every round instead costs its timed epochs ~3% here: a real run
+does not restart every epoch.) Both sides count the same tokens:
 batch x num_steps per step. Target: ratio (trainer over d2l) >= 1.0 for each.
 """
 
@@ -28,7 +30,6 @@ from pathlib import Path
 
 D2L = "d2l==0.17.6"
 WARMUP_ROUNDS = 2
-EPOCHS_PER_TURN = 2  # the last one counts
 HIDDEN, BATCH, NUM_STEPS, MAX_TOKENS = 256, 32, 35, 10_000
 MODELS = {"rnn": ("rnn", 1, "torch"), "gru": ("gru", 1, "torch"), "lstm-2": ("lstm", 2, "torch"),
           "scratch-rnn": ("rnn", 1, "scratch")}
@@ -90,8 +91,8 @@ def scratch_rnn_fns(torch):
     return get_params, init_rnn_state, rnn
 
 
-def d2l_turns(d2l, name: str, train_iter, vocab_size: int):
-    """A function that trains d2l's model for a turn of epochs with ``train_epoch_ch8``; returns the last's tokens/s."""
+def d2l_epochs(d2l, name: str, train_iter, vocab_size: int):
+    """A function that trains d2l's model for one more epoch with ``train_epoch_ch8``; returns its tokens/s."""
     import torch
     from torch import nn
 
@@ -106,46 +107,46 @@ def d2l_turns(d2l, name: str, train_iter, vocab_size: int):
         net = d2l.RNNModel(layer, vocab_size).to(device)
         updater = torch.optim.SGD(net.parameters(), 1.0)
     loss = nn.CrossEntropyLoss()
-
-    def turn() -> float:
-        return [d2l.train_epoch_ch8(net, train_iter, loss, updater, device, False)[1]
-                for _ in range(EPOCHS_PER_TURN)][-1]
-    return turn
+    return lambda: d2l.train_epoch_ch8(net, train_iter, loss, updater, device, False)[1]
 
 
-def trainer_turns(name: str, corpus, vocab_size: int, run_dir: str):
-    """A function that resumes the trainer's run for a turn of epochs; returns the last one's tokens/s."""
+def trainer_epochs(name: str, corpus, vocab_size: int, run_dir: str, d):
+    """A function that runs one more epoch of the trainer's loop; returns that epoch's tokens/s."""
     import numpy as np
 
+    from pipeline import train as trainer
     from pipeline.config import ModelConfig, TrainConfig
-    from pipeline.train import train
+    from pipeline.run_state import start_run
 
     cell, layers, backend = MODELS[name]
     ids = np.asarray(corpus, dtype=np.int32)
-    done = 0
+    run = start_run(ids, ids[:1000], vocab_size,
+                    ModelConfig(cell=cell, num_layers=layers, hidden_size=HIDDEN, backend=backend),
+                    TrainConfig(batch_size=BATCH, num_steps=NUM_STEPS, sampling="sequential", epochs=10**6,
+                                optimizer="sgd", lr=1.0, clip_norm=1.0, device="cpu", keep_best=False),
+                    run_dir, f"{run_dir}/checkpoints", d)
+    trainer._resume(run)
 
-    def turn() -> float:
-        nonlocal done
-        done += EPOCHS_PER_TURN
-        train(ids, ids[:1000], vocab_size, ModelConfig(cell=cell, num_layers=layers, hidden_size=HIDDEN,
-                                                       backend=backend),
-              TrainConfig(batch_size=BATCH, num_steps=NUM_STEPS, sampling="sequential", epochs=done,
-                          optimizer="sgd", lr=1.0, clip_norm=1.0, device="cpu", keep_best=False), run_dir)
-        last = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()[-1]
-        return json.loads(last)["tokens_per_s"]
-    return turn
+    def epoch() -> float:  # the body of trainer._train's loop
+        totals = trainer._train_epoch(run)
+        trainer._end_epoch(run, totals)
+        return totals.tokens / totals.seconds
+    return epoch
 
 
 def child(target: str, workdir: str, rounds: int) -> None:
     import random
     import statistics
 
+    from pipeline.distributed import setup_distributed
+
     d2l = import_d2l(target)
+    d = setup_distributed("cpu")  # the trainer's threads, as train() sets them
     train_iter, vocab = d2l.load_data_time_machine(BATCH, NUM_STEPS, False, MAX_TOKENS)
     order = random.Random(0)
     for name in MODELS:
-        sides = {"d2l": d2l_turns(d2l, name, train_iter, len(vocab)),
-                 "trainer": trainer_turns(name, train_iter.corpus, len(vocab), f"{workdir}/{name}")}
+        sides = {"d2l": d2l_epochs(d2l, name, train_iter, len(vocab)),
+                 "trainer": trainer_epochs(name, train_iter.corpus, len(vocab), f"{workdir}/{name}", d)}
         speeds = {"d2l": [], "trainer": []}
         for _ in range(WARMUP_ROUNDS + rounds):
             for side in order.sample(list(sides), 2):
