@@ -15,8 +15,8 @@ ratios (after 2 warm-up rounds). The trainer's epoch is the body of ``pipeline.t
 own loop (``_train_epoch`` then ``_end_epoch``: validation, metrics line, checkpoint) on a
 run from ``start_run``; its figure is the epoch's ``tokens_per_s``, as metrics.jsonl has it.
 (Restarting ``train()`` for every round instead costs its timed epochs ~3% here: a real run
-does not restart every epoch.) Both sides count the same tokens:
-batch x num_steps per step. Target: ratio (trainer over d2l) >= 1.0 for each.
+does not restart every epoch.) Both sides count the same tokens: batch x num_steps per step.
+Target: ratio (trainer over d2l) >= 1.0 for each.
 """
 
 from __future__ import annotations
