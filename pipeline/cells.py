@@ -93,8 +93,8 @@ def run_layers(run_layer: LayerRunner, x: torch.Tensor, state: State, num_layers
     """A recurrent stack, one layer at a time: ``between`` transforms the input of layers 1..L-1.
 
     ``x`` is time-major (T, B, in) and ``state`` a tuple of (L, B, H) tensors; returns the
-    last layer's outputs (T, B, H) and the new state. ``between`` runs before ``weights`` for each layer: that order
-    fixes the order of the random draws, the same for both backends.
+    last layer's outputs (T, B, H) and the new state. ``between`` runs before ``weights``
+    for each layer: that order fixes the order of the random draws, the same for both backends.
     """
     final = []  # per layer, the state after the last time step
     for layer in range(num_layers):
