@@ -62,7 +62,7 @@ def generate_corpus(path: Path, size_bytes: int, seed: int = 0) -> int:
 def child(level: str, corpus: str, root: str) -> None:
     """One measured run: prepare the dataset from scratch, report time and peak RSS."""
     from pipeline.config import DataConfig, SourceConfig, parse_config
-    from pipeline.prepare import prepare_dataset
+    from pipeline.data.prepare import prepare_dataset
 
     rss_after_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB
     cfg = parse_config(DataConfig, {**CONFIGS[level], "sources": [{"url": corpus}]})

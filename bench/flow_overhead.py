@@ -2,7 +2,7 @@
 
 Three runs on the same RunConfig, each a fresh Python process (as a user would run them):
 
-1. ``direct``: ``pipeline.prepare.prepare_dataset`` -> ``pipeline.launch.launch_training``
+1. ``direct``: ``pipeline.data.prepare.prepare_dataset`` -> ``pipeline.training.launch.launch_training``
    (the same child-process trainer the flow uses) -> val/test perplexity + 2 samples;
 2. ``flow``: ``flows.main.run_main`` (the ``retrain`` flow, its own local Prefect server
    on SQLite started inside, fresh store), without MLflow registration, which is pipeline
@@ -38,12 +38,12 @@ def overrides_for(args) -> list[str]:
 
 def child_direct(preset: str, overrides: list[str], root: str) -> dict:
     from pipeline.config_sources import load_run_config
-    from pipeline.evaluate import perplexity
-    from pipeline.generate import generate
-    from pipeline.launch import launch_training
-    from pipeline.models import build_model
-    from pipeline.prepare import prepare_dataset
-    from pipeline.tokenizer import tokenize
+    from pipeline.model.evaluate import perplexity
+    from pipeline.model.generate import generate
+    from pipeline.training.launch import launch_training
+    from pipeline.model.models import build_model
+    from pipeline.data.prepare import prepare_dataset
+    from pipeline.data.tokenizer import tokenize
     import torch
 
     cfg = load_run_config(preset, overrides)

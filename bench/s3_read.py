@@ -28,7 +28,7 @@ from bench.data_throughput import generate_corpus  # noqa: E402
 
 
 def read_all(uri: str) -> tuple[float, int]:
-    from pipeline.shards import SPLITS, open_dataset
+    from pipeline.data.shards import SPLITS, open_dataset
 
     started = time.perf_counter()
     ds = open_dataset(uri)
@@ -43,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipeline.config import DataConfig
-    from pipeline.prepare import prepare_dataset
+    from pipeline.data.prepare import prepare_dataset
     from tests.servers import Processes, start_s3
 
     with tempfile.TemporaryDirectory() as tmp:

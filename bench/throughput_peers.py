@@ -1,4 +1,4 @@
-"""Peer rows: d2l 0.17.6's own ``train_epoch_ch8`` against ``pipeline.train`` on the same model and data.
+"""Peer rows: d2l 0.17.6's own ``train_epoch_ch8`` against ``pipeline.training.train`` on the same model and data.
 
 d2l is installed with ``pip install --no-deps --target <tmp> d2l==0.17.6``; the modules it
 imports only for plotting and image data (IPython, matplotlib_inline, torchvision) are stubbed,
@@ -11,7 +11,7 @@ against ``backend: scratch``.
 An epoch here is ~8 steps, 0.1-0.3 s, and this machine's speed drifts by tens of percent
 within seconds, so the two sides are paired: each of ``rounds`` rounds trains one d2l epoch
 and one trainer epoch, in a random order, and the row's ratio is the median of the rounds'
-ratios (after 2 warm-up rounds). The trainer's epoch is the body of ``pipeline.train``'s
+ratios (after 2 warm-up rounds). The trainer's epoch is the body of ``pipeline.training.train``'s
 own loop (``_train_epoch`` then ``_end_epoch``: validation, metrics line, checkpoint) on a
 run from ``start_run``; its figure is the epoch's ``tokens_per_s``, as metrics.jsonl has it.
 (Restarting ``train()`` for every round instead costs its timed epochs ~3% here: a real run
@@ -116,7 +116,7 @@ def trainer_epochs(name: str, corpus, vocab_size: int, run_dir: str, d):
 
     from pipeline import train as trainer
     from pipeline.config import ModelConfig, TrainConfig
-    from pipeline.run_state import start_run
+    from pipeline.training.run_state import start_run
 
     cell, layers, backend = MODELS[name]
     ids = np.asarray(corpus, dtype=np.int32)
@@ -138,7 +138,7 @@ def child(target: str, workdir: str, rounds: int) -> None:
     import random
     import statistics
 
-    from pipeline.distributed import setup_distributed
+    from pipeline.training.distributed import setup_distributed
 
     d2l = import_d2l(target)
     d = setup_distributed("cpu")  # the trainer's threads, as train() sets them
@@ -161,7 +161,7 @@ def child(target: str, workdir: str, rounds: int) -> None:
 def peer_rows(repo: Path, rounds: int = 40) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         install_d2l(f"{tmp}/d2l")
-        from pipeline.launch import trainer_env
+        from pipeline.training.launch import trainer_env
 
         env = trainer_env({"PYTHONPATH": str(repo)})  # OpenMP's waiting as the launcher sets it
         proc = subprocess.run([sys.executable, __file__, f"{tmp}/d2l", f"{tmp}/runs", str(rounds)], env=env,

@@ -1,6 +1,6 @@
 """The trainer on Ray Train against torchrun: 2 workers on this machine, tokens/s and start-up.
 
-Both launches go through ``pipeline.launch.launch_training``, as the pipeline runs them, on
+Both launches go through ``pipeline.training.launch.launch_training``, as the pipeline runs them, on
 d2l's GRU (hidden 256, vocab 28, batch 32 x 35, SGD lr 1, clip 1), ``steps`` steps an epoch,
 two epochs (the second is timed, by the trainer's own ``tokens_per_s``), interleaved
 ``repeats`` times, best of each kept. The epochs are long (``--ray-steps``, 400 by default,
@@ -10,7 +10,7 @@ actors (the Train controller and its helpers, a dozen Python processes on 2 core
 400-step epochs 1.01 (this machine, best of 3 each). Launchers:
 
 * ``torchrun``: ``torchrun --standalone --nproc-per-node 2``;
-* ``ray``: ``pipeline.ray_launch`` with 2 Ray Train workers at ``address`` (``local``: a
+* ``ray``: ``pipeline.training.ray_launch`` with 2 Ray Train workers at ``address`` (``local``: a
   private Ray that the driver starts, so Ray's own start-up is part of the figure).
 
 ``ray_ratio`` is ray over torchrun tokens/s (target >= 0.9 on CPU); ``ray_startup_s`` is the
@@ -33,8 +33,8 @@ def ray_rows(repo: Path, *, steps: int, repeats: int, device: str, address: str 
     import numpy as np
 
     from pipeline.config import ModelConfig, RunConfig, TrainConfig
-    from pipeline.launch import launch_training
-    from pipeline.ray_launch import RayCluster
+    from pipeline.training.launch import launch_training
+    from pipeline.training.ray_launch import RayCluster
 
     config = RunConfig(model=ModelConfig(cell="gru", hidden_size=HIDDEN),
                        train=TrainConfig(batch_size=BATCH, num_steps=NUM_STEPS, epochs=2, optimizer="sgd", lr=1.0,

@@ -1,11 +1,11 @@
 """The trainer beside a small neighbour: tokens/s with a process using 20% of one core vs alone.
 
-The trainer runs as the pipeline runs it, through ``pipeline.launch.launch_training``, on
+The trainer runs as the pipeline runs it, through ``pipeline.training.launch.launch_training``, on
 d2l's GRU (hidden 256, vocab 28, batch 32 x 35), ``STEPS`` steps per epoch, ``EPOCHS`` epochs;
 the best epoch after the first counts. The neighbour busy-loops 2 ms out of every 10 ms.
 Each of libgomp's waiting behaviours is measured alone and beside the neighbour, ``--repeats``
 times interleaved (best of each): ``launcher default`` (whatever
-``pipeline.launch.trainer_env`` chooses for the host at that moment), ``passive`` (sleep at once), ``spin 10k``
+``pipeline.training.launch.trainer_env`` chooses for the host at that moment), ``passive`` (sleep at once), ``spin 10k``
 (``GOMP_SPINCOUNT=10000``) and ``spin 300k`` (libgomp's own default).
 
 The launcher default's row says what it chose in each run (``chose``: spin or passive, alone and
@@ -53,7 +53,7 @@ class _Choices(logging.Handler):
     @contextlib.contextmanager
     def recording(self):
         """Collect the launcher's choices made inside the ``with`` block."""
-        launch_log = logging.getLogger("pipeline.launch")
+        launch_log = logging.getLogger("pipeline.training.launch")
         launch_log.setLevel(logging.INFO)
         launch_log.addHandler(self)
         try:
@@ -64,7 +64,7 @@ class _Choices(logging.Handler):
 
 def train_tokens_per_s(workdir: Path, name: str, dataset: str, env: dict) -> float:
     from pipeline.config import ModelConfig, RunConfig, TrainConfig
-    from pipeline.launch import launch_training
+    from pipeline.training.launch import launch_training
 
     config = RunConfig(model=ModelConfig(cell="gru", hidden_size=256),
                        train=TrainConfig(batch_size=BATCH, num_steps=NUM_STEPS, epochs=EPOCHS, device="cpu",

@@ -33,8 +33,8 @@ def measure(vocab: int, softmax: str, device: str) -> dict:
     import torch
 
     from pipeline.config import ModelConfig
-    from pipeline.models import build_model
-    from pipeline.optim import clip_grad_norm_
+    from pipeline.model.models import build_model
+    from pipeline.training.optim import clip_grad_norm_
 
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     torch.manual_seed(0)
@@ -68,7 +68,7 @@ def measure(vocab: int, softmax: str, device: str) -> dict:
 
 
 def softmax_rows(repo: Path, device: str = "auto") -> list[dict]:
-    from pipeline.launch import trainer_env
+    from pipeline.training.launch import trainer_env
 
     env = trainer_env({"PYTHONPATH": str(repo)})  # OpenMP's waiting as the launcher sets it
     rows = []

@@ -32,9 +32,9 @@ from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.config_sources import load_run_config
-from pipeline.metrics import read_epochs
-from pipeline.prepare import prepare_dataset
-from pipeline.train import train
+from pipeline.training.metrics import read_epochs
+from pipeline.data.prepare import prepare_dataset
+from pipeline.training.train import train
 
 # Each technique: (name, is it on in this config, the overrides that turn it off).
 TECHNIQUES = [

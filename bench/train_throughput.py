@@ -1,10 +1,10 @@
-"""Training throughput: pipeline.train against plain PyTorch, d2l, itself in bf16, and a neighbour.
+"""Training throughput: pipeline.training.train against plain PyTorch, d2l, itself in bf16, and a neighbour.
 
 Sections (``--sections``, all by default; each runs in subprocesses of its own):
 
 * ``trainer``: for each model, one process (or one torchrun job) trains it twice on the same
   sequential batches: ``plain``, nn.Embedding + nn.RNN/GRU/LSTM + nn.Linear in a dozen lines
-  (DDP-wrapped on 2 ranks), and ``trainer``, ``pipeline.train.train`` with everything it does
+  (DDP-wrapped on 2 ranks), and ``trainer``, ``pipeline.training.train.train`` with everything it does
   per step. One warm-up and one timed epoch of ``--steps`` steps each, interleaved
   ``--repeats`` times, best of each kept; tokens/s is global (all ranks); the trainer's figure
   is its own epoch-2 ``tokens_per_s`` (validation and checkpoints fall outside that window).
@@ -135,8 +135,8 @@ def plain_loop(spec: Spec, ids, steps: int, init_state: dict, d) -> float:
 
 
 def trainer_epoch(spec: Spec, train_ids, val_ids, run_dir: Path, device: str, d, precision=None) -> float:
-    """pipeline.train.train for two epochs; the second epoch's tokens/s (rank 0; 0 elsewhere)."""
-    from pipeline.train import train
+    """pipeline.training.train.train for two epochs; the second epoch's tokens/s (rank 0; 0 elsewhere)."""
+    from pipeline.training.train import train
 
     train(train_ids, val_ids, spec.vocab, spec.model_config(), spec.train_config(device, precision),
           str(run_dir), dist_info=d)
@@ -150,8 +150,8 @@ def worker(args) -> None:
     import numpy as np
     import torch
 
-    from pipeline.models import build_model
-    from pipeline.distributed import setup_distributed
+    from pipeline.model.models import build_model
+    from pipeline.training.distributed import setup_distributed
 
     d = setup_distributed(args.device)
     for spec in (Spec(**s) for s in json.loads(args.specs)):
@@ -179,7 +179,7 @@ def worker(args) -> None:
 def preset_specs() -> list[Spec]:
     """Each bundled preset's model and batch shape (the vocabulary from its prepared data)."""
     from pipeline.config_sources import load_run_config, preset_names
-    from pipeline.prepare import prepare_dataset
+    from pipeline.data.prepare import prepare_dataset
 
     specs = []
     with tempfile.TemporaryDirectory() as store:
@@ -209,7 +209,7 @@ def specs_for(args) -> list[Spec]:
 
 def run_workers(args, specs: list[Spec], ranks_list: list[int]) -> list[dict]:
     rows = []
-    from pipeline.launch import trainer_env
+    from pipeline.training.launch import trainer_env
 
     with tempfile.TemporaryDirectory() as workdir:
         for ranks in ranks_list:

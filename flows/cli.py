@@ -80,7 +80,7 @@ def _launcher_options(args) -> dict:
 
 
 def cmd_prepare(args) -> int:
-    from pipeline.prepare import prepare_dataset, summary
+    from pipeline.data.prepare import prepare_dataset, summary
 
     cfg = load_run_config(args.config, args.overrides)
     dataset = prepare_dataset(cfg.data, args.root)
@@ -90,10 +90,10 @@ def cmd_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     from pipeline import storage
-    from pipeline.launch import launch_training, run_directory
-    from pipeline.lm import write_lm_metadata
-    from pipeline.prepare import prepare_dataset
-    from pipeline.ray_launch import RayCluster
+    from pipeline.training.launch import launch_training, run_directory
+    from pipeline.model.lm import write_lm_metadata
+    from pipeline.data.prepare import prepare_dataset
+    from pipeline.training.ray_launch import RayCluster
 
     opts = _launcher_options(args)
     ray = RayCluster(address=opts["ray_address"], gpus_per_worker=opts["gpus_per_worker"]) if opts else None
@@ -111,8 +111,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from pipeline.consumer import generate_from_uri
-    from pipeline.generate import MAX_NUM_TOKENS, check_settings
+    from pipeline.registry.consumer import generate_from_uri
+    from pipeline.model.generate import MAX_NUM_TOKENS, check_settings
 
     check_settings(args.num_tokens, args.temperature, args.top_k, args.seed, max_num_tokens=MAX_NUM_TOKENS)
     target = args.run or args.model

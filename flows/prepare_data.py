@@ -10,7 +10,7 @@ from flows.reports import state_names
 from flows.run_context import flow_run_id
 from flows.task_runners import default_task_runner
 from pipeline.config import DataConfig
-from pipeline.corpus import located_sources
+from pipeline.data.corpus import located_sources
 from tasks.caching import bind
 from tasks.data import build_vocab, count_tokens, encode_shards, fetch_corpus, plan, write_shards
 from tasks.options import PipelineOptions

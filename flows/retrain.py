@@ -34,13 +34,13 @@ def retrain_flow(config: Optional[RunConfig] = None, preset: Optional[str] = Non
     work pool and waits for it (``flows.dispatch.dispatch_stages``); registration stays here.
 
     ``options.pin_vocab="champion"``: the vocabulary is pinned to the current champion's
-    (``pipeline.champion_vocab``), or built afresh when there is no champion yet.
+    (``pipeline.registry.champion_vocab``), or built afresh when there is no champion yet.
     """
     started = time.perf_counter()
     cfg = resolve_config(config, preset, overrides)
     if options.pin_vocab == "champion":
-        from pipeline.champion_vocab import pin_to_champion
-        from pipeline.packaging import model_name
+        from pipeline.registry.champion_vocab import pin_to_champion
+        from pipeline.registry.packaging import model_name
 
         cfg = pin_to_champion(cfg, model_name(registry_preset(config, preset)), options.store_root())
 

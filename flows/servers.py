@@ -207,7 +207,7 @@ def results_block_for(root: str, url: Optional[str] = None) -> str:
 
 def prepare_tracking_db(env: Mapping[str, str]) -> Optional[str]:
     """Create a SQLite MLflow database once before workers use it concurrently (no-op otherwise)."""
-    from pipeline.tracking import ENV_TRACKING_URI, ensure_tracking_db, local_tracking_uri, sqlite_path
+    from pipeline.registry.tracking import ENV_TRACKING_URI, ensure_tracking_db, local_tracking_uri, sqlite_path
 
     uri = env.get(ENV_TRACKING_URI)
     if not uri:

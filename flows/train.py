@@ -1,7 +1,7 @@
 """The ``train`` flow: train -> evaluate, with a markdown report and a per-epoch table artifact.
 
 Both tasks run inline in the flow's main thread (they are one each, not mapped), which
-lets ``pipeline.launch`` forward a SIGTERM to the trainer with its grace period.
+lets ``pipeline.training.launch`` forward a SIGTERM to the trainer with its grace period.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.reports import epochs_table, markdown_report
 from flows.run_context import flow_run_id
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.metrics import read_epochs
+from pipeline.training.metrics import read_epochs
 from tasks.caching import bind
 from tasks.options import PipelineOptions
 from tasks.retries import retry_if_retryable

@@ -22,17 +22,19 @@ from pathlib import Path
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # holds pipeline/ (and tasks/, flows/ in a checkout)
 
-_FETCH = ("pipeline/config.py", "pipeline/storage.py", "pipeline/corpus.py", "tasks/data.py")
-_DATA = _FETCH + ("pipeline/tokenizer.py", "pipeline/vocab.py", "pipeline/shards.py", "pipeline/integrity.py",
-                  "pipeline/prepare.py", "pipeline/code_version.py")
-_TRAIN = _DATA + ("pipeline/training_data.py", "pipeline/sampling.py", "pipeline/cells.py", "pipeline/models.py",
-                  "pipeline/optim.py", "pipeline/precision.py", "pipeline/distributed.py", "pipeline/cpu_threads.py",
-                  "pipeline/divergence.py",
-                  "pipeline/evaluate.py", "pipeline/checkpoint.py", "pipeline/metrics.py", "pipeline/rundir.py",
-                  "pipeline/averaging.py", "pipeline/regularization.py", "pipeline/stopping.py",
-                  "pipeline/config_sources.py", "pipeline/run_state.py", "pipeline/train.py", "pipeline/launch.py",
-                  "pipeline/processes.py", "pipeline/ray_launch.py", "pipeline/lm.py", "tasks/train.py")
-_EVALUATE = _TRAIN + ("pipeline/generate.py",)
+_FETCH = ("pipeline/config.py", "pipeline/storage.py", "pipeline/data/corpus.py", "tasks/data.py")
+_DATA = _FETCH + ("pipeline/data/tokenizer.py", "pipeline/data/vocab.py", "pipeline/data/shards.py",
+                  "pipeline/data/integrity.py", "pipeline/data/prepare.py", "pipeline/code_version.py")
+_TRAIN = _DATA + ("pipeline/data/training_data.py", "pipeline/data/sampling.py",
+                  "pipeline/model/cells.py", "pipeline/model/models.py", "pipeline/model/regularization.py",
+                  "pipeline/model/evaluate.py", "pipeline/model/lm.py",
+                  "pipeline/training/optim.py", "pipeline/training/precision.py", "pipeline/training/distributed.py",
+                  "pipeline/training/cpu_threads.py", "pipeline/training/divergence.py",
+                  "pipeline/training/checkpoint.py", "pipeline/training/metrics.py", "pipeline/training/rundir.py",
+                  "pipeline/training/averaging.py", "pipeline/training/stopping.py", "pipeline/training/run_state.py",
+                  "pipeline/training/train.py", "pipeline/training/launch.py", "pipeline/training/processes.py",
+                  "pipeline/training/ray_launch.py", "pipeline/config_sources.py", "tasks/train.py")
+_EVALUATE = _TRAIN + ("pipeline/model/generate.py",)
 
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "fetch": _FETCH,

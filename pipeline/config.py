@@ -277,7 +277,7 @@ class TrainConfig(Strict):
     checkpoint_every_steps: int | None = Field(default=None, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Mixed precision (torch.autocast, see pipeline.precision): bf16 or fp16 (with a gradient
+    # Mixed precision (torch.autocast, see pipeline.training.precision): bf16 or fp16 (with a gradient
     # scaler), on CUDA or CPU (where fp16 is slow: it exists to test the scaler path).
     # The recurrence and the loss's log-softmax stay fp32.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -291,7 +291,7 @@ class TrainConfig(Strict):
 
 
 class GateConfig(Strict):
-    """The champion/challenger gate (``pipeline.gate``)."""
+    """The champion/challenger gate (``pipeline.registry.gate``)."""
 
     # A champion whose tokenizer or vocabulary differs from the candidate's dataset cannot be
     # compared like for like: keep it (default), or promote the candidate anyway.

@@ -6,7 +6,7 @@ whether trying again can help: a network hiccup can, a checksum mismatch cannot.
 
 from __future__ import annotations
 
-# Exit codes of `python -m pipeline.train` / `rnnlm train` that an orchestrator can act on.
+# Exit codes of `python -m pipeline.training.train` / `rnnlm train` that an orchestrator can act on.
 EXIT_OK = 0
 EXIT_FAILED = 1  # anything unexpected: retrying may help (a killed rank, a lost node)
 EXIT_DO_NOT_RETRY = 3  # bad config, corrupt input, non-finite loss: retrying cannot help
@@ -69,7 +69,7 @@ class RegistryError(PipelineError):
 
 class UnregistrableRunError(RegistryError):
     """The run directory holds a failed, diverged or unfinished training: nothing is logged or
-    registered, and retrying cannot change that (unlike ``pipeline.launch.TrainingFailedError``,
+    registered, and retrying cannot change that (unlike ``pipeline.training.launch.TrainingFailedError``,
     a training process that died and may succeed when run again)."""
 
 

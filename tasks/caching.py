@@ -7,10 +7,10 @@ Every stage's cache key is ``<stage>-<hash>`` of three things:
   document's sha256, an upstream stage's manifest ``id``), never URLs or paths;
 * the stage's **config** (the pydantic section that affects it, as JSON);
 * the stage's **code version**: the ``VERSION`` constant of the stage's module (bump it
-  when a stage's meaning changes), ``pipeline.prepare.DATA_FORMAT_VERSION`` for data
+  when a stage's meaning changes), ``pipeline.data.prepare.DATA_FORMAT_VERSION`` for data
   stages, a hash of the task function's source, and a digest of the source of every
   project module the stage runs, upstream stages' included
-  (``pipeline.code_version.STAGE_MODULES``): editing ``pipeline/tokenizer.py`` recomputes
+  (``pipeline.code_version.STAGE_MODULES``): editing ``pipeline/data/tokenizer.py`` recomputes
   the data stages and everything downstream; editing the registry recomputes nothing.
 
 The same identity (without the task source hash) names the stage's outputs in the store

@@ -1,6 +1,6 @@
 """Data stages as Prefect tasks: fetch -> count (per chunk) -> vocab -> encode (per chunk) -> shards.
 
-Thin wrappers over ``pipeline.corpus`` / ``pipeline.prepare``: each calls the very function
+Thin wrappers over ``pipeline.data.corpus`` / ``pipeline.data.prepare``: each calls the very function
 ``prepare_dataset`` calls and adds only caching and the persisting of what passes between stages. Each returns a small JSON
 manifest (``tasks.caching.manifest``): a content ``id``, numbers, and the URIs of what it
 wrote (``artifacts``). Token counts and token ids never travel through Prefect: they go
@@ -23,7 +23,7 @@ Cache identities (see ``tasks.caching``):
   + the tokenizer config (+ the vocabulary's id for encode).
 * ``build_vocab``: the count manifests' ids (with their chunks' splits) + the vocab config
   + the token hash of a pinned vocabulary (its content, read at each cache check).
-* ``write_shards``: ``pipeline.prepare.dataset_id`` (document hashes + every dataset
+* ``write_shards``: ``pipeline.data.prepare.dataset_id`` (document hashes + every dataset
   setting + ``DATA_FORMAT_VERSION``) + the vocab and encoded manifests' ids.
 """
 
@@ -39,13 +39,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
-from pipeline import prepare, storage
+from pipeline import storage
+
+from pipeline.data import prepare
 from pipeline.config import DataConfig, SourceConfig, TokenizerConfig
-from pipeline.corpus import Document, builtin_path, fetch_source
+from pipeline.data.corpus import Document, builtin_path, fetch_source
 from pipeline.errors import DatasetError, PipelineError
-from pipeline.prepare import DATA_FORMAT_VERSION, Chunk, dataset_id, plan_chunks
-from pipeline.integrity import verified_dataset
-from pipeline.shards import MANIFEST, open_dataset, parquet_bytes, read_vocab
+from pipeline.data.prepare import DATA_FORMAT_VERSION, Chunk, dataset_id, plan_chunks
+from pipeline.data.integrity import verified_dataset
+from pipeline.data.shards import MANIFEST, open_dataset, parquet_bytes, read_vocab
 from tasks.caching import StagePolicy, content_id, jsonable, manifest
 
 # Bump a stage's number when its outputs change meaning (the task source is hashed too).
@@ -156,7 +158,7 @@ def vocab_identity(inputs: dict[str, Any]):
 @task(name="build_vocab", cache_policy=StagePolicy(stage="vocab", identity=vocab_identity), tags=["data"])
 def build_vocab(chunks: list[dict[str, Any]], counts: list[dict[str, Any]], data: DataConfig,
                 root: str | None = None) -> dict[str, Any]:
-    """``pipeline.prepare.build_vocab`` over the chunks' counts; the vocabulary goes to ``<root>/work/vocab/``."""
+    """``pipeline.data.prepare.build_vocab`` over the chunks' counts; the vocabulary goes to ``<root>/work/vocab/``."""
     root = storage.storage_root(root)
     vid = content_id("vocab", *vocab_identity({"chunks": chunks, "counts": counts, "data": data, "root": root}))
     pinned = prepare.pinned_vocab(data)

@@ -9,7 +9,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import storage
-from pipeline.ray_launch import RayCluster
+from pipeline.training.ray_launch import RayCluster
 
 ENV_DASK = "RNNLM_DASK"
 ENV_RESULTS = "RNNLM_RESULTS"
@@ -47,7 +47,7 @@ class PipelineOptions(BaseModel):
     register_model: bool = Field(default=True, description="register the model in MLflow and run the champion gate")
     pin_vocab: Optional[Literal["champion"]] = Field(
         default=None, description="'champion': pin data.vocab.pinned to the current champion's dataset vocabulary "
-                                  "(pipeline.champion_vocab), so a growing corpus stays comparable; no champion: unpinned")
+                                  "(pipeline.registry.champion_vocab), so a growing corpus stays comparable; no champion: unpinned")
     # distributed mode (see flows/retrain.py and deployments/README.md)
     dispatch: Literal["local", "deployments"] = Field(
         default="local", description="'local': stages run as subflows in this process; 'deployments': each stage "

@@ -7,7 +7,7 @@ task or a nightly run whose inputs did not change registers nothing new (``new_v
 false in the result, and the log says so). A registry error fails closed
 (``RegistryUnavailableError``): the task fails and is retried, no alias moves. Gate decisions are serialized across every flow
 run and host by a Prefect global concurrency limit of one slot (alias moves are
-last-writer-wins), on top of ``pipeline.gate``'s file lock for local stores.
+last-writer-wins), on top of ``pipeline.registry.gate``'s file lock for local stores.
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ def register_model(run: dict[str, Any], evaluation: dict[str, Any], dataset: dic
     """Log the run, register a new version of ``rnnlm-<preset>`` (alias challenger), gate it
     (``config.gate.on_incomparable`` decides when the champion is not comparable)."""
     from pipeline.config import RunConfig
-    from pipeline.gate import promote_if_better
-    from pipeline.packaging import register_model as register_version
-    from pipeline.shards import open_dataset
-    from pipeline.run_logging import log_training_run
-    from pipeline.tracking import tracking_uri
+    from pipeline.registry.gate import promote_if_better
+    from pipeline.registry.packaging import register_model as register_version
+    from pipeline.data.shards import open_dataset
+    from pipeline.registry.run_logging import log_training_run
+    from pipeline.registry.tracking import tracking_uri
 
     logger = get_run_logger()
     ds = open_dataset(dataset["uri"])

@@ -1,25 +1,25 @@
 """Training and evaluation as Prefect tasks.
 
-``train_model`` launches the trainer as a child process (``pipeline.launch``: plain
-``python -m pipeline.train`` for one process, torchrun for more, or with
+``train_model`` launches the trainer as a child process (``pipeline.training.launch``: plain
+``python -m pipeline.training.train`` for one process, torchrun for more, or with
 ``options.launcher='ray'`` a Ray Train driver whose workers run on a Ray cluster,
-``pipeline.ray_launch``), forwards its log lines
+``pipeline.training.ray_launch``), forwards its log lines
 and JSON metric lines to the Prefect run logger as they arrive, and returns the run
 directory's manifest. The run directory is content-addressed,
 ``<root>/runs/<hash(dataset_id, model config, train config less its budget, VERSION)>``
-(``pipeline.launch.run_id``), so asking for more epochs continues the same run, and a retried
+(``pipeline.training.launch.run_id``), so asking for more epochs continues the same run, and a retried
 attempt (or a later flow run) finds the same checkpoints and the trainer resumes from the
 newest one; the log says from where. Non-retryable failures (bad config, NaN loss, bad
 dataset) raise errors that ``retry_if_retryable`` refuses to retry.
 
-SIGTERM: ``pipeline.launch`` forwards it when it runs on the main thread. Tasks run on
+SIGTERM: ``pipeline.training.launch`` forwards it when it runs on the main thread. Tasks run on
 worker threads, so :func:`terminate_children` (installed by the flows as a SIGTERM
 handler via :class:`TerminationGuard`) sends SIGTERM to every training child of this
 process, waits up to ``grace_s`` for them to write what they can, kills what is left,
 and marks the process as terminating so no retry starts.
 
 ``evaluate_model`` reports the validation and test perplexity (the one evaluation setting
-of ``pipeline.evaluate``; the trainer's validation figure is reused) and generates sample
+of ``pipeline.model.evaluate``; the trainer's validation figure is reused) and generates sample
 continuations; its key is the trained model's sha256 + the dataset id + the settings.
 """
 
@@ -35,9 +35,9 @@ from prefect import get_run_logger, task
 
 from pipeline import storage
 from pipeline.config import ModelConfig, RunConfig, TrainConfig
-from pipeline.metrics import finite_or_none, read_epochs, with_bits
-from pipeline.processes import stop_process_trees
-from pipeline.ray_launch import RayCluster
+from pipeline.training.metrics import finite_or_none, read_epochs, with_bits
+from pipeline.training.processes import stop_process_trees
+from pipeline.training.ray_launch import RayCluster
 from tasks.caching import StagePolicy, content_id, jsonable, manifest
 from tasks.retries import terminating
 
@@ -47,7 +47,7 @@ RUN_FILES = ("model.pt", "model_config.json", "result.json", "lm.json")
 
 def run_id(dataset: dict[str, Any], model_config: ModelConfig | dict, train_config: TrainConfig | dict) -> str:
     """The content address of a training run (the same one ``rnnlm train`` uses)."""
-    from pipeline.launch import run_id as pipeline_run_id
+    from pipeline.training.launch import run_id as pipeline_run_id
 
     return pipeline_run_id(dataset["dataset_id"], ModelConfig.model_validate(jsonable(model_config)),
                            TrainConfig.model_validate(jsonable(train_config)))
@@ -93,7 +93,7 @@ def train_model(dataset: dict[str, Any], model_config: ModelConfig, train_config
     With ``ray`` the trainer runs as ``nproc`` Ray Train workers on that cluster; the run
     directory, and so the cache key, is the same as under torchrun.
     """
-    from pipeline.launch import launch_training
+    from pipeline.training.launch import launch_training
 
     logger = get_run_logger()
     root = storage.storage_root(root)
@@ -104,7 +104,7 @@ def train_model(dataset: dict[str, Any], model_config: ModelConfig, train_config
         logger.info("run %s already finished in %s: not training again", rid, run_dir)
         events = read_epochs(run_dir)
     else:
-        from pipeline.checkpoint import list_checkpoints  # imports torch: only when training
+        from pipeline.training.checkpoint import list_checkpoints  # imports torch: only when training
 
         ckpts = list_checkpoints(storage.join(run_dir, "checkpoints")) if storage.exists(run_dir) else []
         if ckpts:
@@ -131,8 +131,8 @@ def train_model(dataset: dict[str, Any], model_config: ModelConfig, train_config
         launched = launch_training(run_dir, dataset["uri"], cfg, nproc=nproc, on_line=on_line, grace_s=grace_s,
                                    ray=ray)
         events = [e for e in launched.metrics if e.get("event") == "epoch"] or read_epochs(run_dir)
-    from pipeline.lm import write_lm_metadata
-    from pipeline.shards import open_dataset
+    from pipeline.model.lm import write_lm_metadata
+    from pipeline.data.shards import open_dataset
 
     write_lm_metadata(run_dir, open_dataset(dataset["uri"]))  # vocabulary + tokenizer: the run dir generates alone
     result = storage.read_json(storage.join(run_dir, "result.json"))
@@ -160,7 +160,7 @@ def _json(line: str) -> dict | None:
 
 
 def evaluate_identity(inputs: dict[str, Any]):
-    from pipeline.evaluate import EVAL_BATCH_SIZE, EVAL_NUM_STEPS
+    from pipeline.model.evaluate import EVAL_BATCH_SIZE, EVAL_NUM_STEPS
 
     run = inputs["run"]
     return VERSION["evaluate"], {"model_sha256": run["model_sha256"], "run": run["id"],
@@ -174,12 +174,12 @@ def evaluate_model(run: dict[str, Any], dataset: dict[str, Any], prefixes: tuple
                    num_tokens: int = 100, temperature: float = 0.7) -> dict[str, Any]:
     """Validation and test perplexity (and bits per token), and one sampled continuation per prefix.
 
-    Perplexities use the pipeline's one evaluation setting (``pipeline.evaluate``), the same
+    Perplexities use the pipeline's one evaluation setting (``pipeline.model.evaluate``), the same
     as the trainer's validation, MLflow's ``final_*_ppl`` and the gate: the trainer's
     validation figure of the shipped model (``result.json``) is reused, not recomputed.
     """
-    from pipeline.lm import LanguageModel
-    from pipeline.shards import open_dataset
+    from pipeline.model.lm import LanguageModel
+    from pipeline.data.shards import open_dataset
 
     logger = get_run_logger()
     eid = content_id("evaluate", *evaluate_identity({"run": run, "dataset": dataset, "prefixes": prefixes,
@@ -207,7 +207,7 @@ def evaluate_model(run: dict[str, Any], dataset: dict[str, Any], prefixes: tuple
 def trained_val_ppl(run: dict[str, Any], dataset: dict[str, Any]) -> float | None:
     """The trainer's validation perplexity of the shipped model, when it was computed on this
     dataset with the current evaluation setting (else None: evaluate it)."""
-    from pipeline.evaluate import EVAL_BATCH_SIZE, EVAL_NUM_STEPS
+    from pipeline.model.evaluate import EVAL_BATCH_SIZE, EVAL_NUM_STEPS
 
     if run.get("dataset_id") != dataset["dataset_id"]:
         return None
@@ -221,7 +221,7 @@ def trained_val_ppl(run: dict[str, Any], dataset: dict[str, Any]) -> float | Non
 
 
 def training_children() -> list[psutil.Process]:
-    """Training processes this process started (``python -m pipeline.train``, torchrun, the Ray driver)."""
+    """Training processes this process started (``python -m pipeline.training.train``, torchrun, the Ray driver)."""
     found = []
     try:
         for p in psutil.Process().children(recursive=False):
@@ -229,7 +229,7 @@ def training_children() -> list[psutil.Process]:
                 cmd = p.cmdline()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-            if "pipeline.train" in cmd or "pipeline.ray_launch" in cmd:
+            if "pipeline.training.train" in cmd or "pipeline.training.ray_launch" in cmd:
                 found.append(p)
     except psutil.NoSuchProcess:
         pass

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from pipeline.config import DataConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig, parse_config
 from pipeline.errors import ConfigError
-from pipeline.evaluate import mean_cross_entropy
-from pipeline.generate import generate
-from pipeline.lm import LanguageModel, write_lm_metadata
-from pipeline.models import build_model
+from pipeline.model.evaluate import mean_cross_entropy
+from pipeline.model.generate import generate
+from pipeline.model.lm import LanguageModel, write_lm_metadata
+from pipeline.model.models import build_model
 
 torch.set_num_threads(1)
 
@@ -93,9 +93,9 @@ DATA = DataConfig(splits=SplitConfig(max_tokens=8_000))  # 28 characters
 
 @pytest.fixture(scope="module")
 def adaptive_run(tmp_path_factory):
-    """(dataset, run directory, result) of an adaptive-head GRU trained through pipeline.train."""
-    from pipeline.prepare import prepare_dataset
-    from pipeline.train import train
+    """(dataset, run directory, result) of an adaptive-head GRU trained through pipeline.training.train."""
+    from pipeline.data.prepare import prepare_dataset
+    from pipeline.training.train import train
 
     base = tmp_path_factory.mktemp("adaptive")
     dataset = prepare_dataset(DATA, str(base / "store"))
@@ -111,7 +111,7 @@ def test_adaptive_head_trains_and_reloads(adaptive_run, tmp_path):
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs[-1]["val_ppl"] < epochs[0]["val_ppl"] < dataset.vocab_size  # it learns
     lm = LanguageModel.from_dir(str(run_dir))
-    # result.json's val_ppl is the one evaluation setting's (pipeline.evaluate), whatever the training batch
+    # result.json's val_ppl is the one evaluation setting's (pipeline.model.evaluate), whatever the training batch
     assert lm.perplexity(dataset.split("val")) == pytest.approx(result["val_ppl"], rel=1e-5)
     paths = lm.save(str(tmp_path / "served"))  # what the MLflow model ships and loads
     saved = LanguageModel.from_files(paths["model"], paths["model_config"], paths["lm"])
@@ -124,7 +124,7 @@ def test_adaptive_model_registers_passes_the_gate_and_serves(adaptive_run):
     """The registry path: tracked run, registered pyfunc, the gate's evaluation, a champion that generates."""
     import mlflow
 
-    from pipeline import gate, packaging, run_logging, tracking
+    from pipeline.registry import gate, packaging, run_logging, tracking
 
     dataset, run_dir, _ = adaptive_run
     run_id = run_logging.log_training_run(str(run_dir), dataset, preset="test-adaptive",

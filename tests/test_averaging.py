@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.averaging import NTAverage
+from pipeline.training.averaging import NTAverage
 from pipeline.config import ModelConfig
-from pipeline.models import build_model
+from pipeline.model.models import build_model
 
 torch.set_num_threads(1)
 

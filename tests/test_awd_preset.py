@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 
-from pipeline.checkpoint import list_checkpoints, load_checkpoint
+from pipeline.training.checkpoint import list_checkpoints, load_checkpoint
 from pipeline.config import RunConfig, parse_config
 from pipeline.config_sources import read_raw
-from pipeline.metrics import read_epochs
-from pipeline.prepare import prepare_dataset
-from pipeline.train import train
+from pipeline.training.metrics import read_epochs
+from pipeline.data.prepare import prepare_dataset
+from pipeline.training.train import train
 from tests.test_standard_corpora import PTB, preset_config
 
 CPU_SIZE = {"model.hidden_size": 24, "model.embed_size": 12, "train.batch_size": 4, "train.num_steps": 12,

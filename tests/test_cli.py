@@ -117,8 +117,8 @@ def test_run_against_a_real_mlflow_server(tmp_path):
 def small_run_dir(path: Path, normalizer: str) -> Path:
     """A run directory with an untrained model over 'a'-'z' and space: enough to generate from."""
     from pipeline.config import ModelConfig, TokenizerConfig
-    from pipeline.lm import LanguageModel
-    from pipeline.models import build_model
+    from pipeline.model.lm import LanguageModel
+    from pipeline.model.models import build_model
 
     vocab = ["<unk>", " ", *"abcdefghijklmnopqrstuvwxyz"]
     model = build_model(ModelConfig(cell="gru", hidden_size=8, embed_size=4), len(vocab))

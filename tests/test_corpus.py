@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 
 from pipeline.config import TIMEMACHINE_SHA1, DataConfig, SourceConfig, TokenizerConfig
-from pipeline.corpus import READ_BLOCK, fetch_corpus, fetch_source
+from pipeline.data.corpus import READ_BLOCK, fetch_corpus, fetch_source
 from pipeline.errors import CorpusError, SourceUnreachableError
-from pipeline.prepare import CountedVocab, plan_chunks, prepare_dataset, write_dataset
-from pipeline.vocab import Vocab
+from pipeline.data.prepare import CountedVocab, plan_chunks, prepare_dataset, write_dataset
+from pipeline.data.vocab import Vocab
 
 TEXT = b"The Time Machine, by H. G. Wells\nI.\n\nThe Time Traveller was expounding\n"
 

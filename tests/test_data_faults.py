@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 
 from pipeline.config import DataConfig, SourceConfig, TokenizerConfig
-from pipeline.corpus import fetch_corpus, fetch_source
+from pipeline.data.corpus import fetch_corpus, fetch_source
 from pipeline.errors import CorpusError
-from pipeline.prepare import plan_chunks, prepare_dataset
-from pipeline.shards import open_dataset
-from pipeline.tokenizer import char_codes, tokenize, word_tokens
+from pipeline.data.prepare import plan_chunks, prepare_dataset
+from pipeline.data.shards import open_dataset
+from pipeline.data.tokenizer import char_codes, tokenize, word_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,12 +106,12 @@ def test_overlong_line_dataset_equals_unchunked(tmp_path):
 MEMORY_PROBE = """
 import json, sys, tracemalloc
 import pyarrow as pa
-import pipeline.corpus
+import pipeline.data.corpus
 from pipeline.config import DataConfig, SourceConfig, TokenizerConfig
-from pipeline.prepare import prepare_dataset
+from pipeline.data.prepare import prepare_dataset
 
 path, root, level = sys.argv[1:4]
-pipeline.corpus.READ_BLOCK = 16 * 1024  # the fetch streams in small blocks too: measure the chunk steps
+pipeline.data.corpus.READ_BLOCK = 16 * 1024  # the fetch streams in small blocks too: measure the chunk steps
 cfg = DataConfig(sources=(SourceConfig(url=path),), tokenizer=TokenizerConfig(level=level),
                  chunk_bytes=16 * 1024, tokens_per_shard=20_000)
 with open(path + ".small", "w") as f:

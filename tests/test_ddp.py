@@ -17,11 +17,11 @@ import pytest
 import torch
 import yaml
 
-from pipeline.checkpoint import list_checkpoints, load_checkpoint
+from pipeline.training.checkpoint import list_checkpoints, load_checkpoint
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.launch import launch_training
-from pipeline.distributed import Dist
-from pipeline.train import train
+from pipeline.training.launch import launch_training
+from pipeline.training.distributed import Dist
+from pipeline.training.train import train
 from tests.test_train import (child_env, corpus, epochs_of, kill_after_checkpoint, one_thread,  # noqa: F401
                               weights, write_inputs)
 
@@ -94,7 +94,7 @@ def _rank1(proc) -> int:
 def test_kill_one_rank_and_resume(inputs, ref2, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "--max-restarts=0", "-m", "pipeline.train", "--run-dir", str(run_dir),
+           "--max-restarts=0", "-m", "pipeline.training.train", "--run-dir", str(run_dir),
            "--dataset", inputs[0], "--config", inputs[1]]
     kill_after_checkpoint(cmd, run_dir, epoch=1, victim=_rank1)
     assert not (run_dir / "model.pt").exists()

@@ -16,11 +16,11 @@ import pytest
 import torch
 import yaml
 
-from pipeline.checkpoint import list_checkpoints, load_checkpoint
+from pipeline.training.checkpoint import list_checkpoints, load_checkpoint
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.distributed import Dist
-from pipeline.launch import launch_training
-from pipeline.train import train
+from pipeline.training.distributed import Dist
+from pipeline.training.launch import launch_training
+from pipeline.training.train import train
 from tests.test_train import child_env, corpus, epochs_of, one_thread, weights, write_inputs  # noqa: F401
 
 # Small enough to overfit, so the NT-ASGD trigger fires (at epoch 7) within the run.

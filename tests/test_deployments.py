@@ -107,7 +107,7 @@ def test_dispatch_option_is_validated():
 def stack(tmp_path_factory, request):
     """Server (SQLite) + deployments + one worker per pool sharing a local root and a SQLite
     MLflow database; yields a dict of what the test needs."""
-    from pipeline.tracking import ensure_tracking_db
+    from pipeline.registry.tracking import ensure_tracking_db
 
     base = tmp_path_factory.mktemp("deployments")
     tracking = "sqlite:///" + str(base / "mlflow.db")

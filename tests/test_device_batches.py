@@ -1,4 +1,4 @@
-"""Batches sliced on the device are the sampler's batches (pipeline.sampling.device_batches)."""
+"""Batches sliced on the device are the sampler's batches (pipeline.data.sampling.device_batches)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.sampling import batches, device_batches, token_tensor
+from pipeline.data.sampling import batches, device_batches, token_tensor
 
 
 @pytest.mark.parametrize("sampling", ["random", "sequential"])

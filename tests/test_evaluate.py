@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ModelConfig
-from pipeline.evaluate import mean_cross_entropy, perplexity
-from pipeline.models import build_model
+from pipeline.model.evaluate import mean_cross_entropy, perplexity
+from pipeline.model.models import build_model
 
 torch.set_num_threads(1)
 

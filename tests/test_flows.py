@@ -104,8 +104,8 @@ def retrain(cfg, store, **kw):
 
 
 def test_retrain_completes_then_reruns_from_cache_and_invalidates_precisely(tmp_path, store):
-    from pipeline.prepare import prepare_dataset
-    from pipeline.shards import open_dataset
+    from pipeline.data.prepare import prepare_dataset
+    from pipeline.data.shards import open_dataset
 
     path = corpus(tmp_path)
     cfg = run_config(path)
@@ -176,7 +176,7 @@ def test_corrupt_cached_dataset_is_quarantined_and_rebuilt(tmp_path, store):
     """The cache check verifies a cached dataset: one whose shard fails its sha256 is moved to
     <root>/quarantine/ and rebuilt from the cached encoded chunks, not returned as a cache hit."""
     from flows.prepare_data import prepare_data_flow
-    from pipeline.shards import open_dataset
+    from pipeline.data.shards import open_dataset
 
     data = run_config(corpus(tmp_path)).data.model_copy(update={"tokens_per_shard": 500})
     first = prepare_data_flow(data=data, options=options(store))
@@ -202,7 +202,7 @@ def test_flow_and_prepare_dataset_write_byte_identical_datasets(tmp_path, store,
 
     from flows.prepare_data import prepare_data_flow
     from pipeline.config import DataConfig, SourceConfig
-    from pipeline.prepare import prepare_dataset
+    from pipeline.data.prepare import prepare_dataset
 
     if level == "named splits":  # PTB-style files, vocabulary counted on train only
         ptb = Path(__file__).parent / "fixtures" / "ptb"
@@ -274,7 +274,7 @@ def test_killed_training_rank_is_retried_and_resumes_from_checkpoint(tmp_path, s
             if list(Path(store).glob("runs/*/checkpoints/ckpt-*.pt")):
                 for p in psutil.Process().children(recursive=True):
                     try:
-                        if "pipeline.train" in p.cmdline():
+                        if "pipeline.training.train" in p.cmdline():
                             p.send_signal(signal.SIGKILL)
                             killed.append(p.pid)
                     except psutil.NoSuchProcess:
@@ -333,7 +333,7 @@ def test_checksum_mismatch_fails_at_once_naming_the_source(tmp_path, store):
 def test_map_stages_on_a_local_dask_cluster(tmp_path, store):
     from flows.prepare_data import prepare_data_flow
     from flows.task_runners import task_runner_for
-    from pipeline.prepare import prepare_dataset
+    from pipeline.data.prepare import prepare_dataset
 
     opts = options(store, dask="local-threads")
     runner = task_runner_for(opts)
@@ -370,7 +370,7 @@ def test_retrain_registers_a_champion_with_lineage(tmp_path, store):
     """The whole chain ends in the registry: a version with lineage tags, alias champion."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.registry.tracking import tracking_uri
 
     cfg = run_config(corpus(tmp_path))
     result = retrain(cfg, store, register_model=True)
@@ -454,11 +454,11 @@ def test_stage_keys_follow_the_project_code_they_run(tmp_path, store, monkeypatc
     unchanged = states(retrain(cfg, store))
     assert all(n == "Cached" for names in unchanged.values() for n in names), unchanged
 
-    edit("pipeline/gate.py")
+    edit("pipeline/registry/gate.py")
     registry_changed = states(retrain(cfg, store))
     assert all(n == "Cached" for names in registry_changed.values() for n in names), registry_changed
 
-    edit("pipeline/tokenizer.py")
+    edit("pipeline/data/tokenizer.py")
     upgraded = retrain(cfg, store)
     tokenizer_changed = states(upgraded)
     # ... into a new dataset and a new run: the old code's artifacts are neither reused nor resumed

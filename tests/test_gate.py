@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import gate, packaging, run_logging, tracking
+from pipeline.registry import gate, packaging, run_logging, tracking
 from pipeline.config import DataConfig, ModelConfig, RunConfig, SplitConfig, TrainConfig, VocabConfig
 from pipeline.errors import RegistryUnavailableError
-from pipeline.lm import LanguageModel, write_lm_metadata
-from pipeline.prepare import prepare_dataset
-from pipeline.train import train
+from pipeline.model.lm import LanguageModel, write_lm_metadata
+from pipeline.data.prepare import prepare_dataset
+from pipeline.training.train import train
 from tests.test_registry import child_env, start_mlflow_server, stop_server
 
 FULL = DataConfig(splits=SplitConfig(max_tokens=12_000))  # 28 tokens

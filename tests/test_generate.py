@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.generate import Generation, generate, join_tokens
-from pipeline.models import build_model
+from pipeline.model.generate import Generation, generate, join_tokens
+from pipeline.model.models import build_model
 
 torch.set_num_threads(1)
 

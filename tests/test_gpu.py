@@ -25,9 +25,9 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.evaluate import perplexity
-from pipeline.models import build_model
-from pipeline.train import train
+from pipeline.model.evaluate import perplexity
+from pipeline.model.models import build_model
+from pipeline.training.train import train
 from tests.test_train import REPO, child_env, corpus, epochs_of, weights, write_inputs  # noqa: F401
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -49,7 +49,7 @@ def quality_run(tmp_path: Path, precision: str) -> float:
 
 @two_gpus
 def test_nccl_ddp_equals_one_process(tmp_path):
-    from pipeline.launch import launch_training
+    from pipeline.training.launch import launch_training
 
     dataset, config = write_inputs(tmp_path / "in", MODEL, {**TRAIN, "tf32": False}, 60_000)
     env = {**child_env(), "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
@@ -68,8 +68,8 @@ def test_sharded_validation_on_nccl_equals_one_process(tmp_path):
     script = tmp_path / "shard.py"
     script.write_text(
         "import os, sys, torch, torch.distributed as dist\n"
-        "from pipeline.config import ModelConfig\nfrom pipeline.models import build_model\n"
-        "from pipeline.evaluate import perplexity\nfrom tests.test_train import corpus\n"
+        "from pipeline.config import ModelConfig\nfrom pipeline.model.models import build_model\n"
+        "from pipeline.model.evaluate import perplexity\nfrom tests.test_train import corpus\n"
         "rank = int(os.environ['RANK']); torch.cuda.set_device(rank)\n"
         "dist.init_process_group('nccl', device_id=torch.device('cuda', rank))\n"
         "torch.manual_seed(0)\n"
@@ -145,7 +145,7 @@ def test_lagging_non_finite_check_names_the_step_and_keeps_good_checkpoints(tmp_
     diverged (the one an every-step checkpointing run names) and no checkpoint holds bad weights."""
     import json
 
-    from pipeline.checkpoint import list_checkpoints, load_checkpoint
+    from pipeline.training.checkpoint import list_checkpoints, load_checkpoint
     from pipeline.errors import NonFiniteLossError
 
     tr, va, vocab = corpus(20_000)

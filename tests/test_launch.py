@@ -7,7 +7,7 @@ import sys
 
 import psutil
 
-from pipeline.processes import stop_process_trees
+from pipeline.training.processes import stop_process_trees
 
 # A root that starts a grandchild in a session of its own (as torchrun's workers are),
 # which ignores SIGTERM: only the SIGKILL after the grace period stops it.

@@ -1,8 +1,10 @@
-"""The layers: ``pipeline`` (the library) never imports the orchestrator (``tasks``, ``flows``, Prefect)."""
+"""The layers: ``pipeline`` (the library) never imports the orchestrator (``tasks``, ``flows``, Prefect),
+and inside it the subpackages import only downward: core <- data <- model <- training, registry."""
 
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +13,21 @@ REPO = Path(__file__).resolve().parents[1]
 ORCHESTRATOR = ("prefect", "tasks", "flows")
 
 
-def library_modules() -> list[Path]:
-    return sorted((REPO / "pipeline").rglob("*.py"))
+# What each part of ``pipeline`` may import from the others. The core is the package's top-level
+# modules (config, config_sources, storage, errors, code_version); the registry reads a finished
+# run's metrics file but nothing else of how training works.
+CORE = "core"
+MAY_IMPORT = {
+    CORE: {CORE},
+    "data": {CORE, "data"},
+    "model": {CORE, "data", "model"},
+    "training": {CORE, "data", "model", "training"},
+    "registry": {CORE, "data", "model", "registry", "pipeline.training.metrics"},
+}
+
+
+def library_modules(repo: Path = REPO) -> list[Path]:
+    return sorted((repo / "pipeline").rglob("*.py"))
 
 
 def imported_names(path: Path) -> set[str]:
@@ -24,6 +39,55 @@ def imported_names(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module)
     return names
+
+
+def part_of(module: str) -> str:
+    """``pipeline.data.vocab`` (or ``pipeline.data``) -> ``data``; ``pipeline.storage`` -> the core."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in MAY_IMPORT else CORE
+
+
+def pipeline_imports(path: Path) -> set[str]:
+    """The ``pipeline`` modules ``path`` imports; ``from pipeline.x import y`` counts as ``pipeline.x.y``
+    (y may be a module), so ``from pipeline import training`` is seen too."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return {n for n in names if n.startswith("pipeline.")}
+
+
+def layer_violations(repo: Path = REPO) -> dict[str, list[str]]:
+    """``{module file: [pipeline modules it may not import]}`` under ``repo``."""
+    out = {}
+    for path in library_modules(repo):
+        rel = path.relative_to(repo)
+        if rel.name == "__init__.py" and len(rel.parts) == 2:
+            continue
+        own = part_of(".".join(rel.with_suffix("").parts))
+        allowed = MAY_IMPORT[own]
+        bad = sorted(n for n in pipeline_imports(path)
+                     if part_of(n) not in allowed and not any(n.startswith(a + ".") or n == a for a in allowed))
+        if bad:
+            out[str(rel)] = bad
+    return out
+
+
+def test_subpackages_import_only_downward():
+    assert {p.name for p in (REPO / "pipeline").iterdir() if (p / "__init__.py").is_file()} == set(MAY_IMPORT) - {CORE}
+    assert layer_violations() == {}
+
+
+def test_a_wrong_way_import_is_caught(tmp_path):
+    shutil.copytree(REPO / "pipeline", tmp_path / "pipeline")
+    vocab = tmp_path / "pipeline" / "data" / "vocab.py"
+    vocab.write_text(vocab.read_text() + "\n\ndef _late():\n    from pipeline.training.train import train\n")
+    lm = tmp_path / "pipeline" / "model" / "lm.py"
+    lm.write_text("from pipeline.registry import tracking\n" + lm.read_text())
+    assert layer_violations(tmp_path) == {"pipeline/data/vocab.py": ["pipeline.training.train.train"],
+                                          "pipeline/model/lm.py": ["pipeline.registry.tracking"]}
 
 
 def test_no_library_module_imports_the_orchestrator():
@@ -66,7 +130,7 @@ def test_every_cached_stage_has_a_module_list_of_existing_files():
 
 
 def project_imports(module: str, seen: set[str] | None = None) -> set[str]:
-    """The project files ``module`` (a path like ``pipeline/train.py``) imports, transitively, lazy imports included."""
+    """The project files ``module`` (a path like ``pipeline/training/train.py``) imports, transitively, lazy imports included."""
     seen = set() if seen is None else seen
     for name in imported_names(REPO / module):
         path = name.replace(".", "/") + ".py"
@@ -80,8 +144,8 @@ def test_stage_module_lists_cover_what_the_stages_import():
     from pipeline.code_version import STAGE_MODULES
 
     messages_only = {"pipeline/errors.py"}  # rewording an error recomputes nothing
-    entries = {"count": ["pipeline/prepare.py"], "train": ["pipeline/train.py", "pipeline/launch.py"],
-               "evaluate": ["pipeline/lm.py"]}
+    entries = {"count": ["pipeline/data/prepare.py"], "train": ["pipeline/training/train.py", "pipeline/training/launch.py"],
+               "evaluate": ["pipeline/model/lm.py"]}
     for stage, modules in entries.items():
         needed = set(modules).union(*(project_imports(m) for m in modules)) - messages_only
         assert needed <= set(STAGE_MODULES[stage]), (stage, sorted(needed - set(STAGE_MODULES[stage])))

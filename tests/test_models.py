@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from pipeline.config import ModelConfig
-from pipeline.models import RNNLM, build_model, detach_state
+from pipeline.model.models import RNNLM, build_model, detach_state
 
 torch.set_num_threads(1)
 

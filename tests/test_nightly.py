@@ -32,8 +32,8 @@ def test_three_nights_on_a_growing_corpus_then_an_unchanged_fourth(tmp_path, sto
     from mlflow import MlflowClient
 
     from flows.reports import registration_lines
-    from pipeline.shards import open_dataset
-    from pipeline.tracking import tracking_uri
+    from pipeline.data.shards import open_dataset
+    from pipeline.registry.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri(store))
     path, text, results = corpus(tmp_path, TEXT), TEXT, []

@@ -20,8 +20,8 @@ import pytest
 from pipeline import storage
 from pipeline.config import DataConfig, SplitConfig
 from pipeline.errors import StorageError
-from pipeline.prepare import prepare_dataset
-from pipeline.shards import MANIFEST, open_dataset
+from pipeline.data.prepare import prepare_dataset
+from pipeline.data.shards import MANIFEST, open_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DATA = DataConfig(splits=SplitConfig(max_tokens=6000), tokens_per_shard=1000)
@@ -47,7 +47,7 @@ KILLED_PUBLISH = textwrap.dedent("""
     import os, signal, sys
     import s3fs
     from pipeline.config import DataConfig, SplitConfig
-    from pipeline.prepare import prepare_dataset
+    from pipeline.data.prepare import prepare_dataset
 
     copies = 0
     real_copy = s3fs.S3FileSystem.copy
@@ -109,7 +109,7 @@ def test_a_file_written_by_another_process_is_seen_at_once(s3_root):
 
 
 def test_an_invalid_bucket_fails_at_once_and_is_not_retried(s3_server, monkeypatch):
-    from pipeline.corpus import fetch_corpus
+    from pipeline.data.corpus import fetch_corpus
     from tasks.retries import is_retryable
 
     for key, value in s3_server.env.items():
@@ -143,8 +143,8 @@ def test_a_trainer_killed_mid_run_resumes_from_its_s3_checkpoint(tmp_path, s3_ro
 
     import torch
 
-    from pipeline.checkpoint import list_checkpoints
-    from pipeline.metrics import read_epochs
+    from pipeline.training.checkpoint import list_checkpoints
+    from pipeline.training.metrics import read_epochs
     from tests.test_train import TINY, child_env, trainer_cmd, write_inputs
 
     dataset, config = write_inputs(tmp_path, {**TINY, "dropout": 0.2},

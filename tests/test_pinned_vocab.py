@@ -10,8 +10,8 @@ import pytest
 
 from pipeline.config import DataConfig, parse_config
 from pipeline.errors import ConfigError, DatasetError
-from pipeline.prepare import prepare_dataset
-from pipeline.tokenizer import UNK, tokenize
+from pipeline.data.prepare import prepare_dataset
+from pipeline.data.tokenizer import UNK, tokenize
 
 NIGHT_1 = "the time traveller was expounding a recondite matter to us\nhis grey eyes shone and twinkled\n" * 4
 NIGHT_2 = NIGHT_1 + "the fire burned brightly and the soft radiance of the incandescent lights\n"
@@ -83,7 +83,7 @@ def test_pinned_excludes_settings_that_build_a_vocabulary():
     assert DataConfig.model_validate(cfg.model_dump(mode="json")) == cfg
 
 
-# ------------------------------------------------ --pin-vocab champion (pipeline.champion_vocab)
+# ------------------------------------------------ --pin-vocab champion (pipeline.registry.champion_vocab)
 
 
 def run_config(url: str, **vocab):
@@ -93,14 +93,14 @@ def run_config(url: str, **vocab):
 
 
 def test_pin_to_champion_without_a_champion_proceeds_unpinned(tmp_path, store):
-    from pipeline.champion_vocab import pin_to_champion
+    from pipeline.registry.champion_vocab import pin_to_champion
 
     cfg = run_config(corpus(tmp_path, NIGHT_1), min_freq=2)
     assert pin_to_champion(cfg, "rnnlm-nobody", store) == cfg  # no such registered model: no champion yet
 
 
 def test_pin_to_champion_fails_closed_when_the_registry_cannot_be_read(tmp_path, store):
-    from pipeline.champion_vocab import pin_to_champion
+    from pipeline.registry.champion_vocab import pin_to_champion
     from pipeline.errors import RegistryUnavailableError
 
     Path(store).mkdir(parents=True)
@@ -111,7 +111,7 @@ def test_pin_to_champion_fails_closed_when_the_registry_cannot_be_read(tmp_path,
 
 
 def test_pin_to_champion_refuses_a_second_pin(tmp_path, store):
-    from pipeline.champion_vocab import pin_to_champion
+    from pipeline.registry.champion_vocab import pin_to_champion
 
     first = prepare_dataset(config(corpus(tmp_path, NIGHT_1)), store)
     with pytest.raises(ConfigError, match="both pin"):

@@ -1,4 +1,4 @@
-"""Mixed precision on CPU: bf16 autocast and the fp16 gradient scaler (pipeline.precision)."""
+"""Mixed precision on CPU: bf16 autocast and the fp16 gradient scaler (pipeline.training.precision)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 
 from pipeline.config import ModelConfig
 from pipeline.errors import ConfigError
-from pipeline.models import build_model
-from pipeline.precision import MixedPrecision
-from pipeline.optim import clip_grad_norm_
+from pipeline.model.models import build_model
+from pipeline.training.precision import MixedPrecision
+from pipeline.training.optim import clip_grad_norm_
 
 torch.set_num_threads(1)
 
@@ -91,10 +91,10 @@ def test_fp32_is_a_no_op_and_bad_precision_is_named():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_trainer_in_mixed_precision_on_cpu_tracks_fp32(tmp_path, monkeypatch, precision):
-    """Through pipeline.train: autocast, the scaler (fp16) and its checkpointed state."""
-    from pipeline.checkpoint import latest_valid
+    """Through pipeline.training.train: autocast, the scaler (fp16) and its checkpointed state."""
+    from pipeline.training.checkpoint import latest_valid
     from pipeline.config import TrainConfig
-    from pipeline.train import train
+    from pipeline.training.train import train
     from tests.test_train import corpus
 
     monkeypatch.setenv("RNNLM_NUM_THREADS", "1")

@@ -23,9 +23,9 @@ import torch
 
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import ConfigError
-from pipeline.launch import launch_training
-from pipeline.ray_launch import RayCluster
-from pipeline.train import Dist, train
+from pipeline.training.launch import launch_training
+from pipeline.training.ray_launch import RayCluster
+from pipeline.training.train import Dist, train
 from tests.test_train import child_env, corpus, epochs_of, one_thread, weights, write_inputs  # noqa: F401
 
 try:
@@ -171,7 +171,7 @@ def test_rnnlm_run_with_the_ray_launcher_registers_a_model(cluster, tmp_path):
 
 def test_sigterm_to_the_driver_stops_the_workers_on_every_node(inputs, cluster, tmp_path):
     """Cancelling the train task (SIGTERM to the driver child) leaves no training running on the cluster."""
-    from pipeline.launch import TrainingFailedError
+    from pipeline.training.launch import TrainingFailedError
 
     lines: list[str] = []
     outcome: dict[str, object] = {}
@@ -191,7 +191,7 @@ def test_sigterm_to_the_driver_stops_the_workers_on_every_node(inputs, cluster, 
             assert time.monotonic() < deadline, "timed out waiting for training to start"
             time.sleep(0.05)
         workers = [psutil.Process(pid) for _, pid in placements(lines).values()]
-        (driver,) = [p for p in psutil.Process().children() if "pipeline.ray_launch" in p.cmdline()]
+        (driver,) = [p for p in psutil.Process().children() if "pipeline.training.ray_launch" in p.cmdline()]
         driver.terminate()
     finally:
         thread.join(timeout=120)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.ray_launch import RayCluster, check_capacity, check_devices, worker_line
+from pipeline.training.ray_launch import RayCluster, check_capacity, check_devices, worker_line
 
 
 def test_pipeline_imports_and_reports_a_clear_error_without_ray(tmp_path):
@@ -19,8 +19,8 @@ def test_pipeline_imports_and_reports_a_clear_error_without_ray(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("train: {epochs: 1}\n")
     code = ("import sys; sys.modules['ray'] = None\n"
-            "import pipeline.launch, pipeline.train, tasks.train\n"
-            "from pipeline.ray_launch import main\n"
+            "import pipeline.training.launch, pipeline.training.train, tasks.train\n"
+            "from pipeline.training.ray_launch import main\n"
             f"sys.exit(main(['--workers', '2', '--run-dir', {str(tmp_path / 'run')!r}, '--dataset', 'x.npz', "
             f"'--config', {str(config)!r}]))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

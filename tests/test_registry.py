@@ -25,12 +25,13 @@ import pytest
 import torch
 
 from flows.servers import TELEMETRY_OFF
-from pipeline import consumer, errors, gate, packaging, run_logging, tracking
+from pipeline import errors
+from pipeline.registry import consumer, gate, packaging, run_logging, tracking
 from pipeline.config import DataConfig, ModelConfig, RunConfig, SourceConfig, SplitConfig, TrainConfig
 from pipeline.errors import CheckpointError, NonFiniteLossError
-from pipeline.lm import LanguageModel, write_lm_metadata
-from pipeline.prepare import prepare_dataset
-from pipeline.train import train
+from pipeline.model.lm import LanguageModel, write_lm_metadata
+from pipeline.data.prepare import prepare_dataset
+from pipeline.training.train import train
 
 from tests.servers import free_port
 
@@ -336,9 +337,10 @@ def test_gate_reevaluates_champion_trained_on_other_data(trained):
 WORKER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from pipeline import consumer, errors, gate, packaging, run_logging, tracking
+    from pipeline import errors
+    from pipeline.registry import consumer, gate, packaging, run_logging, tracking
     from pipeline.config import RunConfig
-    from pipeline.shards import open_dataset
+    from pipeline.data.shards import open_dataset
     run_dir, dataset_uri, config_json, go = sys.argv[1:5]
     dataset = open_dataset(dataset_uri)
     config = RunConfig.model_validate_json(config_json)
@@ -437,7 +439,8 @@ def test_clean_process_loads_champion_and_matches(trained, tmp_path, store):
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "/code/pipeline/" in out["pipeline_file"] and str(REPO) not in out["pipeline_file"]
-    shipped = {"pipeline"} | {f"pipeline.{m[:-3]}" for m in packaging.SHIPPED_MODULES if m != "__init__.py"}
+    shipped = {f"pipeline/{m}".removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+               for m in packaging.SHIPPED_MODULES}
     assert set(out["pipeline_modules"]) <= shipped
     assert out["rnn"] == "GRU"  # served with torch's GRU, whatever backend trained it
 

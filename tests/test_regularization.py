@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from pipeline.config import ModelConfig
-from pipeline.models import build_model
-from pipeline.regularization import activation_penalty, drop_weight, embedding_dropout, locked_dropout
+from pipeline.model.models import build_model
+from pipeline.model.regularization import activation_penalty, drop_weight, embedding_dropout, locked_dropout
 
 torch.set_num_threads(1)
 

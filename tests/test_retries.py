@@ -41,7 +41,7 @@ def test_network_and_store_hiccups_are_retried(exc):
 
 
 def test_pyproject_torch_lower_bound_has_the_apis_the_trainer_calls():
-    assert any("get_total_norm" in p.read_text() for p in (REPO / "pipeline").glob("*.py"))  # new in torch 2.6
+    assert any("get_total_norm" in p.read_text() for p in (REPO / "pipeline").rglob("*.py"))  # new in torch 2.6
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     torch = next(Requirement(d) for d in deps if Requirement(d).name == "torch")
     assert not torch.specifier.contains("2.5.1") and torch.specifier.contains("2.6.0")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.sampling import batches, num_batches, rank_rows
+from pipeline.data.sampling import batches, num_batches, rank_rows
 
 TOY = np.arange(35)
 B, T = 2, 5
@@ -192,7 +192,7 @@ def test_variable_lengths_are_seeded_resumable_and_shared_by_ranks():
 
 
 def test_bptt_lengths_fit_the_stream_even_when_the_draws_overrun():
-    from pipeline.sampling import bptt_lengths
+    from pipeline.data.sampling import bptt_lengths
 
     for seed in range(300):  # some of these overrun n * num_steps before clipping
         for num_steps in (3, 5, 12, 64):
@@ -209,7 +209,7 @@ def test_variable_lengths_need_sequential_sampling():
 def test_variable_lengths_on_the_device_equal_the_host_batches():
     import torch
 
-    from pipeline.sampling import device_batches
+    from pipeline.data.sampling import device_batches
 
     corpus = np.arange(3_000)
     kwargs = dict(seed=5, epoch=1, rank=1, world_size=2, start=2, variable_length=True)

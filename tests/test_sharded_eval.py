@@ -9,8 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.config import ModelConfig
-from pipeline.evaluate import mean_cross_entropy
-from pipeline.models import build_model
+from pipeline.model.evaluate import mean_cross_entropy
+from pipeline.model.models import build_model
 
 V = 17
 

@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import TIMEMACHINE_SHA1, ConfigError, DataConfig, SourceConfig, TokenizerConfig, parse_config
-from pipeline.corpus import fetch_corpus
+from pipeline.data.corpus import fetch_corpus
 from pipeline.errors import DatasetError
-from pipeline.prepare import dataset_id, plan_chunks, prepare_dataset
-from pipeline.shards import open_dataset
-from pipeline.tokenizer import tokenize
-from pipeline.vocab import UNK, Vocab
+from pipeline.data.prepare import dataset_id, plan_chunks, prepare_dataset
+from pipeline.data.shards import open_dataset
+from pipeline.data.tokenizer import tokenize
+from pipeline.data.vocab import UNK, Vocab
 
 SPLITS = ("train", "val", "test")
 D2L_FIRST_IDS = [3, 9, 2, 1, 3, 5, 13, 2, 1, 13]

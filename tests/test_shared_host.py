@@ -1,5 +1,5 @@
 """How the trainer's OpenMP threads wait: libgomp's spinning on a free host, PASSIVE where the
-trainer would oversubscribe the cores (pipeline.launch)."""
+trainer would oversubscribe the cores (pipeline.training.launch)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from pipeline import launch
-from pipeline.launch import launch_training, trainer_env, wait_policy
+from pipeline.training import launch
+from pipeline.training.launch import launch_training, trainer_env, wait_policy
 
 
 @pytest.fixture

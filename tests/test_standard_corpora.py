@@ -16,9 +16,9 @@ import torch
 from pipeline.config import DataConfig, RunConfig, parse_config
 from pipeline.config_sources import apply_overrides, read_raw
 from pipeline.errors import ConfigError, CorpusError
-from pipeline.metrics import bits_per_token, with_bits
-from pipeline.prepare import prepare_dataset, summary
-from pipeline.tokenizer import UNK
+from pipeline.training.metrics import bits_per_token, with_bits
+from pipeline.data.prepare import prepare_dataset, summary
+from pipeline.data.tokenizer import UNK
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PTB = FIXTURES / "ptb"
@@ -221,7 +221,7 @@ def test_root_dir_is_not_part_of_the_dataset_id(tmp_path, store):
 
 
 def test_a_preset_trains_a_few_steps_on_its_local_copy(tmp_path, store, monkeypatch):
-    from pipeline.train import train
+    from pipeline.training.train import train
 
     monkeypatch.setenv("RNNLM_NUM_THREADS", "1")
     cfg = preset_config("ptb-word-small", PTB, **{

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pytest
 
 from pipeline.config import ConfigError, DataConfig, SourceConfig, TokenizerConfig, VocabConfig, parse_config
-from pipeline.prepare import prepare_dataset
-from pipeline.tokenizer import EOS, char_codes, normalize, tokenize, word_tokens
-from pipeline.vocab import UNK, Vocab, count_values, merge_counts
+from pipeline.data.prepare import prepare_dataset
+from pipeline.data.tokenizer import EOS, char_codes, normalize, tokenize, word_tokens
+from pipeline.data.vocab import UNK, Vocab, count_values, merge_counts
 
 CHAR = TokenizerConfig(level="char")  # d2l: normalizer d2l, newlines drop
 WORD = TokenizerConfig(level="word")

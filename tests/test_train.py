@@ -24,12 +24,12 @@ import pytest
 import torch
 import yaml
 
-from pipeline.checkpoint import latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
+from pipeline.training.checkpoint import latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import EXIT_DO_NOT_RETRY, CheckpointError, NonFiniteLossError
-from pipeline.launch import launch_training
-from pipeline.optim import LRSchedule, clip_grad_norm_
-from pipeline.train import main, train
+from pipeline.training.launch import launch_training
+from pipeline.training.optim import LRSchedule, clip_grad_norm_
+from pipeline.training.train import main, train
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = REPO / "pipeline" / "data" / "timemachine.txt"
@@ -81,7 +81,7 @@ def one_thread(monkeypatch):
 
 
 def trainer_cmd(run_dir, dataset, config) -> list[str]:
-    return [sys.executable, "-m", "pipeline.train", "--run-dir", str(run_dir), "--dataset", dataset,
+    return [sys.executable, "-m", "pipeline.training.train", "--run-dir", str(run_dir), "--dataset", dataset,
             "--config", config]
 
 
@@ -345,8 +345,8 @@ def test_mid_epoch_resume_is_bit_exact(tmp_path, cell):
 
 def test_keep_best_ships_the_epoch_with_the_lowest_val_ppl(tmp_path):
     """A tiny training set overfits within a few epochs: validation bottoms out, then rises."""
-    from pipeline.evaluate import perplexity
-    from pipeline.models import build_model
+    from pipeline.model.evaluate import perplexity
+    from pipeline.model.models import build_model
 
     tr, va, vocab = corpus(3000, val_tokens=2000)
     model_cfg = ModelConfig(cell="gru", hidden_size=128, embed_size=16)

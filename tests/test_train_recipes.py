@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import list_checkpoints, load_checkpoint
+from pipeline.training.checkpoint import list_checkpoints, load_checkpoint
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.config_sources import load_run_config
-from pipeline.distributed import Dist
+from pipeline.training.distributed import Dist
 from pipeline.errors import ConfigError
-from pipeline.evaluate import perplexity
-from pipeline.models import build_model
-from pipeline.optim import LRSchedule
-from pipeline.train import train
+from pipeline.model.evaluate import perplexity
+from pipeline.model.models import build_model
+from pipeline.training.optim import LRSchedule
+from pipeline.training.train import train
 from tests.test_train import corpus, epochs_of, one_thread, weights  # noqa: F401
 
 GRU = dict(cell="gru", hidden_size=64, embed_size=16, init="default")
@@ -191,7 +191,7 @@ def test_quality_bench_counts_only_the_epochs_within_the_budget():
 
 def test_checkpoints_from_before_the_new_fields_still_resume():
     # A checkpoint written before issue 14 lacks the new config keys: they count as their defaults.
-    from pipeline.checkpoint import check_compatible
+    from pipeline.training.checkpoint import check_compatible
     from pipeline.errors import CheckpointError
 
     model, cfg = ModelConfig(**GRU), TrainConfig(**SGD)

@@ -14,13 +14,13 @@ import psutil
 import pytest
 import torch
 
-from pipeline.checkpoint import list_checkpoints
+from pipeline.training.checkpoint import list_checkpoints
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import NonFiniteLossError
-from pipeline.evaluate import perplexity
-from pipeline.launch import run_directory
-from pipeline.models import build_model
-from pipeline.train import train
+from pipeline.model.evaluate import perplexity
+from pipeline.training.launch import run_directory
+from pipeline.model.models import build_model
+from pipeline.training.train import train
 from tests.test_cli import RNNLM, SMALL, env, rnnlm
 from tests.test_train import TINY, child_env, corpus, epochs_of, one_thread, weights, write_inputs  # noqa: F401
 
@@ -113,7 +113,7 @@ def test_rnnlm_train_on_a_diverging_config_exits_do_not_retry_and_ships_nothing(
 
 
 def test_the_trainers_validation_is_the_one_evaluation(tmp_path):
-    """Whatever the training batch, val_ppl is pipeline.evaluate's figure for the shipped model, bit for bit."""
+    """Whatever the training batch, val_ppl is pipeline.model.evaluate's figure for the shipped model, bit for bit."""
     tr, va, vocab = corpus(12_000)
     model_cfg = ModelConfig(**TINY)
     result = train(tr, va, vocab, model_cfg, TrainConfig(epochs=2, batch_size=8, num_steps=20, optimizer="adam",
@@ -180,7 +180,7 @@ SUPERVISOR = textwrap.dedent("""
     for line in launcher.stdout:
         if line.startswith('{"event": "epoch"'):
             break
-    [trainer] = [p for p in psutil.Process(launcher.pid).children() if "pipeline.train" in p.cmdline()]
+    [trainer] = [p for p in psutil.Process(launcher.pid).children() if "pipeline.training.train" in p.cmdline()]
     launcher.kill()
     launcher.wait()
     _, status = os.waitpid(trainer.pid, 0)

@@ -1,0 +1,45 @@
+"""The token splits a training run reads: loaded from a dataset URI, checked before any work."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline import storage
+from pipeline.config import TrainConfig
+from pipeline.errors import ConfigError, DatasetError
+from pipeline.data.sampling import num_batches
+
+
+def load_dataset(uri: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(train ids, val ids, vocab size) of a prepared dataset.
+
+    ``*.npz`` files with ``train``, ``val`` and ``vocab_size`` arrays are read
+    directly (tests, quick experiments); anything else goes to ``pipeline.data.shards``.
+    """
+    if uri.endswith(".npz"):
+        try:
+            with np.load(storage.local_path(uri)) as z:
+                return z["train"], z["val"], int(z["vocab_size"])
+        except (OSError, KeyError, ValueError) as e:
+            raise DatasetError(f"dataset {uri} is unusable: {e}") from None
+    from pipeline.data.shards import open_dataset
+
+    ds = open_dataset(uri)
+    return np.asarray(ds.split("train")), np.asarray(ds.split("val")), int(ds.vocab_size)
+
+
+
+def check_inputs(train_ids, val_ids, vocab_size, cfg: TrainConfig, world_size: int) -> None:
+    """Fail early, and as do-not-retry, on inputs that cannot work."""
+    if cfg.batch_size % world_size:
+        raise ConfigError(f"train.batch_size {cfg.batch_size} is not divisible by the "
+                          f"{world_size} ranks (it is the global batch)")
+    if num_batches(len(train_ids), cfg.batch_size, cfg.num_steps, cfg.sampling) < 1:
+        raise ConfigError(f"the training split ({len(train_ids)} tokens) is too short for one "
+                          f"batch of {cfg.batch_size} x {cfg.num_steps} tokens")
+    for name, ids in (("train", train_ids), ("val", val_ids)):
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise DatasetError(f"{name} split must be 1-D integer token ids, got {ids.dtype} {ids.shape}")
+        if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise DatasetError(f"{name} split has token ids outside [0, {vocab_size}): "
+                               f"[{ids.min()}, {ids.max()}]")

@@ -1,0 +1,129 @@
+"""One training run's state: what it carries from step to step (``Run``, built fresh by
+``start_run``: model, optimizer, schedule), what an epoch adds up to (``EpochTotals``), and
+the dropout reseeding that makes a resumed run repeat the uninterrupted one (``reseed``).
+The loop that drives them is ``pipeline.training.train``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import storage
+from pipeline.training.averaging import NTAverage
+from pipeline.config import ModelConfig, TrainConfig
+from pipeline.training.distributed import Dist
+from pipeline.training.divergence import FiniteWatch
+from pipeline.model.evaluate import perplexity
+from pipeline.training.metrics import metrics_uri
+from pipeline.model.models import build_model
+from pipeline.training.optim import LRSchedule, make_optimizer
+from pipeline.training.precision import MixedPrecision, set_matmul_precision
+from pipeline.training.rundir import remove
+from pipeline.data.sampling import num_batches, token_tensor
+from pipeline.training.stopping import EarlyStopping
+
+
+@dataclass
+class Run:
+    """One training run: its fixed inputs, the objects being trained, and how far it got."""
+
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+    vocab_size: int
+    model_cfg: ModelConfig
+    cfg: TrainConfig
+    run_dir: str
+    ckpt_dir: str
+    d: Dist
+    model: torch.nn.Module
+    ddp_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    watch: FiniteWatch
+    mp: MixedPrecision
+    steps_per_epoch: int
+    averager: NTAverage | None  # nt_asgd: the trigger and the averaged weights
+    early_stopping: EarlyStopping
+    train_tokens: torch.Tensor | None = None  # CUDA: the training split on the device
+    epoch: int = 0  # completed epochs
+    step: int = 0  # completed optimizer steps (global: the same on every rank)
+    elapsed_before: float = 0.0  # training seconds of earlier attempts (from the checkpoint)
+    hidden: list[torch.Tensor] | None = None  # mid-epoch resume, sequential: the global state
+    stats: dict[str, float] = field(default_factory=lambda: {"loss_sum": 0.0, "norm_sum": 0.0})
+    best: dict[str, Any] = field(default_factory=lambda: {"val_ppl": math.inf, "epoch": 0, "model": None})
+    last_checkpoint: str | None = None  # rank 0: the newest checkpoint written or resumed from
+    epochs_run: int = 0  # epochs ended in this attempt
+    tokens_trained: int = 0
+    train_time: float = 0.0
+    val_ppl: float | None = None  # the last epoch's; None without a validation split
+    stop: bool = False  # max_minutes reached, or early stopping
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def metrics(self) -> str:
+        return metrics_uri(self.run_dir)
+
+    @property
+    def evaluated_model(self) -> torch.nn.Module:
+        """What is validated, kept as best and shipped: the averaged weights once NT-ASGD averages."""
+        return self.averager.evaluated_model() if self.averager else self.model
+
+    @property
+    def has_validation(self) -> bool:
+        return len(self.val_ids) >= 2
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+    def validate(self) -> float | None:
+        """The validation perplexity (of the averaged weights once NT-ASGD averages) with the
+        pipeline's one evaluation setting (pipeline.model.evaluate), sharded: each rank scores a contiguous
+        slice of the streams and one all-reduce gives every rank the single-process figure. Called
+        on every rank."""
+        if not self.has_validation:
+            return None
+        return perplexity(self.evaluated_model, self.val_ids, device=self.d.device, rank=self.d.rank,
+                          world_size=self.d.world_size)
+
+
+@dataclass
+class EpochTotals:
+    """What one (possibly partial) epoch adds up to, summed over ranks."""
+
+    loss_sum: float
+    norm_sum: float
+    steps: int  # trained by this process in this attempt
+    tokens: int  # in those steps, global (all ranks)
+    seconds: float
+
+
+def start_run(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int, model_cfg: ModelConfig,
+              cfg: TrainConfig, run_dir: str, ckpt_dir: str, d: Dist) -> Run:
+    """A fresh model, optimizer and schedule. Same seed on every rank -> same init (DDP broadcasts it anyway)."""
+    if d.is_main:
+        fs, path = storage.filesystem(run_dir)
+        fs.makedirs(path, exist_ok=True)
+        remove(storage.join(run_dir, "FAILED.json"))  # a stale verdict from an earlier attempt
+    torch.manual_seed(cfg.seed)
+    set_matmul_precision(cfg.tf32, d.device)
+    model = build_model(model_cfg, vocab_size).to(d.device)
+    optimizer = make_optimizer(model, cfg)
+    # On a GPU the split lives there (a byte per token at char level) and batches are sliced
+    # there; on CPU the sampler's numpy batches are already where they are needed.
+    tokens = token_tensor(train_ids, vocab_size, d.device) if d.device.type == "cuda" else None
+    return Run(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d, model, model,
+               optimizer, LRSchedule(optimizer, cfg), FiniteWatch(d.device), MixedPrecision(cfg.precision, d.device),
+               num_batches(len(train_ids), cfg.batch_size, cfg.num_steps, cfg.sampling),
+               NTAverage(model, cfg.nt_asgd_window) if cfg.optimizer == "nt_asgd" else None,
+               EarlyStopping(cfg.patience), train_tokens=tokens)
+
+
+def reseed(seed: int, epoch: int, step: int, rank: int) -> None:
+    """Dropout RNG for the stretch of training that starts at (epoch, step) on ``rank``."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1)[0]))
