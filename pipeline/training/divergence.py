@@ -36,20 +36,22 @@ class FiniteWatch:
     asynchronously and read ``lag`` steps later, so the host runs up to ``lag`` steps ahead of
     the device and the queue never drains; the error still names the step that diverged.
     ``flush()`` (before every checkpoint and at the end of the epoch) reads every pending flag,
-    so bad weights never reach a checkpoint.
+    so bad weights never reach a checkpoint. ``deferred=True`` runs the lagged bookkeeping on a
+    CPU too (tests guard the GPU's logic with it).
     """
 
-    def __init__(self, device: torch.device, lag: int = 4):
-        self.cuda = device.type == "cuda"
+    def __init__(self, device: torch.device, lag: int = 4, deferred: bool | None = None):
+        cuda = device.type == "cuda"
+        self.deferred = cuda if deferred is None else deferred
         self.lag = lag
-        if self.cuda:
-            self.host = torch.ones(lag, dtype=torch.bool, pin_memory=True)
-            self.events = [torch.cuda.Event() for _ in range(lag)]
+        if self.deferred:
+            self.host = torch.ones(lag, dtype=torch.bool, pin_memory=cuda)
+            self.events = [torch.cuda.Event() for _ in range(lag)] if cuda else None
         self.pending: deque[tuple[int, int]] = deque()  # (slot, step), oldest first
         self.pushed = 0
 
     def push(self, value: torch.Tensor, step: int) -> None:
-        if not self.cuda:
+        if not self.deferred:
             if not torch.isfinite(value):
                 raise non_finite(step)
             return
@@ -58,7 +60,8 @@ class FiniteWatch:
         slot = self.pushed % self.lag
         self.pushed += 1
         self.host[slot].copy_(torch.isfinite(value), non_blocking=True)
-        self.events[slot].record()
+        if self.events:
+            self.events[slot].record()
         self.pending.append((slot, step))
 
     def flush(self) -> None:
@@ -66,7 +69,8 @@ class FiniteWatch:
             self._read(*self.pending.popleft())
 
     def _read(self, slot: int, step: int) -> None:
-        self.events[slot].synchronize()
+        if self.events:
+            self.events[slot].synchronize()
         if not self.host[slot]:
             self.pending.clear()
             raise non_finite(step)
