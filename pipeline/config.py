@@ -183,7 +183,8 @@ class ModelConfig(Strict):
     Regularisation (all off by default, active in train mode only). ``dropout`` is d2l's
     element-wise dropout between layers and on the output. The AWD-LSTM recipe (Merity et
     al. 2017) uses instead *locked* dropout, one mask per sequence shared by every time step:
-    on the embedding output (``dropout_input``), between layers (``dropout_between``) and on
+    on the embedding output (``dropout_input``; ``dropout_input_mode="per_step"`` draws a mask
+    per time step instead, as Zaremba et al. 2014 do), between layers (``dropout_between``) and on
     the last layer's output (``dropout_output``); plus ``dropout_embedding`` (whole words
     dropped from the embedding) and ``weight_drop`` (DropConnect on the hidden-to-hidden
     weights, one mask per batch).
@@ -200,6 +201,9 @@ class ModelConfig(Strict):
     init: Literal["normal", "uniform", "default"] = "normal"
     init_scale: float = Field(default=0.01, gt=0)  # std for "normal", range for "uniform"
     dropout_input: float = Field(default=0.0, ge=0, lt=1)
+    # "per_step": a fresh mask at every time step (Zaremba et al. 2014's dropout on the
+    # embeddings' output) instead of one locked mask per sequence.
+    dropout_input_mode: Literal["locked", "per_step"] = "locked"
     dropout_between: float = Field(default=0.0, ge=0, lt=1)
     dropout_output: float = Field(default=0.0, ge=0, lt=1)
     dropout_embedding: float = Field(default=0.0, ge=0, lt=1)
@@ -219,6 +223,8 @@ class ModelConfig(Strict):
         if self.dropout and (self.dropout_between or self.dropout_output):
             raise ValueError("dropout (element-wise) and dropout_between/dropout_output (locked) act at "
                              "the same places: set one kind")
+        if self.dropout_input_mode == "per_step" and not self.dropout_input:
+            raise ValueError("dropout_input_mode='per_step' needs dropout_input > 0")
         if self.softmax == "adaptive":
             cuts = self.adaptive_cutoffs
             if not cuts or cuts[0] < 1 or any(b <= a for a, b in zip(cuts, cuts[1:])):

@@ -208,3 +208,37 @@ def test_weight_drop_on_cudnn_flattens_without_warnings(cell):
         model.eval()
         with torch.no_grad():
             model(X)
+
+
+@pytest.mark.parametrize("mode", ["locked", "per_step"])
+def test_input_dropout_masks_per_sequence_or_per_time_step(mode):
+    """ptb-word-medium drops the embeddings' output with a fresh mask at every time step, as
+    Zaremba et al. do; AWD-LSTM locks one mask per sequence."""
+    model = build_model(cfg(cell="lstm", embed_size=64, dropout_input=0.5, dropout_input_mode=mode), V).train()
+    seen = {}
+    model.rnn.register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0]))
+    torch.manual_seed(0)
+    model(torch.full((B, T), 3))  # one word at every step: its embedding is the same everywhere
+    x = seen["x"]  # (T, B, E), what the stack received
+    kept = x != 0
+    across_time = torch.equal(kept, kept[:1].expand_as(kept))
+    assert across_time == (mode == "locked")
+    assert 0.3 < (~kept).float().mean() < 0.7
+    model.eval()
+    seen.clear()
+    model(torch.full((B, T), 3))
+    assert (seen["x"] != 0).all()  # no dropout in eval mode
+
+
+def test_per_step_input_dropout_needs_a_rate():
+    with pytest.raises(ValidationError, match="dropout_input_mode='per_step' needs dropout_input > 0"):
+        cfg(dropout_input_mode="per_step")
+
+
+def test_the_ptb_medium_presets_are_the_papers_model():
+    from pipeline.config_sources import load_run_config
+
+    medium, tied = load_run_config("ptb-word-medium").model, load_run_config("ptb-word-medium-tied").model
+    assert (medium.dropout, medium.dropout_input, medium.dropout_input_mode) == (0.5, 0.5, "per_step")
+    assert not medium.tie_weights and tied.tie_weights
+    assert tied.model_copy(update={"tie_weights": False}) == medium

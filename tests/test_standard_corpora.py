@@ -25,8 +25,8 @@ PTB = FIXTURES / "ptb"
 WIKI = FIXTURES / "wikitext-2"
 PTB_FILES = {"train": PTB / "ptb.train.txt", "val": PTB / "ptb.valid.txt", "test": PTB / "ptb.test.txt"}
 WIKI_FILES = {"train": WIKI / "wiki.train.tokens", "val": WIKI / "wiki.valid.tokens", "test": WIKI / "wiki.test.tokens"}
-PRESET_FIXTURES = {"ptb-word-small": PTB, "ptb-word-medium": PTB, "ptb-char": PTB, "wikitext2-word": WIKI,
-                   "ptb-word-awd": PTB}
+PRESET_FIXTURES = {"ptb-word-small": PTB, "ptb-word-medium": PTB, "ptb-word-medium-tied": PTB, "ptb-char": PTB,
+                   "wikitext2-word": WIKI, "ptb-word-awd": PTB}
 PTB_TOKENIZER = {"level": "word", "normalizer": "none", "eos": True}
 
 

@@ -111,7 +111,10 @@ class RNNLM(nn.Module):
         # carried across every step and window, where bf16's 8-bit mantissa loses it.
         with torch.autocast(X.device.type, enabled=False):
             x = embedding_dropout(self.embedding, X.T, cfg.dropout_embedding, training)
-            x = locked_dropout(x, cfg.dropout_input, training)
+            if cfg.dropout_input_mode == "per_step":
+                x = F.dropout(x, cfg.dropout_input, training)
+            else:
+                x = locked_dropout(x, cfg.dropout_input, training)
             if training and self.layerwise:
                 raw, state = self._run_layers(x, state)
             else:
