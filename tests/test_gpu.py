@@ -28,7 +28,8 @@ from pipeline.config import ModelConfig, TrainConfig
 from pipeline.model.evaluate import perplexity
 from pipeline.model.models import build_model
 from pipeline.training.train import train
-from tests.test_train import REPO, child_env, corpus, epochs_of, weights, write_inputs  # noqa: F401
+from tests.test_train import (REPO, check_divergence_names_its_step, child_env, corpus, epochs_of,  # noqa: F401
+                              weights, write_inputs)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per rank: 2 GPUs")
@@ -143,6 +144,4 @@ def test_tf32_is_on_by_default_on_cuda(tmp_path):
 def test_lagging_non_finite_check_names_the_step_and_keeps_good_checkpoints(tmp_path, monkeypatch):
     """The GPU reads each step's flag a few steps late: it still names the step that diverged and
     no checkpoint holds bad weights (a gradient made NaN at step 28, checkpoints every 1 and 10)."""
-    from tests.test_train_runs import check_divergence_names_its_step
-
     check_divergence_names_its_step(tmp_path, monkeypatch, "cuda", deferred=True)

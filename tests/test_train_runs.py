@@ -22,7 +22,8 @@ from pipeline.training.launch import run_directory
 from pipeline.model.models import build_model
 from pipeline.training.train import train
 from tests.test_cli import RNNLM, SMALL, env, rnnlm
-from tests.test_train import TINY, child_env, corpus, epochs_of, one_thread, weights, write_inputs  # noqa: F401
+from tests.test_train import (TINY, check_divergence_names_its_step, child_env, corpus, epochs_of,  # noqa: F401
+                              one_thread, weights, write_inputs)
 
 DIVERGING = {"optimizer": "sgd", "lr": 1e6, "clip_norm": None}  # the loss grows to ~1e7, never NaN
 
@@ -89,49 +90,6 @@ def test_divergence_after_a_good_checkpoint_keeps_it(tmp_path):
     assert kept and kept[-1] in str(caught.value)
     assert json.loads((tmp_path / "FAILED.json").read_text())["step"] == int(Path(kept[-1]).stem.split("-")[2]) + 1
     assert not (tmp_path / "model.pt").exists()
-
-
-def poison_gradient_at(monkeypatch, step: int) -> None:
-    """Models built from here on get a NaN gradient at their ``step``-th backward: a divergence at a
-    known step, on any device (a real one, an exploding lr, diverges wherever the numerics say)."""
-    from pipeline.training import run_state
-
-    real = run_state.build_model
-
-    def build(*args, **kwargs):
-        model = real(*args, **kwargs)
-        backwards = 0
-
-        def poison(grad):
-            nonlocal backwards
-            backwards += 1
-            return grad * float("nan") if backwards == step else grad
-
-        [p for p in model.parameters() if p.requires_grad][-1].register_hook(poison)
-        return model
-
-    monkeypatch.setattr(run_state, "build_model", build)
-
-
-def check_divergence_names_its_step(tmp_path, monkeypatch, device: str, deferred: bool) -> None:
-    """However late the watch reads a step's flag (``deferred``: ``lag`` steps, as on a GPU), the
-    error names the step that diverged and no checkpoint holds weights from it or after it."""
-    from pipeline.training import run_state
-    from pipeline.training.checkpoint import load_checkpoint
-    from pipeline.training.divergence import FiniteWatch
-
-    monkeypatch.setattr(run_state, "FiniteWatch", lambda dev: FiniteWatch(dev, deferred=deferred))
-    tr, va, vocab = corpus(20_000)  # 71 steps an epoch: step 28 is mid-epoch, its flag read at the checkpoint of step 30
-    for every, last_good in ((1, 27), (10, 20)):
-        poison_gradient_at(monkeypatch, 28)
-        run_dir = tmp_path / f"{device}-every{every}"
-        cfg = TrainConfig(epochs=2, batch_size=8, checkpoint_every_steps=every, keep_checkpoints=500, device=device)
-        with pytest.raises(NonFiniteLossError, match="at step 28"):
-            train(tr, va, vocab, ModelConfig(**TINY), cfg, str(run_dir))
-        assert json.loads((run_dir / "FAILED.json").read_text())["step"] == 28
-        last = load_checkpoint(list_checkpoints(str(run_dir / "checkpoints"))[-1])
-        assert last["step"] == last_good
-        assert all(torch.isfinite(t).all() for t in last["model"].values())
 
 
 @pytest.mark.parametrize("deferred", [False, True], ids=["immediate", "lagged"])
