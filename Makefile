@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SERVERS_STAMP := $(VENV)/.installed-servers
 
-.PHONY: setup setup-servers run test bench clean server deploy worker nightly test-deployments
+.PHONY: setup setup-servers run test bench gpu-check clean server deploy worker nightly test-deployments
 
 # Deployments (deployments/README.md): a Prefect server on 127.0.0.1, the work pools and
 # deployments of deployments/prefect.yaml, a worker per pool. PREFECT_API_URL wins if set.
@@ -42,6 +42,11 @@ bench: setup
 	$(BIN)/python bench/data_throughput.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/flow_overhead.py
+
+# The GPU path in one run (bench/gpu_check.py): on a GPU machine, `make gpu-check ARGS="--ptb-dir DIR"`;
+# here, a CPU smoke run: `make gpu-check ARGS="--device cpu"`.
+gpu-check: setup
+	PYTHON=$(BIN)/python bench/gpu_check.sh $(ARGS)
 
 server: setup
 	$(BIN)/rnnlm server --port $(PREFECT_PORT)

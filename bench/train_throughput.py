@@ -250,6 +250,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; the best of each counts")
     p.add_argument("--peer-rounds", type=int, default=40,
                    help="peers section: paired rounds (one d2l epoch and one trainer epoch each) per model")
+    p.add_argument("--softmax-vocabs", default="10000,50000,250000", help="softmax section: vocabulary sizes")
     p.add_argument("--ray-address", default="local", help="ray section: local (a private Ray), auto or ray://...")
     p.add_argument("--ray-steps", type=int, default=400,
                    help="ray section: steps per epoch (400: ~13 s on 2 cores, past Ray's start-up transients)")
@@ -282,7 +283,7 @@ def main() -> None:
     if "softmax" in sections:
         from bench.throughput_softmax import softmax_rows
 
-        rows = softmax_rows(REPO, device=args.device)
+        rows = softmax_rows(REPO, device=args.device, vocabs=[int(v) for v in args.softmax_vocabs.split(",")])
         print_rows("adaptive vs full softmax", rows)
         out.update(softmax_rows=rows, adaptive_speedup_250k=next(
             (r["speedup"] for r in rows if r["vocab"] == 250_000), None))
