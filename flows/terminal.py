@@ -6,6 +6,7 @@ With a log file (``rnnlm run``), the terminal gets each record without its trace
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -55,6 +56,25 @@ def configure_logging(verbose: bool, log_file: Optional[str] = None) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+
+
+@contextlib.contextmanager
+def console_warnings_only():
+    """While a live display holds the terminal: the terminal's log handlers show only warnings and
+    errors, written through the current ``sys.stderr`` (the display's proxy, which prints above
+    it); the log file still gets every record."""
+    consoles = [h for h in logging.getLogger().handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    saved = [(h, h.level, h.stream) for h in consoles]
+    for h in consoles:
+        h.setStream(sys.stderr)
+        h.setLevel(max(h.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for h, level, stream in saved:
+            h.setLevel(level)
+            h.setStream(stream)
 
 
 def verdict(message: str, args) -> None:
