@@ -31,7 +31,7 @@ import sys
 
 from flows.progress import live_progress, wanted
 from flows.servers import TELEMETRY_OFF
-from flows.terminal import configure_logging, run_log_file, verdict
+from flows.terminal import configure_logging, console_problems_only, run_log_file, verdict
 from pipeline.config_sources import DEFAULT_PRESET, load_run_config, preset_names
 from pipeline.errors import EXIT_DO_NOT_RETRY, EXIT_FAILED, ConfigError, GenerationInputError, PipelineError
 
@@ -73,9 +73,12 @@ def cmd_run(args) -> int:
         options["pin_vocab"] = args.pin_vocab
     if args.dask:
         options["dask"] = args.dask
-    with live_progress(wanted(args.quiet, args.verbose)):
+    show = wanted(args.quiet, args.verbose)
+    with live_progress(show):
         summary = run_main(args.config, args.root, args.overrides, options=options, print_summary=False)
     print_report(summary)
+    if show:
+        console_problems_only()  # the summary is the last word on a terminal; the log file has the rest
     return 0
 
 

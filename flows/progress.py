@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -135,16 +137,25 @@ class ProgressDisplay:
                              TextColumn("{task.fields[detail]}"), console=console, refresh_per_second=4)
         self.rows: dict[str, Any] = {}
         self.train = TrainView()
+        self.phase: tuple[Optional[str], int] = (None, 0)  # prepare's phase and its chunks done
+        self.lock = threading.Lock()  # mapped chunk tasks publish from several threads at once
 
     def __call__(self, event: dict[str, Any]) -> None:
+        with self.lock:
+            self._show(event)
+
+    def _show(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
         stage = event.get("stage") or ("train" if kind in ("epoch", "resume") else None)
         if stage == "train":
             self.train.absorb(event)
             done, total, detail = self.train.render()
         elif stage == "prepare" and kind == "progress":
-            done, total = int(event["done"]), int(event["total"])
-            detail = f"{event.get('phase')} {done}/{total} chunks"
+            phase, done, total = event.get("phase"), int(event["done"]), int(event["total"])
+            if phase == self.phase[0]:  # chunk tasks finishing together may publish out of order
+                done = max(done, self.phase[1])
+            self.phase = (phase, done)
+            detail = f"{phase} {done}/{total} chunks"
         else:
             return
         if stage not in self.rows:
@@ -153,7 +164,9 @@ class ProgressDisplay:
 
     def finish(self) -> None:
         """Fill every bar: the stages are done (a budget may end training short of its planned steps)."""
-        for row in self.rows.values():
+        with self.lock:
+            rows = list(self.rows.values())
+        for row in rows:
             task = self.bars.tasks[row]
             self.bars.update(row, completed=task.total, refresh=True)
 
@@ -177,9 +190,11 @@ def live_progress(enabled: bool) -> Iterator[Optional[ProgressDisplay]]:
         return
     from rich.console import Console
 
-    from flows.terminal import console_warnings_only
+    from flows.terminal import console_above_display
 
     display = ProgressDisplay(Console(stderr=True))
-    with display.bars, console_warnings_only(), progress.listening(display):
+    # MLflow logs through its own terminal handler, set up when the registry first imports it
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    with display.bars, console_above_display(), progress.listening(display):
         yield display
         display.finish()

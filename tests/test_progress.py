@@ -12,6 +12,7 @@ import select
 import struct
 import subprocess
 import termios
+import threading
 import time
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -20,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from flows.progress import TrainView, clock, epochs_in_budget
+from flows.progress import ProgressDisplay, TrainView, chunks_done, clock, epochs_in_budget
 from pipeline import progress
 from pipeline.training.progress import ProgressReporter
 from tests.test_cli import RNNLM, env, rnnlm
@@ -62,6 +63,13 @@ def in_terminal(*args: str, cwd: Path, timeout: float = 600, **extra) -> tuple[i
         os.close(master)
 
 
+def last_frame(screen: str) -> list[str]:
+    """The display's lines up to its last frame (it shows the cursor again when it stops), without
+    terminal escapes: the last frame's rows are the last lines."""
+    drawn = screen[:screen.rindex("\x1b[?25h")]
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn).rstrip().split("\n")
+
+
 def test_clock_and_the_epochs_a_budget_allows():
     assert clock(62) == "1:02" and clock(3725) == "1:02:05" and clock(None) == "?"
     assert epochs_in_budget(100, None, 12.0) == 100
@@ -81,6 +89,21 @@ def test_train_view_shows_the_budget_and_an_eta():
     assert (done, total) == (10, 190)  # 19 epochs of 10 steps fit the 3 minutes
     assert "epoch 1/≤19 (3-min budget)" in text and "step 10/10" in text and "12,345 tok/s" in text
     assert "loss 2.500" in text and "val ppl 9.88" in text and "0:10 / 3:00" in text and "ETA 3:00" in text
+
+
+def test_one_line_per_stage_when_chunk_tasks_report_from_many_threads():
+    from rich.console import Console
+
+    display = ProgressDisplay(Console(file=io.StringIO(), force_terminal=True, width=160))
+    hook = chunks_done("count", 64)
+    with display.bars, progress.listening(display):
+        threads = [threading.Thread(target=lambda: [hook(None, None, None) for _ in range(8)]) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert list(display.rows) == ["prepare"]
+    assert display.bars.tasks[0].completed == 64 and len(display.bars.tasks) == 1
 
 
 def test_the_trainer_prints_a_throttled_progress_line_only_when_asked(monkeypatch):
@@ -104,10 +127,14 @@ def test_the_trainer_prints_a_throttled_progress_line_only_when_asked(monkeypatc
 @pytest.mark.slow
 def test_run_on_a_terminal_shows_live_progress_and_piped_the_epoch_lines(tmp_path):
     (tmp_path / "tty").mkdir()
-    code, screen = in_terminal("run", "--no-register", *TRAINING, cwd=tmp_path / "tty", **FAST_LINES)
+    code, screen = in_terminal("run", "--no-register", *TRAINING, "--set", "data.chunk_bytes=16384",
+                               cwd=tmp_path / "tty", **FAST_LINES)
     assert code == 0, screen[-5000:]
     steps = {m.group(0) for m in STEP.finditer(screen)}
     assert len(steps) >= 3 and "tok/s" in screen and "loss " in screen and "epoch 6/6" in screen, screen[-5000:]
+    *_, before, prepare, train = last_frame(screen)  # one line per stage, however many chunk tasks report
+    assert re.match(r"prepare .* encode 11/11 chunks", prepare) and train.startswith("train ") \
+        and not before.startswith("prepare"), screen[-5000:]
     assert "rnnlm run: done" in screen  # the summary follows the display
     assert "checkpoint /" not in screen and "epoch 1/6: train ppl" not in screen  # the plain lines are in the log
     log = next((tmp_path / "tty" / ".rnnlm" / "logs").glob("run-*.log")).read_text()
