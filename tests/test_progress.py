@@ -67,7 +67,8 @@ def last_frame(screen: str) -> list[str]:
     """The display's lines up to its last frame (it shows the cursor again when it stops), without
     terminal escapes: the last frame's rows are the last lines."""
     drawn = screen[:screen.rindex("\x1b[?25h")]
-    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn).rstrip().split("\n")
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn)
+    return [line.rstrip() for line in re.split(r"[\r\n]+", plain) if line.strip()]
 
 
 def test_clock_and_the_epochs_a_budget_allows():
