@@ -5,8 +5,8 @@ length of a command. The stages publish (``prepare``: chunks counted and encoded
 the trainer's throttled progress lines and its per-epoch lines, relayed by the launcher) and
 the display turns each event into its stage's line, e.g.::
 
-    train    ━━━━━━━━━━━━━━━━━━━━━━━━  epoch 3/≤15 (3-min budget)  step 120/391  45,210 tok/s
-             loss 2.310  val ppl 9.87  1:02 / 3:00  ETA 1:58
+    prepare  ━━━━━━━━━━━━━━━━━━━━━━━━ encode 11/11 chunks
+    train    ━━━━━━━━━━╸━━━━━━━━━━━━━ epoch 3/≤15 (3-min budget)  step 120/391  45,210 tok/s  loss 2.310  val ppl 9.87  1:02 / 3:00  ETA 1:58
 
 While it shows, log records below WARNING go only to the log file (there is one for
 ``rnnlm run``); ``--quiet``, ``--verbose`` and output that is not a terminal keep the plain lines.
@@ -25,9 +25,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from pipeline import progress
-
-STAGES = ("prepare", "train")
-
 
 def wanted(quiet: bool, verbose: bool, stream=None) -> bool:
     """Show the display: on a terminal, unless the user asked for plain lines."""
