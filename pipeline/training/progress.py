@@ -20,10 +20,13 @@ from pipeline.training.metrics import finite_or_none, print_line
 
 
 class ProgressReporter:
+    """Rank 0's progress lines, every ``every_s`` seconds (default: ``$RNNLM_PROGRESS_EVERY_S``; unset: none)."""
+
     def __init__(self, is_main: bool, every_s: float | None = None):
         if every_s is None:
             every_s = float(os.environ[EVERY_S_ENV]) if os.environ.get(EVERY_S_ENV) else None
         self.every_s = every_s if is_main else None
+        self.epoch: int | None = None
         self.loss_sum: torch.Tensor | None = None
         self.steps = self.tokens = 0
         self.since = time.perf_counter()
@@ -31,6 +34,9 @@ class ProgressReporter:
     def step(self, run, loss: torch.Tensor, tokens: int) -> None:
         """Count one step of ``tokens`` tokens (global) and its loss; print a line when one is due."""
         if self.every_s is None:
+            return
+        if run.epoch != self.epoch:  # a new epoch (validation and a checkpoint since): start the window here
+            self.epoch, self.loss_sum, self.steps, self.tokens, self.since = run.epoch, None, 0, 0, time.perf_counter()
             return
         loss = loss.detach().float()
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
