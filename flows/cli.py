@@ -16,7 +16,9 @@
 A failure ends with one line, ``rnnlm: error: ...``, and exit code 3 when retrying cannot
 help (bad input or config), 1 otherwise. ``rnnlm run`` also writes its whole log, tracebacks
 included, to ``<root>/logs/run-<time>.log`` (named in that line); ``--verbose`` shows the
-tracebacks on the terminal too. Every command runs with telemetry off
+tracebacks on the terminal too. On a terminal, ``run``, ``train`` and ``prepare`` show one live
+progress line per stage (``flows.progress``); ``--quiet`` (or ``--verbose``, or output that is
+not a terminal) keeps the plain log lines. Every command runs with telemetry off
 (``flows.servers.TELEMETRY_OFF``), and so does every process it starts.
 """
 
@@ -27,8 +29,9 @@ import json
 import os
 import sys
 
+from flows.progress import live_progress, wanted
 from flows.servers import TELEMETRY_OFF
-from flows.terminal import configure_logging, run_log_file, verdict
+from flows.terminal import configure_logging, console_problems_only, run_log_file, verdict
 from pipeline.config_sources import DEFAULT_PRESET, load_run_config, preset_names
 from pipeline.errors import EXIT_DO_NOT_RETRY, EXIT_FAILED, ConfigError, GenerationInputError, PipelineError
 
@@ -38,6 +41,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=DEFAULT_PRESET, help=f"preset name or YAML file (default {DEFAULT_PRESET})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override one value, e.g. train.epochs=3")
     p.add_argument("--root", default=None, help="artifact storage root (default $RNNLM_STORAGE or ./.rnnlm)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no live progress display on a terminal: plain log lines, as in CI or a pipe")
 
 
 def _add_launcher_args(p: argparse.ArgumentParser) -> None:
@@ -59,6 +64,7 @@ def cmd_run(args) -> int:
     import prefect  # noqa: F401 (sets up its logging on import: ours goes on top)
 
     from flows.main import run_main
+    from flows.reports import print_report
 
     args.log_file = run_log_file(args.root)
     configure_logging(args.verbose, args.log_file)
@@ -67,7 +73,12 @@ def cmd_run(args) -> int:
         options["pin_vocab"] = args.pin_vocab
     if args.dask:
         options["dask"] = args.dask
-    run_main(args.config, args.root, args.overrides, options=options)
+    show = wanted(args.quiet, args.verbose)
+    with live_progress(show):
+        summary = run_main(args.config, args.root, args.overrides, options=options, print_summary=False)
+    print_report(summary)
+    if show:
+        console_problems_only()  # the summary is the last word on a terminal; the log file has the rest
     return 0
 
 
@@ -83,7 +94,8 @@ def cmd_prepare(args) -> int:
     from pipeline.data.prepare import prepare_dataset, summary
 
     cfg = load_run_config(args.config, args.overrides)
-    dataset = prepare_dataset(cfg.data, args.root)
+    with live_progress(wanted(args.quiet, args.verbose)):
+        dataset = prepare_dataset(cfg.data, args.root)
     print(json.dumps(summary(dataset), indent=2))
     return 0
 
@@ -99,12 +111,15 @@ def cmd_train(args) -> int:
     ray = RayCluster(address=opts["ray_address"], gpus_per_worker=opts["gpus_per_worker"]) if opts else None
     cfg = load_run_config(args.config, args.overrides)
     root = storage.storage_root(args.root)
-    dataset = prepare_dataset(cfg.data, root)
-    run_dir = run_directory(root, dataset.dataset_id, cfg.model, cfg.train)
-    where = f"Ray workers on {ray.address}" if ray else "process(es)"
-    print(f"training in {run_dir} on dataset {dataset.uri} with {args.nproc} {where}", flush=True)
-    result = launch_training(run_dir, dataset.uri, cfg, nproc=args.nproc, ray=ray,
-                             on_line=lambda line: print(line, flush=True))
+    show = wanted(args.quiet, args.verbose)
+    with live_progress(show):
+        dataset = prepare_dataset(cfg.data, root)
+        run_dir = run_directory(root, dataset.dataset_id, cfg.model, cfg.train)
+        where = f"Ray workers on {ray.address}" if ray else "process(es)"
+        print(f"training in {run_dir} on dataset {dataset.uri} with {args.nproc} {where}", flush=True)
+        # on a terminal the display shows the trainer's progress; its log lines stay out of the way
+        result = launch_training(run_dir, dataset.uri, cfg, nproc=args.nproc, ray=ray,
+                                 on_line=None if show else (lambda line: print(line, flush=True)))
     write_lm_metadata(run_dir, dataset)
     print(json.dumps({"run_dir": run_dir, **(result.result or {})}, indent=2))
     return 0

@@ -6,6 +6,7 @@ from typing import Any
 
 from prefect import flow, unmapped
 
+from flows.progress import chunks_done
 from flows.reports import state_names
 from flows.run_context import flow_run_id
 from flows.task_runners import default_task_runner
@@ -28,11 +29,12 @@ def prepare_data_flow(data: DataConfig = DataConfig(), options: PipelineOptions 
 
     chunks = plan([d for f in fetched for d in f["documents"]], data.chunk_bytes, data.tokenizer)
 
-    counts = bind(count_tokens, options).map(chunk=chunks, tokenizer=unmapped(data.tokenizer), root=unmapped(root))
+    counter = bind(count_tokens, options).with_options(on_completion=[chunks_done("count", len(chunks))])
+    counts = counter.map(chunk=chunks, tokenizer=unmapped(data.tokenizer), root=unmapped(root))
     vocab = bind(build_vocab, options).submit(chunks, counts, data, root)
 
-    encoded = bind(encode_shards, options).map(chunk=chunks, tokenizer=unmapped(data.tokenizer), vocab=unmapped(vocab),
-                                               root=unmapped(root))
+    encoder = bind(encode_shards, options).with_options(on_completion=[chunks_done("encode", len(chunks))])
+    encoded = encoder.map(chunk=chunks, tokenizer=unmapped(data.tokenizer), vocab=unmapped(vocab), root=unmapped(root))
     dataset = bind(write_shards, options).submit(fetched, data, vocab, encoded, root)
 
     result = dataset.result()

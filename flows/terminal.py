@@ -6,6 +6,7 @@ With a log file (``rnnlm run``), the terminal gets each record without its trace
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -57,6 +58,36 @@ def configure_logging(verbose: bool, log_file: Optional[str] = None) -> None:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
 
 
+def _console_handlers() -> list[logging.StreamHandler]:
+    return [h for h in logging.getLogger().handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+
+
+def console_problems_only() -> None:
+    """From now on the terminal shows warnings and errors only (e.g. not Prefect's "Stopping
+    temporary server" at exit); a log file still gets everything."""
+    for h in _console_handlers():
+        h.setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def console_above_display():
+    """While a live display holds the terminal: the terminal's log handlers show only warnings and
+    errors, written through the current ``sys.stderr`` (the display's proxy, which prints above
+    it); the log file still gets every record."""
+    consoles = _console_handlers()
+    saved = [(h, h.level, h.stream) for h in consoles]
+    for h in consoles:
+        h.setStream(sys.stderr)
+        h.setLevel(max(h.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for h, level, stream in saved:
+            h.setLevel(level)
+            h.setStream(stream)
+
+
 def verdict(message: str, args) -> None:
     """The last line: what failed, and where the whole story is. The traceback goes to the log
     file (and the terminal with --verbose); after this line only problems print."""
@@ -64,7 +95,6 @@ def verdict(message: str, args) -> None:
     for h in logging.getLogger().handlers:
         if args.verbose or isinstance(h, logging.FileHandler):
             h.handle(record)
-        if not isinstance(h, logging.FileHandler):
-            h.setLevel(logging.WARNING)  # e.g. Prefect's "Stopping temporary server" at exit
+    console_problems_only()
     where = f" (full log: {args.log_file})" if args.log_file else ""
     print(f"rnnlm: error: {message}{where}", file=sys.stderr, flush=True)

@@ -4,8 +4,9 @@ A stage's cache key and the names of the intermediate files it writes include th
 of the modules it runs, so an upgrade that changes how an output is computed (a tokenizer
 fix, a new model cell) recomputes that output and everything downstream instead of
 silently reusing a stale artifact. Each stage's list includes the modules of the stages
-upstream of it: its output depends on theirs. Modules that only shape errors or logs
-(``errors.py``) are left out: rewording a message recomputes nothing.
+upstream of it: its output depends on theirs. Modules that only shape errors, logs or the
+progress display (``errors.py``, ``progress.py``, ``training/progress.py``) are left out:
+rewording a message recomputes nothing.
 
 The lists live here, in one place, as paths relative to the directory holding the
 ``pipeline`` package (the repository root in a checkout): adjust them when modules are

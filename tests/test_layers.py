@@ -143,7 +143,8 @@ def project_imports(module: str, seen: set[str] | None = None) -> set[str]:
 def test_stage_module_lists_cover_what_the_stages_import():
     from pipeline.code_version import STAGE_MODULES
 
-    messages_only = {"pipeline/errors.py"}  # rewording an error recomputes nothing
+    # rewording an error or changing the progress display recomputes nothing
+    messages_only = {"pipeline/errors.py", "pipeline/progress.py", "pipeline/training/progress.py"}
     entries = {"count": ["pipeline/data/prepare.py"], "train": ["pipeline/training/train.py", "pipeline/training/launch.py"],
                "evaluate": ["pipeline/model/lm.py"]}
     for stage, modules in entries.items():

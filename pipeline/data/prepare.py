@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import storage
+from pipeline import progress, storage
 from pipeline.code_version import code_digest
 from pipeline.config import DataConfig, TokenizerConfig
 from pipeline.data.corpus import Document, fetch_corpus, located_sources
@@ -288,20 +288,28 @@ def _logged(chunks: Sequence, verb: str, fn, workers: int = 2):
 
     Most of a chunk's work (numpy, pyarrow, hashing, file I/O) runs without the GIL,
     so two chunks in flight use two cores; memory stays at ``workers`` chunks.
-    Progress is logged every few seconds on long corpora.
+    Progress is logged every few seconds on long corpora, and published per chunk (``pipeline.progress``).
     """
     last = time.perf_counter()
+    done = 0
+
+    def finished(result):
+        nonlocal done
+        done += 1
+        progress.publish({"event": "progress", "stage": "prepare", "phase": verb, "done": done, "total": len(chunks)})
+        return result
+
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=verb) as pool:
         in_flight: deque = deque()
         for i, chunk in enumerate(chunks):
             in_flight.append(pool.submit(fn, chunk))
             if len(in_flight) >= workers:
-                yield in_flight.popleft().result()
+                yield finished(in_flight.popleft().result())
             if time.perf_counter() - last > 5:
                 log.info("%s: %d/%d chunks", verb, i + 1, len(chunks))
                 last = time.perf_counter()
         while in_flight:
-            yield in_flight.popleft().result()
+            yield finished(in_flight.popleft().result())
 
 
 def summary(dataset: Dataset) -> dict:

@@ -13,6 +13,9 @@ JSON metric lines, and it maps the outcome:
 
 torchrun exits 1 whatever its workers' codes were, which is why the verdict
 comes from FAILED.json (written by rank 0) rather than from the exit code.
+The child's JSON lines are also published as progress events (``pipeline.progress``) for a
+display in this process; its throttled ``"progress"`` lines (asked for through
+``RNNLM_PROGRESS_EVERY_S``) go only there, not to ``on_line`` or the metrics.
 A SIGTERM to this process is forwarded to the child, which gets ``grace_s``
 seconds before the whole process tree is killed; a launcher killed outright
 (SIGKILL) takes the trainer with it: every rank watches the launcher's pid
@@ -45,8 +48,7 @@ from typing import Any
 import filelock
 import yaml
 
-from pipeline import storage
-
+from pipeline import progress, storage
 from pipeline.training import cpu_threads
 from pipeline.code_version import code_digest
 from pipeline.config import ModelConfig, RunConfig, TrainConfig
@@ -125,6 +127,7 @@ def trainer_env(env: dict[str, str] | None = None, *, nproc: int = 1) -> dict[st
         log.info("OpenMP waiting: %s (%.1f of %d CPUs busy, %d trainer threads)",
                  "passive" if policy else "libgomp's default (spin, then sleep)", busy, cpus, threads)
         merged.update(policy)
+    merged.setdefault(progress.EVERY_S_ENV, str(progress.DEFAULT_EVERY_S))
     return {**merged, "PYTHONUNBUFFERED": "1"}
 
 
@@ -268,12 +271,13 @@ def _run_child(cmd: list[str], child_env: dict[str, str], clean: Callable[[str],
         assert child.stdout is not None
         for raw in child.stdout:
             line = clean(raw.rstrip("\n"))
+            event = _event(line)
+            if event is not None:
+                progress.publish(event)
+                if event.get("event") == "progress":
+                    continue
+                metrics.append(event)
             tail.append(line)
-            if line.startswith("{"):
-                try:
-                    metrics.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
             if on_line is not None:
                 on_line(line)
         returncode = child.wait()
@@ -287,6 +291,17 @@ def _run_child(cmd: list[str], child_env: dict[str, str], clean: Callable[[str],
         stopper.redeliver(previous)
         raise TrainingFailedError(f"training in {run_dir} was stopped by SIGTERM (exit {returncode})")
     return returncode, metrics, tail
+
+
+def _event(line: str) -> dict[str, Any] | None:
+    """The JSON object a trainer line holds, else None."""
+    if not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) else None
 
 
 def _outcome(run_dir: str, returncode: int, metrics: list[dict[str, Any]], tail: deque[str],

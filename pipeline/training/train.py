@@ -10,7 +10,8 @@ Their shared state is one ``Run``. Neighbours: ``run_state`` (``Run``, ``start_r
 ``reseed``), ``distributed`` (ranks and collectives), ``optim`` (optimizer, schedule,
 clipping), ``divergence``, ``precision``, ``checkpoint`` (files, and a run's payload and
 restore), ``metrics`` (metrics.jsonl), ``rundir`` (outputs, FAILED.json), ``training_data``
-(loading and checking the splits), ``processes`` (exiting with the launcher). Things worth knowing:
+(loading and checking the splits), ``processes`` (exiting with the launcher), ``progress`` (rank 0's
+throttled line for a live display). Things worth knowing:
 
 * Batches. ``cfg.batch_size`` is global: every rank draws the same global batch
   from the sampler's seeded generator and keeps its own rows, so N ranks with
@@ -78,6 +79,7 @@ from pipeline.training.metrics import emit, finite_or_none, print_line, truncate
 from pipeline.model.models import detach_state
 from pipeline.training.optim import clip_grad_norm_
 from pipeline.training.processes import exit_with_launcher
+from pipeline.training.progress import ProgressReporter
 from pipeline.model.regularization import activation_penalty
 from pipeline.training.run_state import EpochTotals, Run, reseed, start_run
 from pipeline.training.rundir import remove, write_failure, write_outputs
@@ -123,9 +125,10 @@ def _train(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d:
     # run that early stopping ended stays ended; both come from the same checkpoint on every rank.
     run.stop = (cfg.max_minutes is not None and run.elapsed_before > cfg.max_minutes * 60) \
         or run.early_stopping.exhausted
+    progress = ProgressReporter(run.d.is_main)  # the live display's line, when a launcher asked for one
     try:
         while run.epoch < cfg.epochs and not run.stop:
-            totals = _train_epoch(run)
+            totals = _train_epoch(run, progress)
             _end_epoch(run, totals)
     except NonFiniteLossError as e:
         raise with_checkpoint_note(e, run.last_checkpoint) from None
@@ -155,9 +158,10 @@ def _resume(run: Run) -> None:
     run.t_start = time.perf_counter()
 
 
-def _train_epoch(run: Run) -> EpochTotals:
+def _train_epoch(run: Run, progress: ProgressReporter | None = None) -> EpochTotals:
     """One epoch, or the rest of one when resuming mid-epoch."""
     d, cfg = run.d, run.cfg
+    progress = progress or ProgressReporter(is_main=False)
     first = run.step - run.epoch * run.steps_per_epoch  # batches of this epoch already trained
     state = None
     if first and run.hidden is not None:  # sequential sampling: this rank's rows of every stream
@@ -192,6 +196,7 @@ def _train_epoch(run: Run) -> EpochTotals:
         tokens += cfg.batch_size * X.shape[1]  # global, all ranks
         loss_sum += loss.detach()
         norm_sum += norm.nan_to_num(0.0, 0.0, 0.0) if run.mp.scaler else norm  # skipped fp16 steps add 0
+        progress.step(run, loss, cfg.batch_size * X.shape[1])
         if cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0 \
                 and run.step % run.steps_per_epoch:  # epoch ends checkpoint in _end_epoch
             _checkpoint_mid_epoch(run, loss_sum, norm_sum, state)
