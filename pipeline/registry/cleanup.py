@@ -67,7 +67,7 @@ def registered_versions(root: str | None = None) -> list[Version]:
             aliases.setdefault(str(version), []).append(alias)
         versions = list(_pages(c.search_model_versions, filter_string=f"name = '{rm.name}'"))
         for mv in sorted(versions, key=lambda v: int(v.version)):
-            model_id = getattr(mv, "model_id", None)
+            model_id = getattr(mv, "model_id", None) or _logged_model_id(mv.source)
             uris = []
             if mv.run_id:
                 uris.append(c.get_run(mv.run_id).info.artifact_uri)
@@ -77,6 +77,12 @@ def registered_versions(root: str | None = None) -> list[Version]:
                                model_id, mv.tags.get("run_dir"), mv.tags.get("dataset_id"),
                                int(mv.creation_timestamp or 0), uris))
     return out
+
+
+def _logged_model_id(source: str | None) -> str | None:
+    """``m-...`` of a version registered from ``models:/m-...`` (MLflow 3's logged models)."""
+    rest = (source or "").removeprefix("models:/")
+    return rest if rest != (source or "") and rest.startswith("m-") and "/" not in rest else None
 
 
 @registry_access("deleting model versions")

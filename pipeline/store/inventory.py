@@ -191,17 +191,21 @@ def run_dir_locked(run_dir: str) -> bool:
 
 
 def held_stage_locks(root: str) -> list[str]:
-    """The Prefect stage locks held in ``<root>/locks`` (local roots: ``tasks.caching``'s lock files)
-    whose holder is not a dead process on this host; an unreadable one counts as held."""
+    """The Prefect stage locks held in ``<root>/locks`` (local roots: ``tasks.caching``'s lock files,
+    ``<stage>-<key>.lock``) whose holder is not a dead process on this host; an unreadable one counts as held."""
     import socket
 
     import psutil
+
+    from pipeline.code_version import STAGE_MODULES
 
     if not storage.is_local(root):
         return []
     directory = os.path.join(storage.local_path(root), "locks")
     held = []
     for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        if name.split("-", 1)[0] not in STAGE_MODULES:
+            continue  # not a stage's lock (the gate's file lock lives here too)
         try:
             with open(os.path.join(directory, name), encoding="utf-8") as f:
                 holder = str(json.load(f).get("holder") or "")
