@@ -135,9 +135,8 @@ def _finish(t, box):
 def test_gc_while_a_retrain_trains_keeps_its_run_and_dataset(tmp_path, store):
     path = corpus(tmp_path, TEXT)
     night(path, store, 1)  # something for gc to do: the first night's checkpoints
-    t, box = _run_in_thread(lambda: retrain(run_config(path.with_name("c2.txt"), epochs=30), store,
-                                            register_model=True) if path.with_name("c2.txt").write_text(
-        TEXT + NIGHT * 5, encoding="utf-8") else None)
+    path.write_text(TEXT + NIGHT * 5, encoding="utf-8")  # night 2: a long training, gc runs meanwhile
+    t, box = _run_in_thread(lambda: retrain(run_config(path, epochs=30), store, register_model=True))
     deadline = time.monotonic() + 600
     from pipeline.store.inventory import run_dir_locked
 
