@@ -9,6 +9,8 @@
     rnnlm server [--port 4200]     a Prefect server on 127.0.0.1 (SQLite under <root>/prefect)
     rnnlm deploy                   create the work pools and deploy deployments/prefect.yaml
     rnnlm worker --pool cpu        a process worker for one work pool (control, cpu, gpu)
+    rnnlm ls [--json]              what the storage root holds: versions, runs, datasets, sizes, references
+    rnnlm gc [--yes]               apply the retention policy (dry run without --yes; docs/retention.md)
 
 ``--config`` takes a preset name (``rnnlm presets`` lists them) or a YAML file;
 ``--set section.key=value`` overrides single values.
@@ -181,12 +183,78 @@ def cmd_worker(args) -> int:
     return 0  # not reached
 
 
+def _retention_policy(args):
+    from pipeline.config import RetentionConfig
+    from pipeline.config_sources import apply_overrides, read_raw
+    from pipeline.config import parse_config
+
+    raw = read_raw(args.policy) if args.policy else {}
+    return parse_config(RetentionConfig, apply_overrides(raw, args.overrides), source=args.policy or "--set")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_ls(args) -> int:
+    from pipeline.store.inventory import take_inventory
+
+    inv = take_inventory(args.root)
+    if args.json:
+        print(json.dumps(inv.to_dict(), indent=2, sort_keys=True))
+        return 0
+    print(f"{inv.root}: {_size(inv.bytes)} ("
+          + ", ".join(f"{k} {_size(v)}" for k, v in sorted(inv.totals.items(), key=lambda kv: -kv[1])) + ")")
+    print("versions (version -> run -> dataset):")
+    for v in inv.versions:
+        run = inv.runs.get((v.run_dir or "").rstrip("/").rsplit("/", 1)[-1])
+        print(f"  {v.key:<28} {','.join(v.aliases) or '-':<20} run {(run.id if run else v.run_dir or '-')}"
+              f"  dataset {v.dataset_id or '-'}")
+    print("runs:")
+    for r in sorted(inv.runs.values(), key=lambda r: -r.mtime):
+        print(f"  {r.id}  {r.refs.get('state'):<10} {_size(r.bytes):>9} (checkpoints "
+              f"{_size(r.refs.get('checkpoint_bytes', 0))})  {r.age_h(inv.now):7.1f} h  dataset {r.refs.get('dataset') or '?'}")
+    print("datasets (-> corpus):")
+    for d in sorted(inv.datasets.values(), key=lambda d: -d.mtime):
+        print(f"  {d.id}  {_size(d.bytes):>9}  {d.age_h(inv.now):7.1f} h  corpus {', '.join(s[:12] for s in d.refs.get('sources', []))}")
+    if inv.other:
+        print("other:")
+        for o in inv.other:
+            print(f"  {o.kind:<10} {o.id}  {_size(o.bytes):>9}  {o.age_h(inv.now):7.1f} h")
+    for le in inv.leases:
+        print(f"lease {le.uri} holder {le.holder} datasets {le.datasets} runs {le.runs}")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    from pipeline.store.inventory import take_inventory
+    from pipeline.store.retention import apply_plan, plan_retention
+
+    plan = plan_retention(take_inventory(args.root), _retention_policy(args))
+    done = apply_plan(plan) if args.yes else []
+    if args.json:
+        print(json.dumps({**plan.to_dict(), "applied": args.yes, "deleted": [d.to_dict() for d in done]},
+                         indent=2, sort_keys=True))
+        return 0
+    verb = "deleted" if args.yes else "would delete"
+    for d in (done if args.yes else plan.deletions):
+        print(f"{verb} {d.kind} {d.id} ({_size(d.bytes)}): {d.reason}")
+    total = sum(d.bytes for d in done) if args.yes else plan.bytes
+    print(f"{verb} {len(done if args.yes else plan.deletions)} item(s), {_size(total)} of "
+          f"{_size(plan.inventory.bytes)} in {plan.inventory.root}" + ("" if args.yes else "; --yes deletes them"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rnnlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for add_parser in (_presets_parser, _run_parser, _prepare_parser, _train_parser, _generate_parser,
-                       _server_parser, _deploy_parser, _worker_parser):
+                       _server_parser, _deploy_parser, _worker_parser, _ls_parser, _gc_parser):
         add_parser(sub)
     return parser
 
@@ -265,6 +333,24 @@ def _worker_parser(sub) -> None:
     p.add_argument("--repo-dir", default=None, help="this repository on this host (default $RNNLM_REPO_DIR, else this checkout)")
     p.add_argument("--api-url", default=None, help="default $PREFECT_API_URL, else http://127.0.0.1:4200/api")
     p.set_defaults(fn=cmd_worker)
+
+
+def _ls_parser(sub) -> None:
+    p = sub.add_parser("ls", help="what the storage root holds: versions, runs, datasets, their sizes and references")
+    p.add_argument("--root", default=None, help="artifact storage root (default $RNNLM_STORAGE or ./.rnnlm)")
+    p.add_argument("--json", action="store_true", help="the whole inventory as JSON")
+    p.set_defaults(fn=cmd_ls)
+
+
+def _gc_parser(sub) -> None:
+    p = sub.add_parser("gc", help="apply the retention policy: print what would go (dry run); --yes deletes it")
+    p.add_argument("--root", default=None, help="artifact storage root (default $RNNLM_STORAGE or ./.rnnlm)")
+    p.add_argument("--yes", action="store_true", help="delete (default: only print what would be deleted)")
+    p.add_argument("--policy", default=None, help="YAML file of retention keys (docs/retention.md)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one retention key, e.g. keep_versions=5")
+    p.add_argument("--json", action="store_true", help="the plan (and what was deleted) as JSON")
+    p.set_defaults(fn=cmd_gc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from flows.run_context import flow_run_id, flow_run_url, registry_preset, resolv
 from flows.task_runners import task_runner_for
 from flows.train import train_flow
 from pipeline.config import RunConfig
+from pipeline.store.leases import leased
 from tasks.caching import bind
 from tasks.options import PipelineOptions
 from tasks.register import register_model
@@ -44,20 +45,24 @@ def retrain_flow(config: Optional[RunConfig] = None, preset: Optional[str] = Non
 
         cfg = pin_to_champion(cfg, model_name(registry_preset(config, preset)), options.store_root())
 
-    if options.dispatch == "deployments":
-        dataset, trained = dispatch_stages(cfg, options)
-    else:
-        dataset = prepare_data_flow.with_options(task_runner=task_runner_for(options))(data=cfg.data, options=options)
-        trained = train_flow(dataset=dataset, model=cfg.model, training=cfg.train, options=options)
-    placement = {name: {k: part.pop(k) for k in ("deployment", "work_pool_name") if k in part}
-                 for name, part in (("prepare-data", dataset), ("train", trained))}
+    # The lease tells a gc running meanwhile what this run uses (pipeline.store.leases).
+    with leased(options.store_root(), flow_run_id()) as lease:
+        if options.dispatch == "deployments":
+            dataset, trained = dispatch_stages(cfg, options)
+        else:
+            dataset = prepare_data_flow.with_options(task_runner=task_runner_for(options))(data=cfg.data, options=options)
+            lease.add(datasets=(dataset["dataset_id"],))
+            trained = train_flow(dataset=dataset, model=cfg.model, training=cfg.train, options=options)
+        placement = {name: {k: part.pop(k) for k in ("deployment", "work_pool_name") if k in part}
+                     for name, part in (("prepare-data", dataset), ("train", trained))}
 
-    registered = None
-    if options.register_model:
-        registered = bind(register_model, options)(
-            trained["run"], trained["evaluation"], dataset, cfg.model_dump(mode="json"),
-            preset=registry_preset(config, preset), root=options.store_root(),
-            flow_run_id=flow_run_id(), flow_run_url=flow_run_url())
+        lease.add(datasets=(dataset["dataset_id"],), runs=(trained["run"]["id"],))
+        registered = None
+        if options.register_model:
+            registered = bind(register_model, options)(
+                trained["run"], trained["evaluation"], dataset, cfg.model_dump(mode="json"),
+                preset=registry_preset(config, preset), root=options.store_root(),
+                flow_run_id=flow_run_id(), flow_run_url=flow_run_url())
     stages = {**dataset.pop("stages"), **trained["stages"]}
     return {"flow_run_id": flow_run_id(), "subflow_run_ids": [dataset.pop("flow_run_id"), trained["flow_run_id"]],
             "config": cfg.model_dump(mode="json"), "dataset": dataset, "run": trained["run"],

@@ -304,6 +304,29 @@ class GateConfig(Strict):
     on_incomparable: Literal["keep", "promote"] = "keep"
 
 
+class RetentionConfig(Strict):
+    """What ``rnnlm gc`` keeps in a storage root (``pipeline.store.retention``; docs/retention.md).
+
+    Whatever these say, gc never deletes a version holding an alias, what a kept version needs
+    (its MLflow run, run directory, dataset, corpus), nor anything a live flow run leases or a
+    live training locks.
+    """
+
+    keep_versions: int = Field(default=3, ge=1, description="versions kept per registered model, "
+                               "aliased ones (champion, challenger) included, then the newest")
+    keep_runs: int = Field(default=2, ge=0, description="newest run directories kept besides those kept versions need")
+    keep_datasets: int = Field(default=2, ge=0, description="newest datasets kept besides those kept runs need")
+    finished_run_checkpoints: int = Field(default=0, ge=0, description="checkpoints a finished, registered run keeps "
+                                          "(0: none; its model.pt is the result, and a nightly never resumes it)")
+    min_age_hours: float = Field(default=1.0, ge=0, description="nothing younger is deleted (a run starting now)")
+    stale_run_hours: float = Field(default=48.0, ge=0, description="an unfinished, unlocked run directory untouched "
+                                   "this long is abandoned: it may go")
+    staging_max_age_hours: float = Field(default=24.0, ge=0, description="staging dirs (*.tmp-*) and intermediate "
+                                         "stage outputs (work/) older than this are swept")
+    quarantine_max_age_hours: float = Field(default=14 * 24.0, ge=0, description="quarantined files older than this are swept")
+    lease_max_age_hours: float = Field(default=48.0, gt=0, description="a flow run's lease older than this is stale")
+
+
 class RunConfig(Strict):
     """What ``rnnlm train --config FILE`` reads: a dataset, a model, a training loop and the gate."""
 

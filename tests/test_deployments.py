@@ -45,8 +45,9 @@ def test_prefect_yaml_deployments_pools_schedule_and_pull_step():
     from tasks.options import PipelineOptions
 
     deps, spec = deployments_by_name()
-    assert set(deps) == {"nightly", "cpu", "gpu"}
-    expected = {"nightly": ("retrain", "control"), "cpu": ("prepare-data", "cpu"), "gpu": ("train", "gpu")}
+    assert set(deps) == {"nightly", "cpu", "gpu", "daily"}
+    expected = {"nightly": ("retrain", "control"), "cpu": ("prepare-data", "cpu"), "gpu": ("train", "gpu"),
+                "daily": ("gc", "cpu")}
     for name, (flow_name, pool) in expected.items():
         module, fn = deps[name]["entrypoint"].split(":")
         assert (REPO / module).is_file()
@@ -59,6 +60,12 @@ def test_prefect_yaml_deployments_pools_schedule_and_pull_step():
     opts = PipelineOptions.model_validate(deps["nightly"]["parameters"]["options"])
     assert opts.dispatch == "deployments" and opts.root is None  # each host resolves $RNNLM_STORAGE itself
     assert (opts.prepare_deployment, opts.train_deployment) == ("prepare-data/cpu", "train/gpu")
+    # retention runs after the nightly (03:00 + 6 h of stage timeouts), deleting, on the cpu pool
+    assert deps["daily"]["schedules"] == [{"cron": "0 10 * * *", "timezone": "UTC", "active": True}]
+    from pipeline.config import RetentionConfig
+
+    assert deps["daily"]["parameters"]["apply"] is True
+    RetentionConfig.model_validate(deps["daily"]["parameters"]["policy"])
 
 
 def test_worker_env_persists_results_on_the_shared_root(tmp_path):
@@ -230,7 +237,7 @@ def check_nightly_retrain(stack: dict) -> None:
         assert parent.work_pool_name == "control"
 
         deployments = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
-        assert set(deployments) == {"retrain/nightly", "prepare-data/cpu", "train/gpu"}
+        assert set(deployments) == {"retrain/nightly", "prepare-data/cpu", "train/gpu", "gc/daily"}
         # pull steps stored as written: resolved on the worker, not from the deploying shell
         for d in deployments.values():
             assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory":

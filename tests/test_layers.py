@@ -1,5 +1,5 @@
 """The layers: ``pipeline`` (the library) never imports the orchestrator (``tasks``, ``flows``, Prefect),
-and inside it the subpackages import only downward: core <- data <- model <- training, registry."""
+and inside it the subpackages import only downward: core <- data <- model <- training, registry <- store."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ MAY_IMPORT = {
     "model": {CORE, "data", "model"},
     "training": {CORE, "data", "model", "training"},
     "registry": {CORE, "data", "model", "registry", "pipeline.training.metrics"},
+    # retention and the inventory read every part's layout (datasets, run dirs, registry): the top
+    "store": {CORE, "data", "model", "training", "registry", "store"},
 }
 
 
