@@ -22,16 +22,20 @@ together see exactly what one process with the full batch sees.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 Sampling = Literal["random", "sequential"]
 
 BPTT_STD = 5.0  # AWD-LSTM: length ~ N(num_steps, 5), or N(num_steps / 2, 5) with probability
 BPTT_HALF_P = 0.05  # 0.05, and at least 5 tokens
 BPTT_MIN = 5
+RELEASE_EVERY = 256  # batches: a memory-mapped corpus's pages leave the rank's resident set this often
 
 
 def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
@@ -79,12 +83,16 @@ def batches(
     ``start`` skips the first ``start`` batches of the epoch (resuming mid-epoch).
     ``variable_length`` (sequential only): batch ``i`` has ``bptt_lengths(...)[i]`` columns.
     """
+    from pipeline.data.split_cache import release
+
     starts, lengths = epoch_windows(len(corpus), batch_size, num_steps, sampling, seed=seed, epoch=epoch,
                                     variable_length=variable_length)
     mine = starts[:, rank_rows(batch_size, rank, world_size)]
     for i in range(start, len(starts)):
-        index = mine[i][:, None] + np.arange(lengths[i])  # (rows, length) token positions
+        index = mine[i][:, None] + np.arange(lengths[i])  # (rows, length) token positions: only this rank's
         yield corpus[index].astype(np.int64), corpus[index + 1].astype(np.int64)
+        if i % RELEASE_EVERY == RELEASE_EVERY - 1:  # a mapped corpus: resident memory stays flat
+            release(corpus)
 
 
 def epoch_windows(num_tokens: int, batch_size: int, num_steps: int, sampling: Sampling, *,
@@ -135,8 +143,10 @@ def bptt_lengths(rng: np.random.Generator, n: int, num_steps: int) -> np.ndarray
 
 
 def device_batches(tokens, batch_size: int, num_steps: int, sampling: Sampling, *, seed: int, epoch: int,
-                   rank: int = 0, world_size: int = 1, start: int = 0, variable_length: bool = False):
-    """``batches`` over ``tokens``, a 1-D integer tensor that already lives on the device.
+                   rank: int = 0, world_size: int = 1, start: int = 0, variable_length: bool = False,
+                   device=None):
+    """``batches`` over ``tokens``, a 1-D integer tensor that already lives on the device
+    (or in pinned host memory, ``token_tensor``: then each batch is copied to ``device``).
 
     The epoch's window starts go to the device once; each batch is then one gather there,
     with no copy from the host per step (a pageable host-to-device copy waits for the
@@ -152,14 +162,40 @@ def device_batches(tokens, batch_size: int, num_steps: int, sampling: Sampling, 
     mine = mine.to(tokens.device, non_blocking=True)
     window = torch.arange(int(lengths.max()) + 1, device=tokens.device)
     for i in range(start, len(starts)):
-        w = tokens[mine[i][:, None] + window[: lengths[i] + 1]].long()  # (rows, length + 1)
+        w = tokens[mine[i][:, None] + window[: lengths[i] + 1]]  # (rows, length + 1)
+        if device is not None and w.device != torch.device(device):  # split in pinned host memory
+            w = w.pin_memory().to(device, non_blocking=True)
+        w = w.long()
         yield w[:, :-1], w[:, 1:]
 
 
+DEVICE_HEADROOM = 0.5  # the split goes to the GPU only if it takes at most this share of its free memory
+COPY_CHUNK = 1 << 24  # tokens narrowed and copied at a time: host memory stays bounded
+
+
 def token_tensor(ids: np.ndarray, vocab_size: int, device):
-    """A split's token ids as a tensor on ``device`` in the smallest dtype that holds them
-    (uint8 up to 256 tokens: a byte per token at char level)."""
+    """A split's token ids as a tensor in the smallest dtype that holds them (uint8 up to 256
+    tokens: a byte per token at char level): on ``device`` when it fits there (a CUDA device's
+    free memory, with headroom for training), else in pinned host memory, from which
+    ``device_batches`` gathers each batch and copies it over. Copied a chunk at a time, so a
+    memory-mapped split is never a second whole copy on the host."""
     import torch
 
+    from pipeline.data.split_cache import release
+
     dtype = np.uint8 if vocab_size <= 256 else np.int16 if vocab_size <= 2**15 else np.int32
-    return torch.from_numpy(np.asarray(ids).astype(dtype)).to(device)  # narrowed on the host: less to copy
+    nbytes = len(ids) * np.dtype(dtype).itemsize
+    device = torch.device(device)
+    where = device
+    if device.type == "cuda" and nbytes > DEVICE_HEADROOM * torch.cuda.mem_get_info(device)[0]:
+        where = torch.device("cpu")
+    out = torch.empty(len(ids), dtype=getattr(torch, np.dtype(dtype).name), device=where,
+                      pin_memory=where.type == "cpu" and device.type == "cuda")
+    for start in range(0, len(ids), COPY_CHUNK):
+        part = np.ascontiguousarray(ids[start: start + COPY_CHUNK], dtype=dtype)  # narrowed on the host
+        out[start: start + len(part)].copy_(torch.from_numpy(part))
+        release(ids)
+    if device.type == "cuda":
+        log.info("training split (%.1f MB) %s", nbytes / 2**20,
+                 "on the device" if where == device else "in pinned host memory: too big for the device")
+    return out

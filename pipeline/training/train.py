@@ -238,7 +238,8 @@ def _epoch_batches(run: Run, first: int):
     kwargs = dict(seed=cfg.seed, epoch=run.epoch, rank=d.rank, world_size=d.world_size, start=first,
                   variable_length=cfg.variable_bptt)
     if run.train_tokens is not None:
-        yield from device_batches(run.train_tokens, cfg.batch_size, cfg.num_steps, cfg.sampling, **kwargs)
+        yield from device_batches(run.train_tokens, cfg.batch_size, cfg.num_steps, cfg.sampling, device=d.device,
+                                  **kwargs)
         return
     for X, Y in batches(run.train_ids, cfg.batch_size, cfg.num_steps, cfg.sampling, **kwargs):
         yield torch.from_numpy(X), torch.from_numpy(Y)
