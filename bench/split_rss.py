@@ -4,7 +4,9 @@
 
 For each size: a seeded synthetic char-level corpus (letters and spaces) is prepared, then
 ``--nproc`` CPU ranks train a tiny GRU for ``--steps`` steps (``train.max_steps``) through the
-launcher; each rank's peak RSS is its VmHWM, polled from /proc while it runs. Prints a table,
+launcher; each rank's peak RSS is its VmHWM, polled from /proc while it runs. The validation
+and test splits are a fixed ~``--val-tokens`` each whatever the corpus, so the figure isolates
+the training split (validation holds its split, as int64, in memory). Prints a table,
 then ONE JSON line. Target: the large corpus's per-rank peak within 64 MB of the small one's.
 ``rank_peak_rss`` and ``synthetic_chars`` are meant for reuse by other benchmarks.
 """
@@ -63,16 +65,19 @@ def rank_peak_rss(root_pid: int, stop: threading.Event, peaks: dict[int, float],
         time.sleep(poll_s)
 
 
-def measure(workdir: Path, megabytes: float, steps: int, nproc: int) -> dict:
-    from pipeline.config import DataConfig, ModelConfig, RunConfig, SourceConfig, TokenizerConfig, TrainConfig
+def measure(workdir: Path, megabytes: float, steps: int, nproc: int, val_tokens: int = 50_000) -> dict:
+    from pipeline.config import (DataConfig, ModelConfig, RunConfig, SourceConfig, SplitConfig, TokenizerConfig,
+                                 TrainConfig)
     from pipeline.data.prepare import prepare_dataset
     from pipeline.training.launch import launch_training
 
     text = workdir / f"corpus-{megabytes:g}mb.txt"
     synthetic_chars(text, megabytes)
+    held_out = min(0.05, val_tokens / (megabytes * 2**20))
     t0 = time.perf_counter()
     ds = prepare_dataset(DataConfig(sources=(SourceConfig(url=str(text)),),
-                                    tokenizer=TokenizerConfig(level="char", normalizer="none", newlines="keep")),
+                                    tokenizer=TokenizerConfig(level="char", normalizer="none", newlines="keep"),
+                                    splits=SplitConfig(train=1 - 2 * held_out, val=held_out, test=held_out)),
                          str(workdir / "store"))
     prepare_s = time.perf_counter() - t0
     cfg = RunConfig(model=ModelConfig(cell="gru", hidden_size=64, embed_size=16),
@@ -108,10 +113,11 @@ def main() -> None:
     p.add_argument("--large-mb", type=float, default=200.0)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--val-tokens", type=int, default=50_000)
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="split-rss-") as tmp:
         os.environ.setdefault("RNNLM_SPLIT_CACHE", str(Path(tmp) / "split-cache"))
-        rows = [measure(Path(tmp), mb, args.steps, args.nproc) for mb in (args.small_mb, args.large_mb)]
+        rows = [measure(Path(tmp), mb, args.steps, args.nproc, args.val_tokens) for mb in (args.small_mb, args.large_mb)]
     print(f"{'corpus MB':>10} {'split MB':>9} {'prepare s':>10} {'train s':>8}  per-rank peak RSS MB")
     for r in rows:
         print(f"{r['corpus_mb']:>10g} {r['train_split_mb']:>9} {r['prepare_s']:>10} {r['train_s']:>8}  "

@@ -85,11 +85,11 @@ def batches(
     """
     from pipeline.data.split_cache import release
 
-    starts, lengths = epoch_windows(len(corpus), batch_size, num_steps, sampling, seed=seed, epoch=epoch,
-                                    variable_length=variable_length)
-    mine = starts[:, rank_rows(batch_size, rank, world_size)]
-    for i in range(start, len(starts)):
-        index = mine[i][:, None] + np.arange(lengths[i])  # (rows, length) token positions: only this rank's
+    plan = EpochPlan.draw(len(corpus), batch_size, num_steps, sampling, seed=seed, epoch=epoch,
+                          variable_length=variable_length)
+    rows, lengths = rank_rows(batch_size, rank, world_size), plan.lengths
+    for i in range(start, plan.num_batches):
+        index = plan.starts(i, rows)[:, None] + np.arange(lengths[i])  # (rows, length): only this rank's tokens
         yield corpus[index].astype(np.int64), corpus[index + 1].astype(np.int64)
         if i % RELEASE_EVERY == RELEASE_EVERY - 1:  # a mapped corpus: resident memory stays flat
             release(corpus)
@@ -99,27 +99,56 @@ def epoch_windows(num_tokens: int, batch_size: int, num_steps: int, sampling: Sa
                   seed: int, epoch: int, variable_length: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Where every window of the epoch starts, ``(num_batches, batch_size)``, and each batch's
     length, ``(num_batches,)``: row ``b`` of batch ``i`` is ``corpus[s : s + lengths[i]]`` with
-    ``s = starts[i, b]`` (``Y`` from ``s + 1``). One seeded generator per epoch draws the
-    offset, then the shuffle (random) or the variable lengths (sequential)."""
-    n = num_batches(num_tokens, batch_size, num_steps, sampling)
-    if n == 0:
-        raise ValueError(f"corpus of {num_tokens} tokens is too short for one batch of "
-                         f"{batch_size} x {num_steps} tokens")
-    if sampling not in ("random", "sequential"):
-        raise ValueError(f"unknown sampling {sampling!r}: expected 'random' or 'sequential'")
-    if variable_length and sampling != "sequential":
-        raise ValueError("variable_length needs sequential sampling")
-    rng = epoch_rng(seed, epoch)
-    offset = int(rng.integers(0, num_steps))
-    if sampling == "random":  # as d2l: shuffle every window that fits after the offset, use n batches' worth
-        num_windows = (num_tokens - offset - 1) // num_steps
-        starts = offset + num_steps * rng.permutation(num_windows)[: n * batch_size]
-        return starts.reshape(n, batch_size), np.full(n, num_steps)
-    # Stream b is the b-th contiguous stretch of n * num_steps tokens; variable lengths
-    # cover a prefix of each, so the streams are those of fixed lengths.
-    lengths = bptt_lengths(rng, n, num_steps) if variable_length else np.full(n, num_steps)
-    column = np.cumsum(lengths) - lengths  # where batch i starts within every stream
-    return offset + n * num_steps * np.arange(batch_size)[None, :] + column[:, None], lengths
+    ``s = starts[i, b]`` (``Y`` from ``s + 1``)."""
+    plan = EpochPlan.draw(num_tokens, batch_size, num_steps, sampling, seed=seed, epoch=epoch,
+                          variable_length=variable_length)
+    rows = np.arange(batch_size)
+    return np.stack([plan.starts(i, rows) for i in range(plan.num_batches)]), plan.lengths
+
+
+class EpochPlan:
+    """One epoch's windows, drawn by one seeded generator per epoch: the offset, then the
+    shuffle (random) or the variable lengths (sequential). ``starts(i, rows)`` is batch ``i``'s
+    window starts for ``rows``, computed when asked: under sequential sampling the epoch's
+    whole (num_batches, batch_size) table is never built (8 bytes a window: 45 MB for a
+    200 MB char corpus, for each rank)."""
+
+    def __init__(self, offset: int, lengths: np.ndarray, stream_len: int, shuffled: np.ndarray | None):
+        self.offset, self.lengths, self.stream_len, self.shuffled = offset, lengths, stream_len, shuffled
+        self.column = np.cumsum(lengths) - lengths  # sequential: where batch i starts within every stream
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.lengths)
+
+    @classmethod
+    def draw(cls, num_tokens: int, batch_size: int, num_steps: int, sampling: Sampling, *,
+             seed: int, epoch: int, variable_length: bool = False) -> EpochPlan:
+        n = num_batches(num_tokens, batch_size, num_steps, sampling)
+        if n == 0:
+            raise ValueError(f"corpus of {num_tokens} tokens is too short for one batch of "
+                             f"{batch_size} x {num_steps} tokens")
+        if sampling not in ("random", "sequential"):
+            raise ValueError(f"unknown sampling {sampling!r}: expected 'random' or 'sequential'")
+        if variable_length and sampling != "sequential":
+            raise ValueError("variable_length needs sequential sampling")
+        rng = epoch_rng(seed, epoch)
+        offset = int(rng.integers(0, num_steps))
+        if sampling == "random":  # as d2l: shuffle every window that fits after the offset, use n batches' worth
+            num_windows = (num_tokens - offset - 1) // num_steps
+            shuffled = offset + num_steps * rng.permutation(num_windows)[: n * batch_size]
+            return cls(offset, np.full(n, num_steps), 0, shuffled.reshape(n, batch_size))
+        # Stream b is the b-th contiguous stretch of n * num_steps tokens; variable lengths
+        # cover a prefix of each, so the streams are those of fixed lengths.
+        lengths = bptt_lengths(rng, n, num_steps) if variable_length else np.full(n, num_steps)
+        return cls(offset, lengths, n * num_steps, None)
+
+    def starts(self, i: int, rows: slice | np.ndarray) -> np.ndarray:
+        """Batch ``i``'s window starts for ``rows`` (a slice or indices of the global batch)."""
+        if self.shuffled is not None:
+            return self.shuffled[i, rows]
+        b = np.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
+        return self.offset + self.stream_len * b + self.column[i]
 
 
 def bptt_lengths(rng: np.random.Generator, n: int, num_steps: int) -> np.ndarray:

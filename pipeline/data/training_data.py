@@ -32,7 +32,7 @@ def load_dataset(uri: str) -> tuple[np.ndarray, np.ndarray, int]:
     return mapped_split(ds, "train"), val, int(ds.vocab_size)
 
 
-def id_range(ids: np.ndarray, chunk: int = 1 << 24) -> tuple[int, int]:
+def id_range(ids: np.ndarray, chunk: int = 1 << 22) -> tuple[int, int]:
     """The smallest and largest id, a chunk at a time: a memory-mapped split is scanned
     without becoming resident in this process (``split_cache.release``)."""
     from pipeline.data.split_cache import release
