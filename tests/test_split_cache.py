@@ -64,6 +64,16 @@ def test_a_corrupt_shard_fails_and_leaves_no_cache_file(prepared):
 
 
 @pytest.mark.slow
+def test_an_object_store_dataset_is_cached_locally(s3_root):
+    from pipeline.config import SplitConfig
+
+    ds = prepare_dataset(DataConfig(splits=SplitConfig(max_tokens=6000), tokens_per_shard=1000), s3_root)
+    train, val, _ = load_dataset(ds.uri)
+    assert isinstance(train, np.memmap) and Path(train.filename) == cached_file(ds, "train")
+    assert np.array_equal(train, ds.split("train")) and np.array_equal(val, ds.split("val"))
+
+
+@pytest.mark.slow
 def test_two_ranks_on_the_mapped_split_train_what_they_train_in_memory(prepared, tmp_path):
     from pipeline.training.launch import launch_training
 

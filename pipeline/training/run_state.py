@@ -137,8 +137,9 @@ def start_run(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int, model
     set_matmul_precision(cfg.tf32, d.device)
     model = build_model(model_cfg, vocab_size).to(d.device)
     optimizer = make_optimizer(model, cfg)
-    # On a GPU the split lives there (a byte per token at char level) and batches are sliced
-    # there; on CPU the sampler's numpy batches are already where they are needed.
+    # On a GPU the split lives there (a byte per token at char level; pinned host memory if it
+    # does not fit) and batches are sliced there; on CPU the sampler's numpy batches of the
+    # memory-mapped split are already where they are needed.
     tokens = token_tensor(train_ids, vocab_size, d.device) if d.device.type == "cuda" else None
     return Run(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d, model, model,
                optimizer, LRSchedule(optimizer, cfg), FiniteWatch(d.device), MixedPrecision(cfg.precision, d.device),

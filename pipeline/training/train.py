@@ -4,8 +4,8 @@
     torchrun --nproc-per-node 2 -m pipeline.training.train --run-dir DIR --dataset URI --config RUN.yaml
 
 ``_train()`` is the whole loop on one screen: ``start_run`` (model, optimizer,
-schedule), ``_resume`` (newest valid checkpoint), then ``_train_epoch`` and
-``_end_epoch`` until done, and ``_finish`` (the shipped weights, result.json).
+schedule), ``_resume`` (newest valid checkpoint), then ``_train_epoch`` (which ends in
+``_end_epoch``) until done or stopped, and ``_finish`` (the shipped weights, result.json).
 Their shared state is one ``Run``. Neighbours: ``run_state`` (``Run``, ``start_run``,
 ``reseed``), ``distributed`` (ranks and collectives), ``optim`` (optimizer, schedule,
 clipping), ``divergence``, ``precision``, ``checkpoint`` (files, and a run's payload and
@@ -22,11 +22,18 @@ restore), ``metrics`` (metrics.jsonl), ``rundir`` (outputs, FAILED.json), ``trai
   a resumed run repeats the uninterrupted one exactly. The AWD-LSTM masks
   (``pipeline.model.regularization``) and the variable BPTT lengths (``sampling``) come
   from the same streams.
+* Evaluations. At each epoch's end, or every ``eval_every_steps`` (``_evaluate``): the
+  training figures of the steps since the last one (a ``Stretch``), a validation, early
+  stopping, keep_best, the plateau schedule, the NT-ASGD trigger, a metrics line and a
+  checkpoint. ``max_steps`` and ``max_minutes`` are checked after every step; the one
+  that ends a run ends it there, with a validation nothing decides by and a checkpoint
+  that also keeps every rank's RNG state (``_final_evaluation``), so a bigger budget
+  continues exactly.
 * AWD-LSTM's recipe (``TrainConfig``): AR/TAR penalties join the loss (the reported
   train perplexity stays the plain cross-entropy's); under ``nt_asgd`` the averaged
   weights (``averaging.NTAverage``) are validated, kept as best and shipped once the
   trigger fires; ``patience`` ends the run early (``stopping.EarlyStopping``).
-* Checkpoints, written by rank 0 at every epoch end (and every
+* Checkpoints, written by rank 0 at every evaluation and epoch end (and every
   ``checkpoint_every_steps``), are resumed from automatically. Mid-epoch ones
   under sequential sampling carry the recurrent state of every rank's streams.
 * Validation is ``pipeline.model.evaluate.perplexity`` with the pipeline's one fixed
@@ -40,13 +47,13 @@ restore), ``metrics`` (metrics.jsonl), ``rundir`` (outputs, FAILED.json), ``trai
   "no checkpoint yet"), and the exit code is EXIT_DO_NOT_RETRY. On a GPU the
   check lags a few steps (``divergence``).
 * Speed. The step runs under ``train.precision``'s autocast (``precision``). On
-  a GPU the split lives on the device and batches are gathered there; the step
+  a GPU the split lives on the device (when it fits) and batches are gathered there; the step
   loop syncs with the host only for the progress line and checkpoints.
   Validation is sharded over all ranks (``evaluate``).
 * Started by ``pipeline.training.launch``, every rank stops when the launcher is gone.
 
 Outputs in the run directory: checkpoints/, metrics.jsonl (one JSON line per
-epoch, also printed to stdout), model.pt, model_config.json, train_config.json,
+evaluation, also printed to stdout), model.pt, model_config.json, train_config.json,
 result.json; FAILED.json on a failure that retrying cannot fix.
 """
 
