@@ -12,7 +12,7 @@ An epoch here is ~8 steps, 0.1-0.3 s, and this machine's speed drifts by tens of
 within seconds, so the two sides are paired: each of ``rounds`` rounds trains one d2l epoch
 and one trainer epoch, in a random order, and the row's ratio is the median of the rounds'
 ratios (after 2 warm-up rounds). The trainer's epoch is the body of ``pipeline.training.train``'s
-own loop (``_train_epoch`` then ``_end_epoch``: validation, metrics line, checkpoint) on a
+own loop (``_train_epoch``, which ends in validation, metrics line, checkpoint) on a
 run from ``start_run``; its figure is the epoch's ``tokens_per_s``, as metrics.jsonl has it.
 (Restarting ``train()`` for every round instead costs its timed epochs ~3% here: a real run
 does not restart every epoch.) Both sides count the same tokens: batch x num_steps per step.
@@ -114,7 +114,8 @@ def trainer_epochs(name: str, corpus, vocab_size: int, run_dir: str, d):
     """A function that runs one more epoch of the trainer's loop; returns that epoch's tokens/s."""
     import numpy as np
 
-    from pipeline import train as trainer
+    from pipeline.training import train as trainer
+    from pipeline.training.metrics import read_epochs
     from pipeline.config import ModelConfig, TrainConfig
     from pipeline.training.run_state import start_run
 
@@ -128,9 +129,8 @@ def trainer_epochs(name: str, corpus, vocab_size: int, run_dir: str, d):
     trainer._resume(run)
 
     def epoch() -> float:  # the body of trainer._train's loop
-        totals = trainer._train_epoch(run)
-        trainer._end_epoch(run, totals)
-        return totals.tokens / totals.seconds
+        trainer._train_epoch(run)
+        return read_epochs(run_dir)[-1]["tokens_per_s"]
     return epoch
 
 

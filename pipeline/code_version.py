@@ -26,7 +26,7 @@ SOURCE_ROOT = Path(__file__).resolve().parents[1]  # holds pipeline/ (and tasks/
 _FETCH = ("pipeline/config.py", "pipeline/storage.py", "pipeline/data/corpus.py", "tasks/data.py")
 _DATA = _FETCH + ("pipeline/data/tokenizer.py", "pipeline/data/vocab.py", "pipeline/data/shards.py",
                   "pipeline/data/integrity.py", "pipeline/data/prepare.py", "pipeline/code_version.py")
-_TRAIN = _DATA + ("pipeline/data/training_data.py", "pipeline/data/sampling.py",
+_TRAIN = _DATA + ("pipeline/data/training_data.py", "pipeline/data/split_cache.py", "pipeline/data/sampling.py",
                   "pipeline/model/cells.py", "pipeline/model/models.py", "pipeline/model/regularization.py",
                   "pipeline/model/evaluate.py", "pipeline/model/lm.py",
                   "pipeline/training/optim.py", "pipeline/training/precision.py", "pipeline/training/distributed.py",

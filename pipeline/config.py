@@ -256,14 +256,23 @@ class TrainConfig(Strict):
       of its raw output), added to the training loss.
     * ``variable_bptt``: each batch's length is drawn around ``num_steps`` (sequential sampling),
       and the lr is scaled by ``length / num_steps``.
-    * ``patience``: stop after this many epochs without a better validation perplexity.
+    * ``patience``: stop after this many evaluations without a better validation perplexity.
+
+    Budgets and evaluation on large corpora (docs/scale.md): ``max_steps`` and ``max_minutes``
+    end the run at the next step boundary, mid-epoch if need be, with a final validation and
+    a checkpoint that a bigger budget resumes exactly. ``eval_every_steps`` validates, writes
+    a metrics line and a checkpoint every that many steps instead of at each epoch's end;
+    ``patience``, ``keep_best``, the ``plateau`` schedule and the NT-ASGD trigger then count
+    those evaluations instead of epochs.
     """
 
     batch_size: int = Field(default=32, ge=1)
     num_steps: int = Field(default=35, ge=1)
     sampling: Literal["random", "sequential"] = "sequential"
     epochs: int = Field(default=10, ge=1)
-    max_minutes: float | None = Field(default=None, gt=0)  # stop after the epoch that passes this
+    max_minutes: float | None = Field(default=None, gt=0)  # training time, all attempts: stop at the next step
+    max_steps: int | None = Field(default=None, ge=1)  # optimizer steps, all attempts
+    eval_every_steps: int | None = Field(default=None, ge=1)  # None: evaluate at each epoch's end
     optimizer: Literal["sgd", "adam", "adamw", "nt_asgd"] = "sgd"
     nt_asgd_window: int = Field(default=5, ge=1)  # AWD-LSTM's "nonmono"
     lr: float = Field(default=1.0, gt=0)
@@ -273,10 +282,10 @@ class TrainConfig(Strict):
     lr_schedule: Literal["constant", "decay", "plateau"] = "constant"
     lr_decay: float = Field(default=0.5, gt=0, le=1)  # multiplier per epoch / per plateau
     lr_decay_after: int = Field(default=0, ge=0)  # "decay": epochs at full lr
-    lr_patience: int = Field(default=0, ge=0)  # "plateau": epochs without improvement
+    lr_patience: int = Field(default=0, ge=0)  # "plateau": evaluations without improvement
     seed: int = 0
-    keep_best: bool = True  # ship the weights of the epoch with the lowest validation perplexity
-    patience: int | None = Field(default=None, ge=1)  # early stopping, in epochs
+    keep_best: bool = True  # ship the weights of the evaluation with the lowest validation perplexity
+    patience: int | None = Field(default=None, ge=1)  # early stopping, in evaluations
     ar: float = Field(default=0.0, ge=0)
     tar: float = Field(default=0.0, ge=0)
     variable_bptt: bool = False

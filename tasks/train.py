@@ -35,7 +35,7 @@ from prefect import get_run_logger, task
 
 from pipeline import storage
 from pipeline.config import ModelConfig, RunConfig, TrainConfig
-from pipeline.training.metrics import finite_or_none, read_epochs, with_bits
+from pipeline.training.metrics import EVALUATION_EVENTS, finite_or_none, read_epochs, with_bits
 from pipeline.training.processes import stop_process_trees
 from pipeline.training.ray_launch import RayCluster
 from tasks.caching import StagePolicy, content_id, jsonable, manifest
@@ -55,18 +55,22 @@ def run_id(dataset: dict[str, Any], model_config: ModelConfig | dict, train_conf
 
 def train_identity(inputs: dict[str, Any]):
     """The run id (what the weights depend on) plus the budget: the run id leaves out
-    ``epochs``/``max_minutes`` so a bigger budget continues the same run, but the task's
-    result does depend on them (a cached 10-epoch result must not answer a 20-epoch ask)."""
+    ``epochs``/``max_minutes``/``max_steps`` so a bigger budget continues the same run, but the
+    task's result does depend on them (a cached 10-epoch result must not answer a 20-epoch ask)."""
     train_config = TrainConfig.model_validate(jsonable(inputs["train_config"]))
+    budget = {"epochs": train_config.epochs, "max_minutes": train_config.max_minutes}
+    if train_config.max_steps is not None:  # only when set: identities without it stay as they were
+        budget["max_steps"] = train_config.max_steps
     return VERSION["train"], {"run": run_id(inputs["dataset"], inputs["model_config"], train_config),
-                              "budget": {"epochs": train_config.epochs, "max_minutes": train_config.max_minutes},
+                              "budget": budget,
                               "dataset_manifest": inputs["dataset"].get("manifest_sha256"),
                               "root": storage.storage_root(inputs.get("root"))}
 
 
 def _format_epoch(e: dict[str, Any], epochs: int) -> str:
     """One log line per epoch; a figure that is missing or not a number reads "n/a", never an error."""
-    return (f"epoch {e.get('epoch')}/{epochs}: train ppl {_fmt(e.get('train_ppl'), '.3f')}, "
+    at = f"epoch {e.get('epoch')}/{epochs}" + (f" step {e.get('step')}" if e.get("event") == "eval" else "")
+    return (f"{at}: train ppl {_fmt(e.get('train_ppl'), '.3f')}, "
             f"val ppl {_fmt(e.get('val_ppl'), '.3f')}, {_fmt(e.get('tokens_per_s'), ',.0f')} tokens/s, "
             f"lr {_fmt(e.get('lr'), '.3g')}, grad norm {_fmt(e.get('grad_norm'), '.3f')}, "
             f"{_fmt(e.get('elapsed_s'), '.1f')} s")
@@ -118,7 +122,7 @@ def train_model(dataset: dict[str, Any], model_config: ModelConfig, train_config
             if event is None:
                 if line.strip():
                     logger.info("trainer: %s", line)
-            elif event.get("event") == "epoch":
+            elif event.get("event") in EVALUATION_EVENTS:
                 logger.info(_format_epoch(event, train_config.epochs))
             elif event.get("event") == "resume":
                 resumed_from = {k: event.get(k) for k in ("epoch", "step", "checkpoint")}
@@ -130,7 +134,7 @@ def train_model(dataset: dict[str, Any], model_config: ModelConfig, train_config
         cfg = RunConfig(model=model_config, train=train_config)
         launched = launch_training(run_dir, dataset["uri"], cfg, nproc=nproc, on_line=on_line, grace_s=grace_s,
                                    ray=ray)
-        events = [e for e in launched.metrics if e.get("event") == "epoch"] or read_epochs(run_dir)
+        events = [e for e in launched.metrics if e.get("event") in EVALUATION_EVENTS] or read_epochs(run_dir)
     from pipeline.model.lm import write_lm_metadata
     from pipeline.data.shards import open_dataset
 

@@ -1,5 +1,5 @@
-"""Shared fixtures. Every test runs with ``$RNNLM_STORAGE`` pointing at its own temp dir,
-so nothing ever lands in ``./.rnnlm``."""
+"""Shared fixtures. Every test runs with ``$RNNLM_STORAGE`` (and ``$RNNLM_SPLIT_CACHE``) pointing
+at its own temp dir, so nothing ever lands in ``./.rnnlm`` (or ``~/.cache``)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pipeline.storage import ENV_STORAGE
 @pytest.fixture(autouse=True)
 def _isolated_storage(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv(ENV_STORAGE, str(tmp_path / "store"))
+    monkeypatch.setenv("RNNLM_SPLIT_CACHE", str(tmp_path / "split-cache"))  # not ~/.cache
 
 
 @pytest.fixture

@@ -151,3 +151,20 @@ def test_nccl_on_cuda(inputs, tmp_path):
     assert all(m["val_ppl"] < 27 for m in result.metrics if m.get("event") == "epoch")
     w = weights(tmp_path / "run")
     assert all(torch.isfinite(t).all() for t in w.values())
+
+
+def test_budgets_stop_two_ranks_mid_epoch_and_resume_bit_exact(inputs, ref2, tmp_path):
+    """max_minutes (spent by the first step), then max_steps (mid-epoch, between periodic
+    checkpoints), then no budget: two ranks end with the uninterrupted run's weights, bit for bit."""
+    run_dir = tmp_path / "run"
+    for budget, steps in (({"max_minutes": 1e-6}, 1), ({"max_steps": 70}, 70), ({}, None)):
+        config = tmp_path / "budget.yaml"
+        config.write_text(yaml.safe_dump({"model": MODEL, "train": {**TRAIN, **budget}}))
+        result = launch_training(str(run_dir), inputs[0], str(config), nproc=2, env=child_env()).result
+        if steps is not None:
+            assert result["steps"] == steps and not result["finished"], result
+            assert epochs_of(run_dir)[-1]["event"] == "eval" and epochs_of(run_dir)[-1]["step"] == steps
+    assert result["finished"] and result["world_size"] == 2
+    a, b = weights(ref2), weights(run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [e["step"] for e in epochs_of(run_dir)] == [1, 70] + [e["step"] for e in epochs_of(ref2)]

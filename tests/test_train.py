@@ -304,15 +304,83 @@ def test_bad_config_is_do_not_retry(tmp_path):
     assert failed["reason"] == "bad_config" and "lerning_rate" in failed["message"]
 
 
-def test_max_minutes_stops_after_the_epoch_that_passes_it(tmp_path):
+def checkpoint_steps(run_dir) -> list[int]:
+    return [load_checkpoint(u)["step"] for u in list_checkpoints(str(Path(run_dir) / "checkpoints"))]
+
+
+def assert_same_weights(a_dir, b_dir) -> None:
+    a, b = weights(a_dir), weights(b_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+BUDGET_MODEL = ModelConfig(cell="lstm", hidden_size=24, embed_size=8, num_layers=2, dropout=0.3)
+BUDGET_TRAIN = dict(epochs=2, optimizer="adam", lr=0.01, batch_size=8, keep_checkpoints=100)  # 42 steps an epoch
+
+
+def test_max_minutes_stops_at_the_next_step_and_a_bigger_budget_continues_exactly(tmp_path):
+    """A budget so small it is spent by the first step: the run stops there, mid-epoch, with a
+    validation and a checkpoint, and carries on as if never stopped (dropout: the RNG state too)."""
     tr, va, vocab = corpus(12_000)
-    cfg = TrainConfig(epochs=3, max_minutes=1e-6)
-    result = train(tr, va, vocab, ModelConfig(**TINY), cfg, str(tmp_path))
-    assert result["epochs"] == 1 and result["finished"] is False
-    again = train(tr, va, vocab, ModelConfig(**TINY), cfg, str(tmp_path))  # the budget is spent
-    assert again["epochs"] == 1
-    more = train(tr, va, vocab, ModelConfig(**TINY), TrainConfig(epochs=3), str(tmp_path))
-    assert more["epochs"] == 3 and more["finished"] is True  # raising the limit carries on
+    train(tr, va, vocab, BUDGET_MODEL, TrainConfig(**BUDGET_TRAIN), str(tmp_path / "ref"))
+    run = str(tmp_path / "run")
+    result = train(tr, va, vocab, BUDGET_MODEL, TrainConfig(**BUDGET_TRAIN, max_minutes=1e-6), run)
+    assert (result["epochs"], result["steps"], result["finished"]) == (0, 1, False)
+    assert result["stopped"] == "max_minutes=1e-06" and result["val_ppl"] is not None
+    [line] = epochs_of(run)
+    assert line["event"] == "eval" and line["step"] == 1 and line["val_ppl"] == result["val_ppl"]
+    assert checkpoint_steps(run) == [1] and load_checkpoint(list_checkpoints(run + "/checkpoints")[0])["rng"]
+    again = train(tr, va, vocab, BUDGET_MODEL, TrainConfig(**BUDGET_TRAIN, max_minutes=1e-6), run)
+    assert again["steps"] == 1  # the budget is spent
+    more = train(tr, va, vocab, BUDGET_MODEL, TrainConfig(**BUDGET_TRAIN), run)
+    assert more["epochs"] == 2 and more["finished"] is True and more["stopped"] is None
+    assert_same_weights(tmp_path / "ref", run)
+    ref_epochs = [e for e in epochs_of(tmp_path / "ref") if e["event"] == "epoch"]
+    run_epochs = [e for e in epochs_of(run) if e["event"] == "epoch"]
+    assert [e["train_ppl"] for e in run_epochs] == pytest.approx([e["train_ppl"] for e in ref_epochs], rel=1e-6)
+
+
+def test_max_steps_stops_mid_epoch_and_resumes_bit_exact(tmp_path):
+    tr, va, vocab = corpus(12_000)
+    cfg = dict(BUDGET_TRAIN, checkpoint_every_steps=20)  # a budget stop between periodic checkpoints
+    train(tr, va, vocab, BUDGET_MODEL, TrainConfig(**cfg), str(tmp_path / "ref"))
+    run = str(tmp_path / "run")
+    result = train(tr, va, vocab, BUDGET_MODEL, TrainConfig(**cfg, max_steps=55), run)
+    assert (result["epochs"], result["steps"], result["stopped"]) == (1, 55, "max_steps=55")
+    assert checkpoint_steps(run) == [20, 40, 42, 55]
+    assert [(e["event"], e["step"]) for e in epochs_of(run)] == [("epoch", 42), ("eval", 55)]
+    train(tr, va, vocab, BUDGET_MODEL, TrainConfig(**cfg, max_steps=70), run)  # a bigger budget
+    assert checkpoint_steps(run)[-1] == 70
+    done = train(tr, va, vocab, BUDGET_MODEL, TrainConfig(**cfg), run)
+    assert done["steps"] == 84 and done["finished"]
+    assert_same_weights(tmp_path / "ref", run)
+    assert epochs_of(run)[-1]["train_ppl"] == pytest.approx(epochs_of(tmp_path / "ref")[-1]["train_ppl"], rel=1e-6)
+
+
+def test_eval_every_steps_writes_one_line_and_checkpoint_per_evaluation(tmp_path):
+    tr, va, vocab = corpus(12_000)
+    cfg = TrainConfig(**BUDGET_TRAIN, eval_every_steps=25)
+    result = train(tr, va, vocab, BUDGET_MODEL, cfg, str(tmp_path))
+    lines = epochs_of(tmp_path)
+    # every 25 steps, and a final validation at the end (84 steps: 2 epochs of 42)
+    assert [(e["event"], e["step"]) for e in lines] == [("eval", 25), ("eval", 50), ("eval", 75), ("eval", 84)]
+    assert all(e["val_ppl"] and e["train_ppl"] for e in lines)
+    assert lines[0]["epochs"] == pytest.approx(25 / 42)
+    assert checkpoint_steps(tmp_path) == [25, 42, 50, 75, 84]
+    assert result["val_ppl"] == min(e["val_ppl"] for e in lines)  # keep_best over evaluations
+
+
+def test_early_stopping_counts_evaluations(tmp_path):
+    """A tiny training set overfits: validation stops improving, and ``patience`` counts evaluations."""
+    tr, va, vocab = corpus(3000, val_tokens=2000)
+    cfg = TrainConfig(epochs=12, optimizer="adam", lr=0.02, batch_size=8, num_steps=20, eval_every_steps=6,
+                      patience=2)
+    result = train(tr, va, vocab, ModelConfig(cell="gru", hidden_size=128, embed_size=16), cfg, str(tmp_path))
+    vals = [e["val_ppl"] for e in epochs_of(tmp_path)]
+    best = int(np.argmin(vals))
+    assert len(vals) == best + 1 + 2, vals  # stopped at the second evaluation without a better one
+    assert result["steps"] == 6 * len(vals) and not result["finished"]
+    assert result["stopped"] == "no better validation for 2 evaluations"
+    assert result["best_step"] == 6 * (best + 1) and result["val_ppl"] == vals[best]
 
 
 def test_checkpoint_from_another_config_is_refused(tmp_path):

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline import progress, storage
 from pipeline.code_version import code_digest
@@ -38,7 +39,8 @@ from pipeline.errors import ConfigError, CorpusError, PipelineError
 from pipeline.data.integrity import verified_dataset
 from pipeline.data.shards import SPLITS, Dataset, DatasetWriter, open_dataset, read_pinned_vocab, split_bounds
 from pipeline.data.tokenizer import UNK, char_codes, safe_cuts, word_tokens
-from pipeline.data.vocab import TokenCounts, Vocab, count_codes, count_values, merge_counts
+from pipeline.data.vocab import (TokenCounts, Vocab, count_codes, count_table, count_values, merge_count_tables,
+                                  total_count)
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +135,12 @@ def _chunk_end(f, pos: int, size: int, limit: int, tokenizer: TokenizerConfig | 
     return size, False
 
 
-def count_chunk(chunk: Chunk, cfg: TokenizerConfig, spill: str | None = None) -> TokenCounts:
+def count_chunk(chunk: Chunk, cfg: TokenizerConfig, spill: str | None = None,
+                as_table: bool = False) -> TokenCounts | pa.Table:
     """Token counts of one chunk, in first-occurrence order.
+
+    ``as_table`` (word level): a ``vocab.count_table`` instead of a dict, which holds a
+    chunk's million-odd distinct words in a fraction of the memory.
 
     ``spill`` (char level, one process): a local ``.npy`` path to keep the chunk's code
     points in for ``encode_chunk``. Normalizing is most of a char-level chunk's work and
@@ -150,7 +156,8 @@ def count_chunk(chunk: Chunk, cfg: TokenizerConfig, spill: str | None = None) ->
         if spill:
             np.save(spill, codes)
         return count_codes(codes)
-    return count_values(word_tokens(data, cfg, chunk.continues))
+    words = word_tokens(data, cfg, chunk.continues)
+    return count_table(words) if as_table else count_values(words)
 
 
 @dataclass(frozen=True)
@@ -175,7 +182,7 @@ def pinned_vocab(cfg: DataConfig) -> Vocab | None:
     return vocab
 
 
-def build_vocab(chunks: Sequence[Chunk], counts: Iterable[TokenCounts], cfg: DataConfig,
+def build_vocab(chunks: Sequence[Chunk], counts: Iterable[TokenCounts | pa.Table], cfg: DataConfig,
                 pinned: Vocab | None = None) -> CountedVocab:
     """Merge the counts of ``chunks`` (in chunk order) and build the d2l vocabulary from them.
 
@@ -187,12 +194,12 @@ def build_vocab(chunks: Sequence[Chunk], counts: Iterable[TokenCounts], cfg: Dat
 
     def vocab_counts():
         for chunk, part in zip(chunks, counts, strict=True):
-            tally[chunk.split or "all"] = tally.get(chunk.split or "all", 0) + sum(part.values())
+            tally[chunk.split or "all"] = tally.get(chunk.split or "all", 0) + total_count(part)
             if cfg.vocab.count_on == "all" or chunk.split == "train":
                 yield part
 
-    merged = merge_counts(vocab_counts())
-    if not merged:
+    merged = merge_count_tables(vocab_counts())  # Arrow: very many types stay compact
+    if not len(merged):
         counted_on = [s.url for s in cfg.sources if cfg.vocab.count_on == "all" or s.split == "train"]
         raise CorpusError(", ".join(counted_on), "no tokens after normalization")
     vocab = Vocab.recount(pinned.tokens, merged) if pinned else Vocab.build(merged, cfg.vocab)
@@ -238,7 +245,7 @@ def prepare_dataset(cfg: DataConfig, root: str | None = None) -> Dataset:
     with tempfile.TemporaryDirectory(prefix="rnnlm-codes-") as spill_dir:
         spill = [os.path.join(spill_dir, f"{i:06d}.npy") if cfg.tokenizer.level == "char" else None
                  for i in range(len(chunks))]
-        counts = _logged(range(len(chunks)), "count", lambda i: count_chunk(chunks[i], cfg.tokenizer, spill[i]))
+        counts = _logged(range(len(chunks)), "count", lambda i: count_chunk(chunks[i], cfg.tokenizer, spill[i], as_table=True))
         counted = build_vocab(chunks, counts, cfg, pinned)
         encode = _logged(range(len(chunks)), "encode", lambda i: encode_chunk(chunks[i], cfg.tokenizer, counted.vocab, spill[i]))
         with contextlib.closing(encode) as encoded:  # a max_tokens cap stops early: join the workers before cleanup

@@ -22,16 +22,20 @@ together see exactly what one process with the full batch sees.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 Sampling = Literal["random", "sequential"]
 
 BPTT_STD = 5.0  # AWD-LSTM: length ~ N(num_steps, 5), or N(num_steps / 2, 5) with probability
 BPTT_HALF_P = 0.05  # 0.05, and at least 5 tokens
 BPTT_MIN = 5
+RELEASE_EVERY = 256  # batches: a memory-mapped corpus's pages leave the rank's resident set this often
 
 
 def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
@@ -79,39 +83,72 @@ def batches(
     ``start`` skips the first ``start`` batches of the epoch (resuming mid-epoch).
     ``variable_length`` (sequential only): batch ``i`` has ``bptt_lengths(...)[i]`` columns.
     """
-    starts, lengths = epoch_windows(len(corpus), batch_size, num_steps, sampling, seed=seed, epoch=epoch,
-                                    variable_length=variable_length)
-    mine = starts[:, rank_rows(batch_size, rank, world_size)]
-    for i in range(start, len(starts)):
-        index = mine[i][:, None] + np.arange(lengths[i])  # (rows, length) token positions
+    from pipeline.data.split_cache import release
+
+    plan = EpochPlan.draw(len(corpus), batch_size, num_steps, sampling, seed=seed, epoch=epoch,
+                          variable_length=variable_length)
+    rows, lengths = rank_rows(batch_size, rank, world_size), plan.lengths
+    for i in range(start, plan.num_batches):
+        index = plan.starts(i, rows)[:, None] + np.arange(lengths[i])  # (rows, length): only this rank's tokens
         yield corpus[index].astype(np.int64), corpus[index + 1].astype(np.int64)
+        if i % RELEASE_EVERY == RELEASE_EVERY - 1:  # a mapped corpus: resident memory stays flat
+            release(corpus)
 
 
 def epoch_windows(num_tokens: int, batch_size: int, num_steps: int, sampling: Sampling, *,
                   seed: int, epoch: int, variable_length: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Where every window of the epoch starts, ``(num_batches, batch_size)``, and each batch's
     length, ``(num_batches,)``: row ``b`` of batch ``i`` is ``corpus[s : s + lengths[i]]`` with
-    ``s = starts[i, b]`` (``Y`` from ``s + 1``). One seeded generator per epoch draws the
-    offset, then the shuffle (random) or the variable lengths (sequential)."""
-    n = num_batches(num_tokens, batch_size, num_steps, sampling)
-    if n == 0:
-        raise ValueError(f"corpus of {num_tokens} tokens is too short for one batch of "
-                         f"{batch_size} x {num_steps} tokens")
-    if sampling not in ("random", "sequential"):
-        raise ValueError(f"unknown sampling {sampling!r}: expected 'random' or 'sequential'")
-    if variable_length and sampling != "sequential":
-        raise ValueError("variable_length needs sequential sampling")
-    rng = epoch_rng(seed, epoch)
-    offset = int(rng.integers(0, num_steps))
-    if sampling == "random":  # as d2l: shuffle every window that fits after the offset, use n batches' worth
-        num_windows = (num_tokens - offset - 1) // num_steps
-        starts = offset + num_steps * rng.permutation(num_windows)[: n * batch_size]
-        return starts.reshape(n, batch_size), np.full(n, num_steps)
-    # Stream b is the b-th contiguous stretch of n * num_steps tokens; variable lengths
-    # cover a prefix of each, so the streams are those of fixed lengths.
-    lengths = bptt_lengths(rng, n, num_steps) if variable_length else np.full(n, num_steps)
-    column = np.cumsum(lengths) - lengths  # where batch i starts within every stream
-    return offset + n * num_steps * np.arange(batch_size)[None, :] + column[:, None], lengths
+    ``s = starts[i, b]`` (``Y`` from ``s + 1``)."""
+    plan = EpochPlan.draw(num_tokens, batch_size, num_steps, sampling, seed=seed, epoch=epoch,
+                          variable_length=variable_length)
+    rows = np.arange(batch_size)
+    return np.stack([plan.starts(i, rows) for i in range(plan.num_batches)]), plan.lengths
+
+
+class EpochPlan:
+    """One epoch's windows, drawn by one seeded generator per epoch: the offset, then the
+    shuffle (random) or the variable lengths (sequential). ``starts(i, rows)`` is batch ``i``'s
+    window starts for ``rows``, computed when asked: under sequential sampling the epoch's
+    whole (num_batches, batch_size) table is never built (8 bytes a window: 45 MB for a
+    200 MB char corpus, for each rank)."""
+
+    def __init__(self, offset: int, lengths: np.ndarray, stream_len: int, shuffled: np.ndarray | None):
+        self.offset, self.lengths, self.stream_len, self.shuffled = offset, lengths, stream_len, shuffled
+        self.column = np.cumsum(lengths) - lengths  # sequential: where batch i starts within every stream
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.lengths)
+
+    @classmethod
+    def draw(cls, num_tokens: int, batch_size: int, num_steps: int, sampling: Sampling, *,
+             seed: int, epoch: int, variable_length: bool = False) -> EpochPlan:
+        n = num_batches(num_tokens, batch_size, num_steps, sampling)
+        if n == 0:
+            raise ValueError(f"corpus of {num_tokens} tokens is too short for one batch of "
+                             f"{batch_size} x {num_steps} tokens")
+        if sampling not in ("random", "sequential"):
+            raise ValueError(f"unknown sampling {sampling!r}: expected 'random' or 'sequential'")
+        if variable_length and sampling != "sequential":
+            raise ValueError("variable_length needs sequential sampling")
+        rng = epoch_rng(seed, epoch)
+        offset = int(rng.integers(0, num_steps))
+        if sampling == "random":  # as d2l: shuffle every window that fits after the offset, use n batches' worth
+            num_windows = (num_tokens - offset - 1) // num_steps
+            shuffled = offset + num_steps * rng.permutation(num_windows)[: n * batch_size]
+            return cls(offset, np.full(n, num_steps), 0, shuffled.reshape(n, batch_size))
+        # Stream b is the b-th contiguous stretch of n * num_steps tokens; variable lengths
+        # cover a prefix of each, so the streams are those of fixed lengths.
+        lengths = bptt_lengths(rng, n, num_steps) if variable_length else np.full(n, num_steps)
+        return cls(offset, lengths, n * num_steps, None)
+
+    def starts(self, i: int, rows: slice | np.ndarray) -> np.ndarray:
+        """Batch ``i``'s window starts for ``rows`` (a slice or indices of the global batch)."""
+        if self.shuffled is not None:
+            return self.shuffled[i, rows]
+        b = np.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
+        return self.offset + self.stream_len * b + self.column[i]
 
 
 def bptt_lengths(rng: np.random.Generator, n: int, num_steps: int) -> np.ndarray:
@@ -135,8 +172,10 @@ def bptt_lengths(rng: np.random.Generator, n: int, num_steps: int) -> np.ndarray
 
 
 def device_batches(tokens, batch_size: int, num_steps: int, sampling: Sampling, *, seed: int, epoch: int,
-                   rank: int = 0, world_size: int = 1, start: int = 0, variable_length: bool = False):
-    """``batches`` over ``tokens``, a 1-D integer tensor that already lives on the device.
+                   rank: int = 0, world_size: int = 1, start: int = 0, variable_length: bool = False,
+                   device=None):
+    """``batches`` over ``tokens``, a 1-D integer tensor that already lives on the device
+    (or in pinned host memory, ``token_tensor``: then each batch is copied to ``device``).
 
     The epoch's window starts go to the device once; each batch is then one gather there,
     with no copy from the host per step (a pageable host-to-device copy waits for the
@@ -152,14 +191,40 @@ def device_batches(tokens, batch_size: int, num_steps: int, sampling: Sampling, 
     mine = mine.to(tokens.device, non_blocking=True)
     window = torch.arange(int(lengths.max()) + 1, device=tokens.device)
     for i in range(start, len(starts)):
-        w = tokens[mine[i][:, None] + window[: lengths[i] + 1]].long()  # (rows, length + 1)
+        w = tokens[mine[i][:, None] + window[: lengths[i] + 1]]  # (rows, length + 1)
+        if device is not None and w.device != torch.device(device):  # split in pinned host memory
+            w = w.pin_memory().to(device, non_blocking=True)
+        w = w.long()
         yield w[:, :-1], w[:, 1:]
 
 
+DEVICE_HEADROOM = 0.5  # the split goes to the GPU only if it takes at most this share of its free memory
+COPY_CHUNK = 1 << 24  # tokens narrowed and copied at a time: host memory stays bounded
+
+
 def token_tensor(ids: np.ndarray, vocab_size: int, device):
-    """A split's token ids as a tensor on ``device`` in the smallest dtype that holds them
-    (uint8 up to 256 tokens: a byte per token at char level)."""
+    """A split's token ids as a tensor in the smallest dtype that holds them (uint8 up to 256
+    tokens: a byte per token at char level): on ``device`` when it fits there (a CUDA device's
+    free memory, with headroom for training), else in pinned host memory, from which
+    ``device_batches`` gathers each batch and copies it over. Copied a chunk at a time, so a
+    memory-mapped split is never a second whole copy on the host."""
     import torch
 
+    from pipeline.data.split_cache import release
+
     dtype = np.uint8 if vocab_size <= 256 else np.int16 if vocab_size <= 2**15 else np.int32
-    return torch.from_numpy(np.asarray(ids).astype(dtype)).to(device)  # narrowed on the host: less to copy
+    nbytes = len(ids) * np.dtype(dtype).itemsize
+    device = torch.device(device)
+    where = device
+    if device.type == "cuda" and nbytes > DEVICE_HEADROOM * torch.cuda.mem_get_info(device)[0]:
+        where = torch.device("cpu")
+    out = torch.empty(len(ids), dtype=getattr(torch, np.dtype(dtype).name), device=where,
+                      pin_memory=where.type == "cpu" and device.type == "cuda")
+    for start in range(0, len(ids), COPY_CHUNK):
+        part = np.ascontiguousarray(ids[start: start + COPY_CHUNK], dtype=dtype)  # narrowed on the host
+        out[start: start + len(part)].copy_(torch.from_numpy(part))
+        release(ids)
+    if device.type == "cuda":
+        log.info("training split (%.1f MB) %s", nbytes / 2**20,
+                 "on the device" if where == device else "in pinned host memory: too big for the device")
+    return out

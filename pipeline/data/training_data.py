@@ -14,7 +14,9 @@ def load_dataset(uri: str) -> tuple[np.ndarray, np.ndarray, int]:
     """(train ids, val ids, vocab size) of a prepared dataset.
 
     ``*.npz`` files with ``train``, ``val`` and ``vocab_size`` arrays are read
-    directly (tests, quick experiments); anything else goes to ``pipeline.data.shards``.
+    directly (tests, quick experiments); anything else goes to ``pipeline.data.shards``,
+    and its training split is a read-only memory map of the host's cached copy, shared by
+    the ranks of the host (``pipeline.data.split_cache``).
     """
     if uri.endswith(".npz"):
         try:
@@ -23,10 +25,25 @@ def load_dataset(uri: str) -> tuple[np.ndarray, np.ndarray, int]:
         except (OSError, KeyError, ValueError) as e:
             raise DatasetError(f"dataset {uri} is unusable: {e}") from None
     from pipeline.data.shards import open_dataset
+    from pipeline.data.split_cache import mapped_split
 
     ds = open_dataset(uri)
-    return np.asarray(ds.split("train")), np.asarray(ds.split("val")), int(ds.vocab_size)
+    val = np.array(mapped_split(ds, "val"))  # small, and validation reads all of it every time
+    return mapped_split(ds, "train"), val, int(ds.vocab_size)
 
+
+def id_range(ids: np.ndarray, chunk: int = 1 << 22) -> tuple[int, int]:
+    """The smallest and largest id, a chunk at a time: a memory-mapped split is scanned
+    without becoming resident in this process (``split_cache.release``)."""
+    from pipeline.data.split_cache import release
+
+    lo, hi = None, None
+    for start in range(0, len(ids), chunk):
+        part = ids[start: start + chunk]
+        lo = int(part.min()) if lo is None else min(lo, int(part.min()))
+        hi = int(part.max()) if hi is None else max(hi, int(part.max()))
+        release(ids)
+    return lo, hi
 
 
 def check_inputs(train_ids, val_ids, vocab_size, cfg: TrainConfig, world_size: int) -> None:
@@ -40,6 +57,6 @@ def check_inputs(train_ids, val_ids, vocab_size, cfg: TrainConfig, world_size: i
     for name, ids in (("train", train_ids), ("val", val_ids)):
         if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
             raise DatasetError(f"{name} split must be 1-D integer token ids, got {ids.dtype} {ids.shape}")
-        if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
-            raise DatasetError(f"{name} split has token ids outside [0, {vocab_size}): "
-                               f"[{ids.min()}, {ids.max()}]")
+        lo, hi = id_range(ids) if len(ids) else (0, 0)
+        if lo < 0 or hi >= vocab_size:
+            raise DatasetError(f"{name} split has token ids outside [0, {vocab_size}): [{lo}, {hi}]")

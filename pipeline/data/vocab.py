@@ -1,7 +1,9 @@
 """Token counts and the d2l vocabulary.
 
 Counting streams: each chunk is counted on its own (``count_chunk`` in
-``pipeline.data.prepare``) and the counts are merged in chunk order. Counts keep
+``pipeline.data.prepare``) and the counts are merged in chunk order, into an Arrow
+table (``merge_count_tables``: a few dozen bytes a distinct type, where a Python dict
+takes several times that; a corpus can have millions of types). Counts keep
 first-occurrence order, which is what breaks frequency ties, exactly as
 ``collections.Counter`` + a stable sort does in d2l.
 
@@ -37,6 +39,18 @@ def count_values(tokens: pa.Array) -> TokenCounts:
     return dict(zip(values, counted.field(1).to_pylist()))
 
 
+def count_table(tokens: pa.Array) -> pa.Table:
+    """``count_values`` of string tokens as a table (token, count), in first-occurrence order:
+    no Python object per distinct token (a chunk of a corpus with millions of types)."""
+    counted = pc.value_counts(tokens)
+    return pa.table([counted.field(0).cast(pa.string()), counted.field(1).cast(pa.int64())], names=["token", "count"])
+
+
+def total_count(counts: TokenCounts | pa.Table) -> int:
+    """How many tokens ``counts`` counts."""
+    return (pc.sum(counts["count"]).as_py() or 0) if isinstance(counts, pa.Table) else sum(counts.values())
+
+
 def count_codes(codes: np.ndarray) -> TokenCounts:
     """Counts of code points (char level), in first-occurrence order.
 
@@ -63,6 +77,48 @@ def merge_counts(parts: Iterable[TokenCounts]) -> TokenCounts:
     return total
 
 
+COUNT_SCHEMA = pa.schema([("token", pa.string()), ("count", pa.int64()), ("first", pa.int64())])
+
+
+def counts_table(counts: TokenCounts | pa.Table, chunk: int = 0) -> pa.Table:
+    """``counts`` (a dict, or a ``count_table``) as a table of (token, count, first): ``first``
+    orders first occurrences across chunks (chunk index, then the order within the chunk)."""
+    first = pa.array(np.arange(len(counts), dtype=np.int64) + (np.int64(chunk) << 32))
+    if isinstance(counts, pa.Table):
+        return pa.table([counts["token"], counts["count"], first], schema=COUNT_SCHEMA)
+    return pa.table([pa.array(list(counts), pa.string()), pa.array(list(counts.values()), pa.int64()), first],
+                    schema=COUNT_SCHEMA)
+
+
+def merge_count_tables(parts: Iterable[TokenCounts | pa.Table]) -> pa.Table:
+    """``merge_counts`` into a ``counts_table`` (in first-occurrence order), for very many types.
+
+    Chunks' tables wait until they hold as many rows as the merged table, then are summed
+    into it with one Arrow group-by: every row is merged O(log chunks) times, and memory
+    stays a small multiple of the distinct types' Arrow size.
+    """
+    merged = pa.Table.from_batches([], schema=COUNT_SCHEMA)
+    pending: list[pa.Table] = []
+    pending_rows = 0
+    for i, part in enumerate(parts):
+        pending.append(counts_table(part, i))
+        pending_rows += len(part)
+        if pending_rows >= max(len(merged), 1 << 16):
+            merged, pending, pending_rows = _sum_counts([merged, *pending]), [], 0
+    merged = _sum_counts([merged, *pending])
+    return merged.take(pc.sort_indices(merged, sort_keys=[("first", "ascending")]))
+
+
+def _sum_counts(tables: list[pa.Table]) -> pa.Table:
+    summed = pa.concat_tables(tables).group_by("token", use_threads=False).aggregate(
+        [("count", "sum"), ("first", "min")])
+    return summed.rename_columns({"count_sum": "count", "first_min": "first"}).select(["token", "count", "first"])
+
+
+def _as_table(counts: TokenCounts | pa.Table) -> pa.Table:
+    return counts if isinstance(counts, pa.Table) else counts_table(counts)
+
+
 @dataclass(frozen=True)
 class Vocab:
     """Index <-> token, with each token's corpus count (``<unk>``'s counts what it absorbed)."""
@@ -77,24 +133,34 @@ class Vocab:
             raise ValueError("vocabulary tokens must be unique")
 
     @classmethod
-    def build(cls, counts: TokenCounts, cfg: VocabConfig = VocabConfig()) -> "Vocab":
+    def build(cls, counts: TokenCounts | pa.Table, cfg: VocabConfig = VocabConfig()) -> "Vocab":
+        """From token counts (a dict in first-occurrence order, or a ``counts_table``)."""
+        table = _as_table(counts)
         tokens = [UNK, *(t for t in cfg.reserved_tokens if t != UNK)]
         seen = set(tokens)
-        by_freq = sorted(counts.items(), key=lambda item: -item[1])  # stable: ties keep first occurrence
-        for token, n in by_freq:
-            if n < cfg.min_freq or (cfg.max_size is not None and len(tokens) >= cfg.max_size):
+        frequent = table.filter(pc.greater_equal(table["count"], cfg.min_freq))
+        # By frequency, ties by first occurrence; no more candidates than can be kept (a
+        # reserved token met again is skipped, hence the extra len(tokens)).
+        order = pc.sort_indices(frequent, sort_keys=[("count", "descending"), ("first", "ascending")])
+        if cfg.max_size is not None:
+            order = order[: cfg.max_size + len(tokens)]
+        for token in frequent["token"].take(order).to_pylist():
+            if cfg.max_size is not None and len(tokens) >= cfg.max_size:
                 break
             if token not in seen:
                 tokens.append(token)
                 seen.add(token)
-        return cls.recount(tokens, counts)
+        return cls.recount(tokens, table)
 
     @classmethod
-    def recount(cls, tokens: Sequence[str], counts: TokenCounts) -> "Vocab":
+    def recount(cls, tokens: Sequence[str], counts: TokenCounts | pa.Table) -> "Vocab":
         """The vocabulary ``tokens`` as it is, with each token's count in ``counts`` (``<unk>``'s: all the others)."""
-        index = set(tokens)
-        kept_counts = [counts.get(t, 0) for t in tokens]
-        kept_counts[0] = sum(n for t, n in counts.items() if t not in index) + counts.get(UNK, 0)
+        table = _as_table(counts)
+        kept = table.filter(pc.is_in(table["token"], value_set=pa.array(list(tokens), pa.string())))
+        found = dict(zip(kept["token"].to_pylist(), kept["count"].to_pylist()))
+        kept_counts = [found.get(t, 0) for t in tokens]
+        total = pc.sum(table["count"]).as_py() or 0
+        kept_counts[0] = total - sum(kept_counts[1:])  # everything else, and <unk>'s own
         return cls(tuple(tokens), tuple(kept_counts))
 
     def __len__(self) -> int:

@@ -142,8 +142,10 @@ def _log_metrics(c, run_id: str, lm, dataset, result: dict[str, Any], epochs: li
     from pipeline.model.evaluate import EVAL_BATCH_SIZE, EVAL_NUM_STEPS
 
     now = int(time.time() * 1000)
-    metrics = [Metric(k, float(e[k]), now, int(e["epoch"])) for e in epochs for k in EPOCH_METRICS
-               if isinstance(e.get(k), (int, float)) and math.isfinite(e[k])]
+    # An epoch's line is logged at its epoch; a line between epoch ends (eval_every_steps, a
+    # budget's final validation) at its optimizer step.
+    metrics = [Metric(k, float(e[k]), now, int(e["step"] if e.get("event") == "eval" else e["epoch"]))
+               for e in epochs for k in EPOCH_METRICS if isinstance(e.get(k), (int, float)) and math.isfinite(e[k])]
     figures: dict[str, float | None] = {"final_val_ppl": None, "final_test_ppl": None}
     for split in ("val", "test"):
         if held_out is not None:

@@ -52,7 +52,7 @@ def plot_perplexity(epochs: list[dict[str, Any]], title: str = "") -> bytes:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for key, style in (("train_ppl", "-"), ("val_ppl", "--")):
-        points = [(e["epoch"], e[key]) for e in epochs if isinstance(e.get(key), (int, float))]
+        points = [(e.get("epochs", e["epoch"]), e[key]) for e in epochs if isinstance(e.get(key), (int, float))]
         if points:
             ax.plot(*zip(*points), style, marker="o" if len(points) < 20 else None, label=key.replace("_ppl", ""))
     ax.set_xlabel("epoch")

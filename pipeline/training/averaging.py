@@ -1,7 +1,8 @@
 """Non-monotonically triggered averaging: the "NT-A" of AWD-LSTM's NT-ASGD (Merity et al. 2017).
 
-Train with plain SGD; at each epoch end, ``observe`` the validation perplexity. Once it is
-worse than the best of all but the last ``window`` epochs (the trigger), every later
+Train with plain SGD; at each evaluation (an epoch's end, or every ``train.eval_every_steps``
+steps), ``observe`` the validation perplexity. Once it is worse than the best of all but the
+last ``window`` evaluations (the trigger), every later
 optimizer step also folds the weights into a running average, which is what validation,
 the checkpoints and the shipped model use from then on. That is ``torch.optim.ASGD(t0=0,
 lambd=0)`` started at the trigger, as in AWD-LSTM's training script, but kept apart from
@@ -9,7 +10,7 @@ the optimizer (``torch.optim.swa_utils.AveragedModel``): the optimizer and its c
 state never change class mid-run, and the averaging works under any optimizer.
 
 Every rank sees the same validation figure (broadcast) and holds the same weights, so all
-ranks trigger at the same epoch and hold the same average; ``state_dict`` has all of it
+ranks trigger at the same step and hold the same average; ``state_dict`` has all of it
 (history, trigger epoch, running average and its count) for exact resume.
 """
 
@@ -26,10 +27,10 @@ class NTAverage:
 
     def __init__(self, model: nn.Module, window: int):
         if window < 1:
-            raise ValueError(f"the NT-ASGD window must be at least 1 epoch, got {window}")
+            raise ValueError(f"the NT-ASGD window must be at least 1 evaluation, got {window}")
         self.model, self.window = model, window
-        self.history: list[float] = []  # validation perplexity of every epoch so far
-        self.triggered_at: int | None = None  # epochs done when averaging started
+        self.history: list[float] = []  # validation perplexity of every evaluation so far
+        self.triggered_at: int | None = None  # evaluations done when averaging started
         self.average: AveragedModel | None = None
 
     @property
@@ -37,7 +38,7 @@ class NTAverage:
         return self.average is not None
 
     def observe(self, val_ppl: float) -> bool:
-        """Record an epoch's validation perplexity; True when this one starts the averaging."""
+        """Record an evaluation's validation perplexity; True when this one starts the averaging."""
         fires = (not self.active and len(self.history) > self.window
                  and val_ppl > min(self.history[: -self.window]))
         self.history.append(val_ppl)

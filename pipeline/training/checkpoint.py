@@ -8,7 +8,10 @@ in training order) holding a plain dict of tensors and Python values:
     hidden                       sequential sampling, mid-epoch only: the global
                                  recurrent state (num_layers, batch_size, H) per
                                  part, so each rank can take back its own rows
-    epoch_stats                  loss / grad-norm sums of the epoch so far
+    epoch_stats                  loss / grad-norm sums and steps since the last evaluation
+                                 (by default: of the epoch so far)
+    rng                          a budget's stop between evaluations only: every rank's
+                                 dropout RNG state (elsewhere it is reseeded)
     elapsed_s                    training time so far (for max_minutes)
     model_config, train_config, vocab_size, train_tokens, world_size
 
@@ -47,7 +50,7 @@ REQUIRED = {
 }
 # Train-config keys that may change between a checkpoint and the run resuming it:
 # they decide how long and how often, not what a step computes.
-RESUMABLE_CHANGES = {"epochs", "max_minutes", "patience", "checkpoint_every_steps", "keep_checkpoints", "device"}
+RESUMABLE_CHANGES = {"epochs", "max_minutes", "max_steps", "patience", "checkpoint_every_steps", "keep_checkpoints", "device"}
 
 
 def checkpoint_name(epoch: int, step: int) -> str:
@@ -97,6 +100,10 @@ def load_checkpoint(uri: str) -> dict[str, Any]:
     bad = [k for k, v in ckpt["model"].items() if not isinstance(v, torch.Tensor)]
     if bad or not ckpt["model"]:
         raise CheckpointError(f"checkpoint {uri}: model state is empty or has non-tensors {bad[:3]}")
+    rng = ckpt.get("rng")
+    if rng is not None and not (isinstance(rng, (list, tuple)) and all(
+            isinstance(r, dict) and all(isinstance(t, torch.Tensor) for t in r.values()) for r in rng)):
+        raise CheckpointError(f"checkpoint {uri}: 'rng' must be a list of dicts of tensors")
     hidden = ckpt.get("hidden")
     if hidden is not None and not (isinstance(hidden, (list, tuple))
                                    and all(isinstance(h, torch.Tensor) for h in hidden)):
@@ -141,12 +148,13 @@ def check_compatible(ckpt: dict[str, Any], uri: str, *, model_config: dict, trai
             f"or the original configuration")
 
 
-def checkpoint_payload(run: Run, epoch_stats: dict[str, float], hidden_parts) -> dict[str, Any]:
+def checkpoint_payload(run: Run, epoch_stats: dict[str, float], hidden_parts, rng=None) -> dict[str, Any]:
     """What a checkpoint of ``run`` holds now (see the module docstring); ``hidden_parts``: the
-    gathered recurrent state of a mid-epoch checkpoint under sequential sampling, else None."""
+    gathered recurrent state of a mid-epoch checkpoint under sequential sampling, else None;
+    ``rng``: every rank's RNG state, where the run resuming it must not reseed."""
     return {"epoch": run.epoch, "step": run.step, "model": run.model.state_dict(),
             "optimizer": run.optimizer.state_dict(), "scheduler": run.schedule.state_dict(),
-            "scaler": run.mp.state_dict(),
+            "scaler": run.mp.state_dict(), "rng": rng,
             "hidden": hidden_parts, "epoch_stats": epoch_stats, "best": run.best,
             "averaging": run.averager.state_dict() if run.averager else None,
             "early_stopping": run.early_stopping.state_dict(),
@@ -165,7 +173,9 @@ def restore(run: Run, ckpt: dict[str, Any], uri: str) -> None:
     run.schedule.load_state_dict(ckpt["scheduler"])
     run.mp.load_state_dict(ckpt.get("scaler"))
     run.epoch, run.step, run.elapsed_before = ckpt["epoch"], ckpt["step"], ckpt["elapsed_s"]
-    run.hidden, run.stats = ckpt.get("hidden"), ckpt["epoch_stats"]
+    run.hidden, run.rng = ckpt.get("hidden"), ckpt.get("rng")
+    # "steps" is absent from checkpoints written when every stretch was an epoch
+    run.saved_stretch = {"steps": run.step - run.epoch * run.steps_per_epoch, **ckpt["epoch_stats"]}
     run.best, run.last_checkpoint = ckpt.get("best") or run.best, uri
     if run.averager:
         run.averager.load_state_dict(ckpt["averaging"])

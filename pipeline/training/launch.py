@@ -69,7 +69,7 @@ TRAIN_FORMAT_VERSION = 2
 # Train-config keys that say how long to train and how to keep house, not what a step
 # computes: left out of the run id, so a bigger budget continues the same run.
 # (checkpoint_every_steps stays in: a mid-epoch checkpoint reseeds the dropout RNG.)
-BUDGET_KEYS = frozenset({"epochs", "max_minutes", "keep_checkpoints", "device"})
+BUDGET_KEYS = frozenset({"epochs", "max_minutes", "max_steps", "keep_checkpoints", "device"})
 LOCK_FILE = ".lock"
 
 
@@ -79,7 +79,7 @@ def run_id(dataset_id: str, model_cfg: ModelConfig, train_cfg: TrainConfig) -> s
 
     A retried or repeated run with the same inputs lands in the same directory and
     resumes from its checkpoints instead of starting over; so does one asking for
-    more epochs or minutes (``BUDGET_KEYS``), which continues from the last checkpoint.
+    more epochs, minutes or steps (``BUDGET_KEYS``), which continues from the last checkpoint.
     """
     train = {k: v for k, v in train_cfg.model_dump(mode="json").items() if k not in BUDGET_KEYS}
     # The code that trains it too (pipeline.code_version): an upgrade trains anew, never

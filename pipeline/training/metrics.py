@@ -1,9 +1,10 @@
-"""A run's ``metrics.jsonl``: one JSON line per epoch, written by rank 0 and read back by everyone.
+"""A run's ``metrics.jsonl``: one JSON line per evaluation, written by rank 0 and read back by everyone.
 
-The trainer ``emit``s each event to stdout (an orchestrator forwards it as it
-arrives) and appends it to the file; on resume it ``truncate_after``s the epoch
-it resumes from, so a redone epoch is written once. ``read_epochs`` is the one
-reader (tasks, flows, MLflow logging).
+An evaluation's event is ``epoch`` at an epoch's end (the default) and ``eval`` between
+epoch ends (``train.eval_every_steps``, or the final validation where a budget stops a run).
+The trainer ``emit``s each event to stdout (an orchestrator forwards it as it arrives) and
+appends it to the file; on resume it ``truncate_after``s the step it resumes from, so a
+redone stretch is written once. ``read_epochs`` is the one reader (tasks, flows, MLflow logging).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from pipeline import storage
 
 METRICS_FILE = "metrics.jsonl"
+EVALUATION_EVENTS = ("epoch", "eval")
 
 
 def metrics_uri(run_dir: str) -> str:
@@ -68,20 +70,21 @@ def print_line(line: str) -> None:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (also keeps the exit-time flush quiet)
 
 
-def truncate_after(uri: str, epoch: int) -> None:
-    """Drop epoch lines past ``epoch`` (the checkpoint we resume from): they will be trained again."""
+def truncate_after(uri: str, step: int) -> None:
+    """Drop lines past ``step`` (the checkpoint we resume from): they will be trained again."""
     if not storage.exists(uri):
         return
-    kept = [json.dumps(e) for e in _events(uri) if e.get("epoch", 0) <= epoch]
+    kept = [json.dumps(e) for e in _events(uri) if e.get("step", 0) <= step]
     storage.write_bytes_atomic(uri, "".join(ln + "\n" for ln in kept).encode())
 
 
 def read_epochs(run_dir: str) -> list[dict[str, Any]]:
-    """The per-epoch events of a run's ``metrics.jsonl`` (lines that are not JSON objects are skipped)."""
+    """The evaluation events (``epoch``, ``eval``) of a run's ``metrics.jsonl`` (lines that are not
+    JSON objects are skipped)."""
     uri = metrics_uri(run_dir)
     if not storage.exists(uri):
         return []
-    return [e for e in _events(uri) if e.get("event") == "epoch"]
+    return [e for e in _events(uri) if e.get("event") in EVALUATION_EVENTS]
 
 
 def _events(uri: str) -> list[dict[str, Any]]:

@@ -35,29 +35,39 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 class LRSchedule:
-    """The learning rate of each epoch, set on the optimizer; its state is checkpointed.
+    """The learning rate, set on the optimizer; its state is checkpointed.
 
     * ``constant``: ``cfg.lr`` throughout.
     * ``decay``: epoch ``n`` (1-based) trains at ``lr * lr_decay ** max(0, n - lr_decay_after)``
       (the classic PTB recipe: ``lr_decay_after`` epochs at full rate, then geometric).
     * ``plateau``: multiply by ``lr_decay`` once validation perplexity has not improved
-      for ``lr_patience`` epochs in a row (0 counts as 1).
+      for ``lr_patience`` evaluations in a row (0 counts as 1); an evaluation is an epoch's
+      end unless ``eval_every_steps`` is set.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig):
         self.optimizer, self.cfg = optimizer, cfg
         self.lr = self._decayed(1) if cfg.lr_schedule == "decay" else cfg.lr
-        self.best, self.bad_epochs = math.inf, 0
+        self.best, self.bad_epochs = math.inf, 0  # "bad_epochs": bad evaluations (the checkpointed name)
         self._apply()
 
     def _decayed(self, epoch: int) -> float:
         return self.cfg.lr * self.cfg.lr_decay ** max(0, epoch - self.cfg.lr_decay_after)
 
     def step(self, epochs_done: int, val_ppl: float) -> None:
-        """Called after each epoch: sets the rate for the next one."""
+        """An epoch's end that is also its evaluation (the default): ``end_epoch`` and ``evaluated``."""
+        self.end_epoch(epochs_done)
+        self.evaluated(val_ppl)
+
+    def end_epoch(self, epochs_done: int) -> None:
+        """After each epoch: ``decay`` sets the rate for the next one."""
         if self.cfg.lr_schedule == "decay":
             self.lr = self._decayed(epochs_done + 1)
-        elif self.cfg.lr_schedule == "plateau":
+            self._apply()
+
+    def evaluated(self, val_ppl: float) -> None:
+        """After each evaluation: ``plateau`` counts it."""
+        if self.cfg.lr_schedule == "plateau":
             if val_ppl < self.best:
                 self.best, self.bad_epochs = val_ppl, 0
             else:

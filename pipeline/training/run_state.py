@@ -1,6 +1,7 @@
 """One training run's state: what it carries from step to step (``Run``, built fresh by
-``start_run``: model, optimizer, schedule), what an epoch adds up to (``EpochTotals``), and
-the dropout reseeding that makes a resumed run repeat the uninterrupted one (``reseed``).
+``start_run``: model, optimizer, schedule), what the training since the last evaluation adds
+up to (``Stretch``), and the dropout reseeding that makes a resumed run repeat the
+uninterrupted one (``reseed``, ``rng_state``/``set_rng_state``).
 The loop that drives them is ``pipeline.training.train``.
 """
 
@@ -55,14 +56,16 @@ class Run:
     step: int = 0  # completed optimizer steps (global: the same on every rank)
     elapsed_before: float = 0.0  # training seconds of earlier attempts (from the checkpoint)
     hidden: list[torch.Tensor] | None = None  # mid-epoch resume, sequential: the global state
-    stats: dict[str, float] = field(default_factory=lambda: {"loss_sum": 0.0, "norm_sum": 0.0})
+    rng: list[dict[str, torch.Tensor]] | None = None  # resume after a budget stop: every rank's RNG state
+    stretch: Stretch | None = None  # the training since the last evaluation
+    saved_stretch: dict[str, float] = field(default_factory=dict)  # resume: the checkpoint's (global) sums
     best: dict[str, Any] = field(default_factory=lambda: {"val_ppl": math.inf, "epoch": 0, "model": None})
     last_checkpoint: str | None = None  # rank 0: the newest checkpoint written or resumed from
-    epochs_run: int = 0  # epochs ended in this attempt
-    tokens_trained: int = 0
-    train_time: float = 0.0
-    val_ppl: float | None = None  # the last epoch's; None without a validation split
-    stop: bool = False  # max_minutes reached, or early stopping
+    validated: bool = False  # this attempt has validated (else _finish does)
+    tokens_trained: int = 0  # this attempt
+    train_time: float = 0.0  # this attempt
+    val_ppl: float | None = None  # the last evaluation's; None without a validation split
+    stop: str | None = None  # why the run ends early: a budget, or early stopping
     t_start: float = field(default_factory=time.perf_counter)
 
     @property
@@ -73,6 +76,20 @@ class Run:
     def evaluated_model(self) -> torch.nn.Module:
         """What is validated, kept as best and shipped: the averaged weights once NT-ASGD averages."""
         return self.averager.evaluated_model() if self.averager else self.model
+
+    @property
+    def steps_into_epoch(self) -> int:
+        return self.step - self.epoch * self.steps_per_epoch
+
+    @property
+    def evaluates_by_steps(self) -> bool:
+        return self.cfg.eval_every_steps is not None
+
+    def evaluation_due(self) -> bool:
+        """Whether the step just taken ends a stretch: an epoch's end, or every eval_every_steps."""
+        if self.evaluates_by_steps:
+            return self.step % self.cfg.eval_every_steps == 0
+        return self.steps_into_epoch == 0
 
     @property
     def has_validation(self) -> bool:
@@ -93,14 +110,20 @@ class Run:
 
 
 @dataclass
-class EpochTotals:
-    """What one (possibly partial) epoch adds up to, summed over ranks."""
+class Stretch:
+    """The training since the last evaluation (by default: the epoch so far), which the next
+    metrics line reports. The sums are this rank's, on device (no host sync per step); on
+    rank 0 they start from what a resumed checkpoint carried, which was summed over ranks."""
 
-    loss_sum: float
-    norm_sum: float
-    steps: int  # trained by this process in this attempt
-    tokens: int  # in those steps, global (all ranks)
-    seconds: float
+    loss_sum: torch.Tensor
+    norm_sum: torch.Tensor
+    steps: int = 0  # global optimizer steps in the stretch, all attempts
+    tokens: int = 0  # trained in this attempt, global (all ranks)
+    t0: float = field(default_factory=time.perf_counter)  # when this attempt's part of it began
+
+    @classmethod
+    def begin(cls, device: torch.device, loss_sum: float = 0.0, norm_sum: float = 0.0, steps: int = 0) -> Stretch:
+        return cls(torch.tensor(loss_sum, device=device), torch.tensor(norm_sum, device=device), steps)
 
 
 def start_run(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int, model_cfg: ModelConfig,
@@ -114,8 +137,9 @@ def start_run(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int, model
     set_matmul_precision(cfg.tf32, d.device)
     model = build_model(model_cfg, vocab_size).to(d.device)
     optimizer = make_optimizer(model, cfg)
-    # On a GPU the split lives there (a byte per token at char level) and batches are sliced
-    # there; on CPU the sampler's numpy batches are already where they are needed.
+    # On a GPU the split lives there (a byte per token at char level; pinned host memory if it
+    # does not fit) and batches are sliced there; on CPU the sampler's numpy batches of the
+    # memory-mapped split are already where they are needed.
     tokens = token_tensor(train_ids, vocab_size, d.device) if d.device.type == "cuda" else None
     return Run(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d, model, model,
                optimizer, LRSchedule(optimizer, cfg), FiniteWatch(d.device), MixedPrecision(cfg.precision, d.device),
@@ -127,3 +151,18 @@ def start_run(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int, model
 def reseed(seed: int, epoch: int, step: int, rank: int) -> None:
     """Dropout RNG for the stretch of training that starts at (epoch, step) on ``rank``."""
     torch.manual_seed(int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1)[0]))
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's dropout RNG state. A budget can stop a run at any step, where an
+    uninterrupted run does not reseed, so that checkpoint keeps the state itself."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,8 +1,10 @@
-"""Early stopping: stop after ``patience`` epochs without a better validation perplexity.
+"""Early stopping: stop after ``patience`` evaluations without a better validation perplexity.
+
+An evaluation is an epoch's end, or every ``train.eval_every_steps`` steps when that is set.
 
 The trainer keeps the best epoch's weights already (``train.keep_best``); this only ends
 the run when waiting longer is unlikely to beat them. Every rank feeds it the same
-(broadcast) figure, so all ranks stop at the same epoch; its state is checkpointed.
+(broadcast) figure, so all ranks stop at the same step; its state is checkpointed.
 """
 
 from __future__ import annotations
@@ -12,17 +14,17 @@ from typing import Any
 
 
 class EarlyStopping:
-    """Counts epochs since the best validation perplexity; ``patience=None`` never stops."""
+    """Counts evaluations since the best validation perplexity; ``patience=None`` never stops."""
 
     def __init__(self, patience: int | None):
         if patience is not None and patience < 1:
-            raise ValueError(f"patience must be at least 1 epoch, got {patience}")
+            raise ValueError(f"patience must be at least 1 evaluation, got {patience}")
         self.patience = patience
         self.best = math.inf
-        self.bad_epochs = 0
+        self.bad_epochs = 0  # evaluations without improvement (the checkpointed name)
 
     def update(self, val_ppl: float) -> bool:
-        """Record an epoch's validation perplexity; True when training should stop now."""
+        """Record an evaluation's validation perplexity; True when training should stop now."""
         if math.isnan(val_ppl):  # no validation split: nothing to judge by
             return False
         if val_ppl < self.best:
