@@ -99,7 +99,8 @@ def without_code(text: str) -> str:
 def heading_anchors(page: Path) -> set[str]:
     """GitHub's anchors for a page's headings: lowercase, punctuation dropped, spaces to hyphens."""
     text = re.sub(r"^(`{3,}).*?^\1\s*$", "", page.read_text(encoding="utf-8"), flags=re.S | re.M)
-    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^#{1,6}\s+(.*?)\s*$", text, flags=re.M)}
+    headings = re.findall(r"^#{1,6}\s+(.*?)\s*$", text, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
 
 
 def broken_links(page: Path, root: Path = REPO) -> list[str]:
@@ -146,7 +147,8 @@ def test_the_convention_check_catches_what_it_should():
         "a not-run marker not right above a ```bash block",
         "a fenced block marked 'sh': use bash for commands, text (or yaml, python, ...) for the rest",
         "a fenced block that is never closed"]
-    blocks, _ = parse(Path("good.md"), "<!-- not run: needs a GPU -->\n```bash\nnvidia-smi\n```\n```bash\nrnnlm presets\n```")
+    good = "<!-- not run: needs a GPU -->\n```bash\nnvidia-smi\n```\n```bash\nrnnlm presets\n```"
+    blocks, _ = parse(Path("good.md"), good)
     assert [(b.not_run, b.text) for b in blocks] == [("needs a GPU", "nvidia-smi"), (None, "rnnlm presets")]
 
 
@@ -184,8 +186,8 @@ def workspace(tmp_path) -> tuple[Path, dict[str, str]]:
     (wrapper / "rnnlm").chmod(0o755)
     env = {k: v for k, v in os.environ.items()
            if k not in ("RNNLM_STORAGE", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME", "PYTHONPATH")}
-    env.update(PATH=os.pathsep.join([str(wrapper), str(real.parent), env.get("PATH", "")]), VIRTUAL_ENV=str(real.parent.parent),
-               RNNLM_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(PATH=os.pathsep.join([str(wrapper), str(real.parent), env.get("PATH", "")]),
+               VIRTUAL_ENV=str(real.parent.parent), RNNLM_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return work, env
 
 
