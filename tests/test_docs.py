@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers import Processes, clean_env, free_port, wait_http
+
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "deployments" / "README.md"]
 README_MAX_LINES = 250
@@ -166,9 +168,26 @@ def runnable_blocks() -> list[Block]:
 
 
 @pytest.fixture
-def workspace(tmp_path) -> tuple[Path, dict[str, str]]:
+def prefect_api(tmp_path, request) -> str:
+    """One Prefect server for every documented `rnnlm run` (each would otherwise start and stop
+    a temporary one: half a minute each); stopped by PID at the end."""
+    from flows import servers
+
+    procs = Processes(tmp_path / "server-logs")
+    request.addfinalizer(procs.stop_all)
+    port = free_port()
+    env = servers.server_env(home=str(tmp_path / "prefect-home"), base=clean_env(PREFECT_LOGGING_LEVEL="WARNING"))
+    server = procs.start("prefect-server", servers.server_command("127.0.0.1", port), env)
+    api = f"http://127.0.0.1:{port}/api"
+    wait_http(f"{api}/health", server, procs, "prefect-server")
+    return api
+
+
+@pytest.fixture
+def workspace(tmp_path, prefect_api) -> tuple[Path, dict[str, str]]:
     """An empty working directory holding what the reader brings, and the environment of a shell
-    after `source .venv/bin/activate`, with the TINY wrapper as `rnnlm`."""
+    after `source .venv/bin/activate` (no storage root, no tracking server set), with the TINY
+    wrapper as `rnnlm` and the shared Prefect server."""
     work, wrapper = tmp_path / "work", tmp_path / "bin"
     work.mkdir(), wrapper.mkdir()
     for name, source in READER_FILES.items():
@@ -184,10 +203,10 @@ def workspace(tmp_path) -> tuple[Path, dict[str, str]]:
         "extra = [w for kv in TINY.get(command, ()) for w in ('--set', kv)]\n"
         f"os.execv({str(real)!r}, [{str(real)!r}, *args, *extra])\n")
     (wrapper / "rnnlm").chmod(0o755)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RNNLM_STORAGE", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME", "PYTHONPATH")}
-    env.update(PATH=os.pathsep.join([str(wrapper), str(real.parent), env.get("PATH", "")]),
-               VIRTUAL_ENV=str(real.parent.parent), RNNLM_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = clean_env(PATH=os.pathsep.join([str(wrapper), str(real.parent), os.environ.get("PATH", "")]),
+                    VIRTUAL_ENV=str(real.parent.parent), PREFECT_API_URL=prefect_api, RNNLM_NUM_THREADS="1",
+                    PYTHONUNBUFFERED="1")
+    env.pop("PYTHONPATH", None)
     return work, env
 
 
