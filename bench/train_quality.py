@@ -7,8 +7,8 @@ the budget (the run ends after the epoch that passes it; the target counts the e
 it). Then, unless ``--no-ablation``, the ablation: one
 run per technique the preset uses, with that technique turned off, and one with all of them
 off, each under the same budget. Presets whose data are fractions of one text (the Time
-Machine) validate on its last 5% (train 95%, val 5%, no test split), as the figure in the
-README does; presets with named splits use their own validation file.
+Machine) validate on its last 5% (train 95%, val 5%, no test split), as the figure in
+docs/benchmarks.md does; presets with named splits use their own validation file.
 
     python bench/train_quality.py                                  # timemachine-char, 3 min, ablation
     python bench/train_quality.py --minutes 3 --target 4.30 --no-ablation

@@ -3,7 +3,7 @@ and a throwaway PostgreSQL cluster, plus the process bookkeeping every server te
 
 Every process is started in its own process group and stopped by PID (group, then any stray
 descendant). A missing dependency skips the test with a message naming what to install
-(README, "Tests"); under CI (``CI=true``) tests/conftest.py turns such a skip into a failure.
+(docs/development.md, "Running the tests"); under CI (``CI=true``) tests/conftest.py turns such a skip into a failure.
 """
 
 from __future__ import annotations

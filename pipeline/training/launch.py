@@ -94,8 +94,8 @@ def run_directory(root: str, dataset_id: str, model_cfg: ModelConfig, train_cfg:
 
 
 # libgomp (torch's OpenMP on Linux) lets a thread that waits at a barrier spin 300,000 times
-# before it sleeps. Measured on a 2-core host (bench/throughput_shared_host.py, README): alone
-# or beside a process using 20% of one core, spinning is fastest and PASSIVE (sleep at once)
+# before it sleeps. Measured on a 2-core host (bench/throughput_shared_host.py,
+# docs/benchmarks.md): alone or beside a process using 20% of one core, spinning is fastest and PASSIVE (sleep at once)
 # costs a third to a half of the speed; with more busy threads than cores (a second trainer
 # beside it) spinning collapses (4x slower) while PASSIVE keeps the machine's throughput. So the
 # launcher looks at the host just before it starts the trainer: PASSIVE where the CPUs already
