@@ -5,7 +5,7 @@
     rnnlm prepare [--config X]     fetch, tokenize and shard a corpus; print the manifest summary
     rnnlm train --config X [--nproc N]
     rnnlm run --launcher ray --ray-address auto --workers N [--gpus-per-worker K]   (a Ray cluster)
-    rnnlm generate --run DIR | --model models:/NAME@ALIAS --prefix "time traveller"
+    rnnlm generate --run DIR | --model models:/NAME@ALIAS --prefix "time traveller" [--prefix "the" ...]
     rnnlm server [--port 4200]     a Prefect server on 127.0.0.1 (SQLite under <root>/prefect)
     rnnlm deploy                   create the work pools and deploy deployments/prefect.yaml
     rnnlm worker --pool cpu        a process worker for one work pool (control, cpu, gpu)
@@ -128,20 +128,38 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from pipeline.registry.consumer import generate_from_uri
-    from pipeline.model.generate import MAX_NUM_TOKENS, check_settings
+    from pipeline.model.generate import MAX_NUM_TOKENS, check_request, check_settings
+    from pipeline.registry.consumer import generate_many_from_uri
 
+    prefixes = list(args.prefix) + (_read_prefix_file(args.prefix_file) if args.prefix_file else [])
+    if not prefixes:
+        raise GenerationInputError("no prefix: give --prefix TEXT (repeatable) or --prefix-file FILE")
     check_settings(args.num_tokens, args.temperature, args.top_k, args.seed, max_num_tokens=MAX_NUM_TOKENS)
+    check_request(prefixes, args.num_tokens)
     target = args.run or args.model
     try:
-        text = generate_from_uri(target, args.prefix, num_tokens=args.num_tokens, temperature=args.temperature,
-                                 top_k=args.top_k, seed=args.seed, root=args.root)
+        texts = generate_many_from_uri(target, prefixes, num_tokens=args.num_tokens, temperature=args.temperature,
+                                       top_k=args.top_k, seed=args.seed, root=args.root, device=args.device)
     except Exception as e:  # the registered model answers bad input as the served model does: HTTP 400
         if getattr(e, "error_code", None) == "INVALID_PARAMETER_VALUE":
             raise GenerationInputError(getattr(e, "message", str(e))) from e
         raise
-    print(text)
+    for text in texts:
+        print(text)
     return 0
+
+
+def _read_prefix_file(path: str) -> list[str]:
+    """One prefix per line (empty lines skipped); ``-`` reads standard input."""
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise GenerationInputError(f"--prefix-file {path}: cannot be read: {e}") from None
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def cmd_server(args) -> int:
@@ -294,11 +312,14 @@ def _generate_parser(sub) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--run", help="a run directory (rnnlm train prints it)")
     where.add_argument("--model", help="an MLflow model URI, e.g. models:/rnnlm-timemachine-char@champion")
-    p.add_argument("--prefix", required=True, help="text to warm up on; the output continues it")
+    p.add_argument("--prefix", action="append", default=[],
+                   help="text to warm up on; the output continues it (repeat for several: one batch, one line each)")
+    p.add_argument("--prefix-file", default=None, help="a UTF-8 file of prefixes, one per line (- reads stdin)")
     p.add_argument("--num-tokens", type=int, default=50, help="tokens to generate (default 50)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k likeliest tokens")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (each prefix samples with it)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto (a GPU if there is one)")
     p.add_argument("--root", default=None, help="storage root holding the default MLflow database")
     p.set_defaults(fn=cmd_generate)
 

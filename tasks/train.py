@@ -197,8 +197,9 @@ def evaluate_model(run: dict[str, Any], dataset: dict[str, Any], prefixes: tuple
             ppl[split] = lm.perplexity(ids) if len(ids) >= 2 else None
         logger.info("%s perplexity: %s", split, "n/a (split too short)" if ppl[split] is None else f"{ppl[split]:.3f}")
     samples = []
-    for i, prefix in enumerate(prefixes):
-        g = lm.generate_with_info(prefix, num_tokens, temperature=temperature, seed=i)
+    generated = lm.generate_many_with_info(prefixes, num_tokens, temperature=temperature,
+                                           seed=list(range(len(prefixes))))  # one batch, seed i for prefix i
+    for i, (prefix, g) in enumerate(zip(prefixes, generated)):
         samples.append({"prefix": prefix, "text": g.text, "unknown": g.unknown})
         logger.info("sample %d: %s", i + 1, g.text)
     out = {**with_bits({"val_ppl": finite_or_none(ppl["val"]), "test_ppl": finite_or_none(ppl["test"])}),

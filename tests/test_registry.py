@@ -19,6 +19,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from pipeline import errors
 from pipeline.registry import consumer, gate, packaging, run_logging, tracking
 from pipeline.config import DataConfig, ModelConfig, RunConfig, SourceConfig, SplitConfig, TrainConfig
 from pipeline.errors import CheckpointError, NonFiniteLossError
+from pipeline.model.generate import MAX_NUM_TOKENS
 from pipeline.model.lm import LanguageModel, write_lm_metadata
 from pipeline.data.prepare import prepare_dataset
 from pipeline.training.train import train
@@ -488,6 +490,29 @@ def test_models_serve_invocations(trained, tmp_path, store):
                     json.dumps({"inputs": ["1234"]}).encode()):
             status, body = post(inv, bad)
             assert status == 400, (bad, status, body)
+        # Several prefixes run as one batch: each gets what it gets alone.
+        prefixes = ["time traveller", "the", "Time Traveller", "it was a dark night and the"]
+        lm = LanguageModel.from_dir(trained.runs["good"])
+        status, body = post(inv, json.dumps({"inputs": prefixes,
+                                             "params": {"num_tokens": 20, "temperature": 1.0, "seed": 3}}).encode())
+        assert status == 200 and body == {"predictions": [lm.generate(p, 20, temperature=1.0, seed=3) for p in prefixes]}
+        # Requests over the limits, among good ones from 8 clients at once: each bad one gets its
+        # 400 naming the limit, each good one its answer, and the server stays up.
+        over = [({"inputs": ["time"], "params": {"num_tokens": MAX_NUM_TOKENS + 1}}, "num_tokens must be in"),
+                ({"inputs": ["time"] * 5000}, "5,000 prefixes in one request"),
+                ({"inputs": ["t" * 1_000_000]}, "prefix 0 has 1,000,000 characters")]
+        good = ({"inputs": ["time traveller"], "params": {"num_tokens": 20, "seed": 0}}, None)
+        requests = [good, *over] * 3
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda r: post(inv, json.dumps(r[0]).encode()), requests))
+        for (_, problem), (status, body) in zip(requests, answers):
+            if problem is None:
+                assert status == 200 and body == {"predictions": [expected]}
+            else:
+                assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE", (status, body)
+                assert problem in body["message"], body
+        with urllib.request.urlopen(f"{url}/ping", timeout=30) as r:
+            assert r.status == 200
     finally:
         stop_server(proc, log_file)
     assert proc.returncode is not None

@@ -7,6 +7,7 @@ becomes tokens for this model (the dataset's tokenizer config and vocabulary)::
     write_lm_metadata(run_dir, dataset)           # once, after training
     lm = LanguageModel.from_dir(run_dir)
     lm.generate("Time Traveller", num_tokens=50)  # -> "Time Traveller" + 50 generated characters
+    lm.generate_many(["Time Traveller", "the"], 50)  # one batch, the same texts as one call each
     lm.perplexity(dataset.split("test"))
 
 The prefix is tokenized with the model's own ``TokenizerConfig`` (so the d2l preset
@@ -27,6 +28,7 @@ import io
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +36,9 @@ import numpy as np
 import torch
 
 from pipeline.config import ModelConfig, TokenizerConfig
-from pipeline.errors import CheckpointError, GenerationInputError
+from pipeline.errors import CheckpointError, ConfigError, GenerationInputError
 from pipeline.model.evaluate import EVAL_BATCH_SIZE, EVAL_NUM_STEPS
-from pipeline.model.generate import generate, join_tokens
+from pipeline.model.generate import generate_batch, join_tokens
 from pipeline.model.models import RNNLM, build_model
 from pipeline.data.tokenizer import UNK, tokenize
 
@@ -94,6 +96,21 @@ def write_lm_metadata(run_dir: str, dataset) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to generate on: ``auto`` is the first CUDA GPU when this process has one, else
+    the CPU; None is the CPU; ``cuda[:N]`` without CUDA is a ConfigError."""
+    name = "cpu" if device is None else str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"device {name!r} is not a device: {e} (expected cpu, cuda, cuda:N or auto)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: this process has no CUDA GPU (use cpu or auto)")
+    return resolved
 
 
 def _read_bytes(uri: str) -> bytes:
@@ -171,7 +188,8 @@ class LanguageModel:
     @classmethod
     def from_files(cls, model_path: str, model_config_path: str, lm_path: str, *,
                    device: str | torch.device | None = None, backend: str | None = None) -> "LanguageModel":
-        """Load from three files; ``backend`` overrides the saved one (the state_dicts match)."""
+        """Load from three files; ``backend`` overrides the saved one (the state_dicts match);
+        ``device``: see ``resolve_device`` (default the CPU)."""
         raw = _load_json(model_config_path, "model config")
         vocab_size = raw.pop("vocab_size", None)
         if not isinstance(vocab_size, int):
@@ -200,7 +218,7 @@ class LanguageModel:
             model.load_state_dict(state)
         except RuntimeError as e:
             raise CheckpointError(f"model weights {model_path} do not fit {model_config_path}: {e}") from None
-        model.to(torch.device(device) if device is not None else torch.device("cpu"))
+        model.to(resolve_device(device))
         return cls(model, meta["vocab"], tokenizer, meta)
 
     def save(self, directory: str, *, backend: str | None = "torch") -> dict[str, str]:
@@ -258,26 +276,46 @@ class LanguageModel:
         ValueError) when the prefix has no tokens after normalization (e.g. only digits
         under ``d2l``) or a setting is out of range; warns when prefix tokens are unknown.
         """
-        if not isinstance(prefix, str):
-            raise GenerationInputError(f"prefix must be a string, got {type(prefix).__name__}")
-        tokens = self.tokenize(prefix)
-        if not tokens:
-            raise GenerationInputError(f"prefix {prefix!r} has no tokens after {self.tokenizer.normalizer!r} "
-                                       f"normalization: give at least one letter/word")
-        gen = generate(self.model, self.vocab_tokens, tokens, num_tokens, temperature=temperature,
-                       top_k=top_k, seed=seed)
-        if gen.unknown:
-            log.warning("prefix %r: %d of its %d tokens are not in the model's vocabulary and are read as %s: %s",
-                        prefix, len(gen.unknown), len(tokens), UNK, " ".join(repr(t) for t in dict.fromkeys(gen.unknown)))
-        continuation = join_tokens(gen.tokens, self.level)
-        sep = " " if self.level == "word" and prefix and continuation and not prefix[-1].isspace() else ""
-        return GenerationResult(text=prefix + sep + continuation, continuation=continuation,
-                                prefix_tokens=tokens, unknown=gen.unknown)
+        return self.generate_many_with_info([prefix], num_tokens, temperature, top_k, seed)[0]
+
+    def generate_many_with_info(self, prefixes: Sequence[str], num_tokens: int = 50, temperature: float = 0.0,
+                                top_k: int | None = None,
+                                seed: int | None | Sequence[int | None] = None) -> list[GenerationResult]:
+        """Continue every prefix, as one batch (``pipeline.model.generate.generate_batch``): the same
+        results as one ``generate_with_info`` call per prefix. ``seed``: one for every prefix
+        (each samples from its own generator seeded with it), or one per prefix."""
+        token_lists = []
+        for i, prefix in enumerate(prefixes):
+            if not isinstance(prefix, str):
+                raise GenerationInputError(f"prefix {i} must be a string, got {type(prefix).__name__}")
+            tokens = self.tokenize(prefix)
+            if not tokens:
+                raise GenerationInputError(f"prefix {_shown(prefix)} has no tokens after {self.tokenizer.normalizer!r} "
+                                           f"normalization: give at least one letter/word")
+            token_lists.append(tokens)
+        gens = generate_batch(self.model, self.vocab_tokens, token_lists, num_tokens, temperature=temperature,
+                              top_k=top_k, seeds=seed)
+        results = []
+        for prefix, tokens, gen in zip(prefixes, token_lists, gens):
+            if gen.unknown:
+                log.warning("prefix %s: %d of its %d tokens are not in the model's vocabulary and are read as %s: %s",
+                            _shown(prefix), len(gen.unknown), len(tokens), UNK,
+                            " ".join(repr(t) for t in dict.fromkeys(gen.unknown)))
+            continuation = join_tokens(gen.tokens, self.level)
+            sep = " " if self.level == "word" and prefix and continuation and not prefix[-1].isspace() else ""
+            results.append(GenerationResult(text=prefix + sep + continuation, continuation=continuation,
+                                            prefix_tokens=tokens, unknown=gen.unknown))
+        return results
 
     def generate(self, prefix: str, num_tokens: int = 50, temperature: float = 0.0,
                  top_k: int | None = None, seed: int | None = None) -> str:
         """The prefix (as given) followed by the generated continuation."""
         return self.generate_with_info(prefix, num_tokens, temperature, top_k, seed).text
+
+    def generate_many(self, prefixes: Sequence[str], num_tokens: int = 50, temperature: float = 0.0,
+                      top_k: int | None = None, seed: int | None | Sequence[int | None] = None) -> list[str]:
+        """``generate`` for every prefix, as one batch: each prefix followed by its continuation."""
+        return [r.text for r in self.generate_many_with_info(prefixes, num_tokens, temperature, top_k, seed)]
 
     # -------------------------------------------------------------------- evaluation
 
@@ -296,3 +334,8 @@ class LanguageModel:
             lut = np.array([self._index.get(t, 0) for t in vocab_tokens], dtype=np.int64)
             ids = lut[ids.astype(np.int64)]
         return perplexity(self.model, ids, batch_size=batch_size, num_steps=num_steps)
+
+
+def _shown(prefix: str, limit: int = 60) -> str:
+    """A prefix for a one-line message: its repr, shortened."""
+    return repr(prefix) if len(prefix) <= limit else f"{prefix[:limit]!r}... ({len(prefix):,} characters)"

@@ -89,7 +89,7 @@ class RNNLM(nn.Module):
                      for _ in range(2 if self.cfg.cell == "lstm" else 1))
 
     def forward(self, X: torch.Tensor, state: State | None = None, targets: torch.Tensor | None = None,
-                reduction: str = "mean", *, with_activations: bool = False):
+                reduction: str = "mean", *, with_activations: bool = False, last_only: bool = False):
         """Token ids ``X`` (B, T) -> logits (B, T, vocab_size) and the state after step T.
 
         With ``targets`` (B, T) the first result is the next-token cross-entropy instead
@@ -98,6 +98,8 @@ class RNNLM(nn.Module):
         log-probabilities: softmax, argmax and temperature treat them exactly as logits.
         ``with_activations=True`` adds a third item, the last layer's ``(raw, dropped)``
         outputs (B, T, H), before and after output dropout: what AR and TAR penalise.
+        ``last_only=True`` projects only step T to the vocabulary, logits (B, 1, vocab_size):
+        generation's warm-up needs no more, and (B, T, vocab_size) can be large.
         """
         if X.dim() != 2:
             raise ValueError(f"X must be (batch, num_steps) token ids, got shape {tuple(X.shape)}")
@@ -124,7 +126,7 @@ class RNNLM(nn.Module):
         if cfg.dropout:
             dropped = self.dropout(dropped)
         if targets is None:
-            result = self.logits(dropped).transpose(0, 1)
+            result = self.logits(dropped[-1:] if last_only else dropped).transpose(0, 1)
         else:
             result = self._loss(dropped, targets.T, reduction)
         return (result, state, (raw.transpose(0, 1), dropped.transpose(0, 1))) if with_activations \

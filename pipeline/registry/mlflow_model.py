@@ -20,12 +20,20 @@ and does not warn about a missing type hint. (A ``list[str]`` hint would make th
 model accept only ``{"inputs": [...]}``, refusing the documented ``dataframe_records``.)
 ``prefixes_of`` then checks what schema enforcement lets through (a mixed list, say).
 Params: ``num_tokens`` (int, 50), ``temperature`` (float, 0.0 = greedy), ``top_k``
-(int, 0 = no limit), ``seed`` (int, 0; -1 = a fresh random seed). Output: a list of
-strings, each the prefix as given followed by its continuation.
+(int, 0 = no limit), ``seed`` (int, 0; -1 = a fresh random seed; every prefix samples
+from its own generator seeded with it). Output: a list of strings, each the prefix as
+given followed by its continuation. All prefixes of a request run as one batch; a
+request beyond the limits of ``pipeline.model.generate.check_request`` (prefixes, their
+length, ``num_tokens``) is refused with INVALID_PARAMETER_VALUE (HTTP 400).
+
+The device is chosen at load time: ``model_config={"device": ...}`` given to
+``mlflow.pyfunc.load_model``, else ``$RNNLM_DEVICE``, else ``cpu``; ``auto`` takes the
+first CUDA GPU when the loading process has one.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import mlflow
@@ -33,6 +41,7 @@ from mlflow.pyfunc import PythonModel
 from mlflow.types.type_hints import TypeFromExample
 
 DEFAULT_PARAMS: dict[str, Any] = {"num_tokens": 50, "temperature": 0.0, "top_k": 0, "seed": 0}
+DEVICE_ENV = "RNNLM_DEVICE"
 
 
 def _invalid(message: str):
@@ -120,18 +129,19 @@ class RNNLMPyfunc(PythonModel):
         from pipeline.model.lm import LanguageModel  # shipped with the model (code_paths)
 
         a = context.artifacts
-        self.lm = LanguageModel.from_files(a["model"], a["model_config"], a["lm"], device="cpu")
+        device = (getattr(context, "model_config", None) or {}).get("device") or os.environ.get(DEVICE_ENV) or "cpu"
+        self.lm = LanguageModel.from_files(a["model"], a["model_config"], a["lm"], device=device)
 
     def predict(self, context, model_input: TypeFromExample, params: dict[str, Any] | None = None) -> list[str]:
+        from pipeline.model.generate import check_request  # shipped with the model (code_paths)
+
         prefixes = prefixes_of(model_input)
         settings = params_of(params)
-        out = []
-        for prefix in prefixes:
-            try:
-                out.append(self.lm.generate(prefix, **settings))
-            except ValueError as e:  # an empty prefix after normalization
-                raise _invalid(str(e)) from None
-        return out
+        try:
+            check_request(prefixes, settings["num_tokens"])
+            return self.lm.generate_many(prefixes, **settings)
+        except ValueError as e:  # over a limit, or a prefix with no tokens after normalization
+            raise _invalid(str(e)) from None
 
 
 mlflow.models.set_model(RNNLMPyfunc())
