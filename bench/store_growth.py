@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -36,6 +37,26 @@ def config(corpus: Path):
         "train": {"batch_size": 8, "num_steps": 16, "epochs": 1, "optimizer": "adam", "lr": 0.01}})
 
 
+def run_nights(args, work: Path, text: str, policy, sizes: dict[str, list[int]]) -> None:
+    """The real retrain flow once a night into each root, ``gc`` after it into one; ``sizes`` gets each root's bytes."""
+    from flows.retrain import retrain_flow
+    from pipeline.store.inventory import take_inventory
+    from pipeline.store.retention import apply_plan, plan_retention
+    from tasks.options import PipelineOptions
+
+    for night in range(1, args.nights + 1):
+        corpus = work / f"night-{night}.txt"
+        corpus.write_text(text[:int(args.tokens * (1 + 0.1 * (night - 1)))], encoding="utf-8")
+        for mode in sizes:
+            root = str(work / mode)
+            retrain_flow(config=config(corpus), preset="bench", options=PipelineOptions(
+                root=root, pin_vocab="champion", sample_tokens=10, grace_s=5))
+            if mode == "gc":
+                apply_plan(plan_retention(take_inventory(root), policy))
+            sizes[mode].append(du(root))
+        print(f"night {night}: with gc {sizes['gc'][-1]:>10,} B   without {sizes['no_gc'][-1]:>10,} B", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nights", type=int, default=6)
@@ -49,28 +70,17 @@ def main() -> None:
     os.environ["PREFECT_HOME"] = str(work / "prefect-home")
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
-    from flows.retrain import retrain_flow
     from pipeline.config import RetentionConfig
     from pipeline.data.corpus import builtin_path
-    from pipeline.store.inventory import take_inventory
-    from pipeline.store.retention import apply_plan, plan_retention
-    from tasks.options import PipelineOptions
 
     text = Path(builtin_path("builtin://timemachine")).read_text(encoding="utf-8")
     policy = RetentionConfig(min_age_hours=0, staging_max_age_hours=0)
     sizes: dict[str, list[int]] = {"gc": [], "no_gc": []}
-    with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120}):
-        for night in range(1, args.nights + 1):
-            corpus = work / f"night-{night}.txt"
-            corpus.write_text(text[:int(args.tokens * (1 + 0.1 * (night - 1)))], encoding="utf-8")
-            for mode in sizes:
-                root = str(work / mode)
-                retrain_flow(config=config(corpus), preset="bench", options=PipelineOptions(
-                    root=root, pin_vocab="champion", sample_tokens=10, grace_s=5))
-                if mode == "gc":
-                    apply_plan(plan_retention(take_inventory(root), policy))
-                sizes[mode].append(du(root))
-            print(f"night {night}: with gc {sizes['gc'][-1]:>10,} B   without {sizes['no_gc'][-1]:>10,} B", flush=True)
+    try:
+        with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120}):
+            run_nights(args, work, text, policy, sizes)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # two roots and a Prefect home: nothing to keep once measured
     n = args.nights
     print(json.dumps({"nights": n, "tokens": args.tokens, "bytes_per_night_gc": sizes["gc"],
                       "bytes_per_night_no_gc": sizes["no_gc"],

@@ -206,3 +206,94 @@ def test_gc_that_cannot_read_the_registry_deletes_nothing(tmp_path, store):
     assert {"kind": "staging", "id": "abc.tmp-0123456789ab"}.items() <= {**deleted[0]}.items() or \
         any(d["kind"] == "staging" for d in deleted)
     assert not Path(store, "datasets", "abc.tmp-0123456789ab").exists()
+
+
+def test_gc_on_s3_deletes_past_the_policy_and_keeps_the_champion(tmp_path, s3_server, s3_root, monkeypatch):
+    """``rnnlm gc`` on a storage root in S3, MLflow behind a tracking server with its artifacts in the
+    bucket: version 1 (its alias moved to version 2) goes with its run, artifacts and dataset; version 2,
+    the champion, keeps its run and dataset but its run's checkpoints go."""
+    from mlflow import MlflowClient
+
+    from pipeline import storage
+    from pipeline.registry.cleanup import registered_versions
+    from tests.servers import clean_env
+    from tests.test_cli import RNNLM
+    from tests.test_registry import start_mlflow_server, stop_server
+
+    bucket = s3_root.rsplit("/", 1)[0]
+    env = clean_env(**s3_server.env)
+    url, _, proc, log_file = start_mlflow_server(tmp_path, env, artifacts=f"{bucket}/mlflow")
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        path = corpus(tmp_path, TEXT)
+        first, second = night(path, s3_root, 1), night(path, s3_root, 2)
+        assert second["registered"]["version"] == "2"
+        client = MlflowClient(url)
+        client.set_registered_model_alias(MODEL, "champion", "2")  # whatever the gate decided: v1 holds no alias now
+        old = registered_versions(s3_root)[0]
+        assert old.version == "1" and not old.aliases and len(old.artifact_uris) == 2
+        old_run, old_ds = first["run"]["id"], first["dataset"]["dataset_id"]
+        run_key, kept_ds = second["run"]["id"], second["dataset"]["dataset_id"]
+        assert old_ds != kept_ds
+
+        fs, base = storage.filesystem(s3_root)
+        artifacts = bucket.removeprefix("s3://") + "/mlflow/"
+
+        def keys(under: str = base) -> list[str]:
+            fs.invalidate_cache()
+            return sorted(k[len(under):].lstrip("/") for k in fs.find(under))
+
+        before = keys()
+        assert any(k.startswith(f"runs/{run_key}/checkpoints/") for k in before)
+        old_artifacts = [uri.removeprefix("mlflow-artifacts:/").strip("/") for uri in old.artifact_uris]
+        assert all(any(k.startswith(a + "/") for k in keys(artifacts)) for a in old_artifacts), old.artifact_uris
+
+        gc_args = [RNNLM, "gc", "--root", s3_root, "--set", "min_age_hours=0", "--set", "keep_versions=1",
+                   "--set", "keep_runs=0", "--set", "keep_datasets=0"]
+        gc_env = {**env, "MLFLOW_TRACKING_URI": url}
+        dry = subprocess.run(gc_args + ["--json"], env=gc_env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert dry.returncode == 0, dry.stderr[-3000:]
+        planned = {(d["kind"], d["id"]) for d in json.loads(dry.stdout)["deletions"]}
+        assert {("version", f"{MODEL}/1"), ("run", old_run), ("dataset", old_ds), ("checkpoints", run_key)} <= planned
+        assert not {("version", f"{MODEL}/2"), ("run", run_key), ("dataset", kept_ds)} & planned, planned
+        assert keys() == before and len(client.search_model_versions(f"name='{MODEL}'")) == 2  # a dry run deletes nothing
+
+        done = subprocess.run(gc_args + ["--yes"], env=gc_env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"deleted checkpoints {run_key}" in done.stdout and f"deleted dataset {old_ds}" in done.stdout, done.stdout
+        after = keys()
+        assert not any(k.startswith((f"runs/{run_key}/checkpoints/", f"runs/{old_run}/", f"datasets/{old_ds}/"))
+                       for k in after)
+        assert f"runs/{run_key}/model.pt" in after and f"datasets/{kept_ds}/manifest.json" in after
+        assert [v.version for v in client.search_model_versions(f"name='{MODEL}'")] == ["2"]
+        assert not any(k.startswith(a + "/") for k in keys(artifacts) for a in old_artifacts)
+
+        # the champion still loads, in a clean process with only the tracking URL
+        code = ("import mlflow\n"
+                f"m = mlflow.pyfunc.load_model('models:/{MODEL}@champion')\n"
+                "print(len(m.predict(['time traveller'], params={'num_tokens': 5})[0]))\n")
+        out = subprocess.run([sys.executable, "-c", code], env=clean_env(MLFLOW_TRACKING_URI=url), cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.split()[-1] == str(len("time traveller") + 5)
+    finally:
+        stop_server(proc, log_file)
+
+
+def test_purging_writes_nothing_to_stdout(store, capsys):
+    """``mlflow gc`` echoes each run it purges; ``rnnlm gc --json`` owns stdout, so purge must not print."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.registry.cleanup import purge
+    from pipeline.registry.tracking import tracking_uri
+
+    Path(store).mkdir(parents=True)
+    client = MlflowClient(tracking_uri(store))
+    run = client.create_run(client.create_experiment("gc-stdout"))
+    client.delete_run(run.info.run_id)
+    capsys.readouterr()
+    purge([run.info.run_id], [], set(), store)
+    assert capsys.readouterr().out == ""
+    with pytest.raises(MlflowException):
+        client.get_run(run.info.run_id)  # purged, not only deleted

@@ -11,6 +11,8 @@ closed (``registry_access``): an error is never read as "nothing registered".
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from dataclasses import dataclass, field
 
@@ -120,7 +122,11 @@ def purge(run_ids: list[str], model_ids: list[str], artifact_uris: set[str], roo
                 args += ["--run-ids", ",".join(run_ids)]
             if model_ids:
                 args += ["--logged-model-ids", ",".join(model_ids)]
-            gc.main(args, standalone_mode=False)
+            echoed = io.StringIO()
+            with contextlib.redirect_stdout(echoed):  # stdout is the caller's (rnnlm gc --json)
+                gc.main(args, standalone_mode=False)
+            for line in echoed.getvalue().splitlines():
+                log.info("mlflow gc: %s", line)
             return
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
