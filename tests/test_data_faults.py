@@ -299,7 +299,8 @@ def interpreter_for_others() -> tuple[str, str]:
 
 
 def as_user(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess:
-    return _rnnlm(*args, user=NOBODY if AS_ROOT else None, check=check, HOME=str(home))
+    return _rnnlm(*args, user=NOBODY if AS_ROOT else None, check=check, HOME=str(home),
+                  RNNLM_SPLIT_CACHE=str(home / ".cache" / "rnnlm" / "splits"))  # the user's own, not the test's
 
 
 def test_read_only_root_error_names_the_root_and_what(shared_dir):

@@ -90,3 +90,13 @@ def test_two_ranks_on_the_mapped_split_train_what_they_train_in_memory(prepared,
     assert cached_file(prepared, "train").exists()
     a, b = weights(tmp_path / "mapped"), weights(tmp_path / "held")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_cache_that_cannot_be_written_is_a_one_line_config_error(prepared, tmp_path, monkeypatch):
+    from pipeline.errors import ConfigError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("RNNLM_SPLIT_CACHE", str(blocker / "splits"))
+    with pytest.raises(ConfigError, match=r"split cache .*a-file/splits/\w+: cannot write there .*set RNNLM_SPLIT_CACHE"):
+        load_dataset(prepared.uri)

@@ -27,7 +27,7 @@ import numpy as np
 from filelock import FileLock
 
 from pipeline import storage
-from pipeline.errors import DatasetError
+from pipeline.errors import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,16 @@ def mapped_split(ds, name: str, root: Path | None = None) -> np.memmap:
     mapped = _open_if_valid(path, stamp, expected)
     if mapped is not None:
         return mapped
-    directory.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(directory / f"{name}.lock")):
-        mapped = _open_if_valid(path, stamp, expected)  # another rank of this host wrote it meanwhile
-        if mapped is not None:
-            return mapped
-        _write(ds, name, path, stamp, expected)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(directory / f"{name}.lock")):
+            mapped = _open_if_valid(path, stamp, expected)  # another rank of this host wrote it meanwhile
+            if mapped is not None:
+                return mapped
+            _write(ds, name, path, stamp, expected)
+    except (PermissionError, NotADirectoryError, FileExistsError) as e:
+        raise ConfigError(f"split cache {directory}: cannot write there ({e.strerror or e}); set "
+                          f"{ENV_SPLIT_CACHE} to a writable local directory") from None
     mapped = _open_if_valid(path, stamp, expected)
     if mapped is None:
         raise DatasetError(f"split cache {path} does not match {ds.uri} right after writing it")
