@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
 from flows.servers import TELEMETRY_OFF
 from flows.terminal import configure_logging, run_log_file, verdict
@@ -252,16 +254,47 @@ def _worker_parser(sub) -> None:
     p.set_defaults(fn=cmd_worker)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: the run unwinds as on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _stop_children(grace_s: float = 10.0) -> None:
+    """Stop what this process started and has not stopped yet (a trainer, a local cluster):
+    SIGTERM, then SIGKILL after ``grace_s``. Prefect's temporary server is left to its own
+    atexit handler, which stops it once the flow run's last logs have reached it."""
+    import psutil
+
+    from pipeline.training.processes import stop_process_trees
+
+    server_module = sys.modules.get("prefect.server.api.server")
+    servers = {s.server_process.pid for s in getattr(server_module, "SubprocessASGIServer")._instances.values()
+               if s.server_process is not None} if server_module else set()
+    stop_process_trees([p for p in psutil.Process().children() if p.pid not in servers], grace_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.update(TELEMETRY_OFF)  # before Prefect or MLflow is imported: nothing phones home
     args = build_parser().parse_args(argv)
     args.log_file = None
     configure_logging(args.verbose)
+    if threading.current_thread() is threading.main_thread():
+        # What a scheduler, timeout, systemd or Kubernetes send: by default it kills Python outright,
+        # so no atexit handler (Prefect's temporary server) and no flow-run cleanup would run.
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.fn(args)
     except PipelineError as e:
         verdict(str(e), args)
         return EXIT_FAILED if e.retryable else EXIT_DO_NOT_RETRY
+    except Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+        _stop_children()
+        verdict("stopped by SIGTERM; run it again to resume from the last checkpoint", args)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         return 130
     except Exception as e:
