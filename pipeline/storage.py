@@ -66,10 +66,21 @@ def is_object_store(url: str) -> bool:
     return protocol(url) in OBJECT_STORES
 
 
+# The extra (pyproject.toml) that installs each protocol's fsspec implementation.
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    if is_object_store(url):  # a cached listing would hide files other processes wrote since
-        return fsspec.core.url_to_fs(url, use_listings_cache=False)
-    return fsspec.core.url_to_fs(url)
+    try:
+        if is_object_store(url):  # a cached listing would hide files other processes wrote since
+            return fsspec.core.url_to_fs(url, use_listings_cache=False)
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:  # a default install without the extra for this store
+        from pipeline.errors import ConfigError
+
+        extra = EXTRAS.get(protocol(url))
+        fix = f"pip install 'rnnlm[{extra}]'" if extra else str(e)
+        raise ConfigError(f"{url}: {protocol(url)}:// needs an optional dependency: {fix}") from None
 
 
 def exists(url: str) -> bool:

@@ -1,0 +1,55 @@
+"""Failures where the pipeline meets other systems and optional pieces: each ends in one
+``rnnlm: error:`` line naming the input, with the exit code that tells a scheduler whether to
+retry, and leaves nothing half-written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# `rnnlm ARGS...` with the modules named in argv[1] (comma-separated) made unimportable:
+# a default install without an extra.
+CLI = ("import sys\n"
+       "for m in filter(None, sys.argv[1].split(',')):\n"
+       "    sys.modules[m] = None\n"
+       "from flows.cli import main\n"
+       "sys.exit(main(sys.argv[2:]))")
+TINY = ["--set", "data.splits.max_tokens=3000", "--set", "model.hidden_size=8", "--set", "model.embed_size=8",
+        "--set", "train.epochs=1", "--set", "train.max_minutes=null"]
+
+
+def env(**extra) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("RNNLM_STORAGE", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PYTHONPATH")}
+    e.update(RNNLM_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return e
+
+
+def rnnlm(*args: str, cwd: Path, hide: tuple[str, ...] = (), timeout: float = 600,
+          **extra) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CLI, ",".join(hide), *args], cwd=cwd, env=env(**extra),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def verdict(proc: subprocess.CompletedProcess) -> str:
+    """The last line on stderr, which must be the one-line verdict (no traceback anywhere)."""
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("rnnlm: error: "), proc.stderr[-4000:]
+    return last
+
+
+# ------------------------------------------------------------------------ optional extras
+
+
+@pytest.mark.parametrize("command", ["prepare", "train"])
+def test_an_s3_root_without_the_s3_extra_names_the_extra(tmp_path, command):
+    proc = rnnlm(command, "--root", "s3://bucket/x", *TINY, cwd=tmp_path, hide=("s3fs",))
+    last = verdict(proc)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "s3://bucket/x" in last and "pip install 'rnnlm[s3]'" in last, last
+    assert not (tmp_path / ".rnnlm").exists()
