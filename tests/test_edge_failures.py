@@ -53,3 +53,17 @@ def test_an_s3_root_without_the_s3_extra_names_the_extra(tmp_path, command):
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "s3://bucket/x" in last and "pip install 'rnnlm[s3]'" in last, last
     assert not (tmp_path / ".rnnlm").exists()
+
+
+# ------------------------------------------------------------------ configs checked early
+
+
+def test_adaptive_cutoffs_beyond_the_vocabulary_fail_before_training(tmp_path):
+    proc = rnnlm("train", "--root", str(tmp_path / "store"), *TINY, "--set", "model.softmax=adaptive",
+                 "--set", "model.adaptive_cutoffs=[10, 40]", cwd=tmp_path)
+    last = verdict(proc)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "adaptive_cutoffs [10, 40]" in last and "vocabulary size 28" in last, last
+    assert "launching" not in proc.stderr  # no trainer was started
+    runs = tmp_path / "store" / "runs"
+    assert not runs.exists() or not list(runs.rglob("checkpoints/*"))
