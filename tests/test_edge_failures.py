@@ -67,3 +67,22 @@ def test_adaptive_cutoffs_beyond_the_vocabulary_fail_before_training(tmp_path):
     assert "launching" not in proc.stderr  # no trainer was started
     runs = tmp_path / "store" / "runs"
     assert not runs.exists() or not list(runs.rglob("checkpoints/*"))
+
+
+def test_a_tampered_pinned_vocabulary_without_sha256_is_a_corrupt_vocabulary(tmp_path):
+    from pipeline.config import DataConfig, SplitConfig
+    from pipeline.data.prepare import prepare_dataset
+
+    store = tmp_path / "store"
+    first = prepare_dataset(DataConfig(splits=SplitConfig(max_tokens=3000)), str(store))
+    data = bytearray((Path(first.uri) / "vocab.parquet").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the Parquet footer's metadata
+    pinned = tmp_path / "vocab.parquet"
+    pinned.write_bytes(bytes(data))
+    before = sorted(p.name for p in (store / "datasets").iterdir())
+
+    proc = rnnlm("prepare", "--root", str(store), *TINY, "--set", f"data.vocab.pinned={pinned}", cwd=tmp_path)
+    last = verdict(proc)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert f"corrupt vocabulary {pinned}" in last, last
+    assert sorted(p.name for p in (store / "datasets").iterdir()) == before  # nothing half-written
