@@ -276,6 +276,22 @@ def _stop_children(grace_s: float = 10.0) -> None:
     stop_process_trees([p for p in psutil.Process().children() if p.pid not in servers], grace_s)
 
 
+def _root_not_writable(e: BaseException, args) -> PipelineError | None:
+    """A write refused for good under the local storage root (a read-only or foreign-owned root)
+    as the one-line StorageError naming the root and the path; None for anything else."""
+    from pipeline import storage
+
+    if not (isinstance(e, OSError) and e.filename and storage.is_unwritable(e)):
+        return None
+    root = storage.storage_root(getattr(args, "root", None))
+    if not storage.is_local(root):
+        return None
+    base, path = storage.local_path(root), os.path.abspath(str(e.filename))
+    if path != base and not path.startswith(base + os.sep):
+        return None
+    return storage.unwritable(root, path, e)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.update(TELEMETRY_OFF)  # before Prefect or MLflow is imported: nothing phones home
     args = build_parser().parse_args(argv)
@@ -298,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:
+        refused = _root_not_writable(e, args)
+        if refused is not None:
+            verdict(str(refused), args)
+            return EXIT_DO_NOT_RETRY
         if not args.log_file:
             raise  # no log file to hold the traceback: let Python print it
         verdict(f"{type(e).__name__}: {e} (unexpected; retrying may help)", args)
