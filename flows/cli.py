@@ -292,6 +292,15 @@ def _root_not_writable(e: BaseException, args) -> PipelineError | None:
     return storage.unwritable(root, path, e)
 
 
+def _store_failure(e: BaseException, args) -> PipelineError | None:
+    """An object store's failure under the storage root (unreachable, refused) as one line naming
+    the root and the endpoint; None for anything else."""
+    from pipeline import storage
+
+    root = getattr(args, "root", None)
+    return storage.store_failure(storage.storage_root(root), e) if hasattr(args, "root") else None
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.update(TELEMETRY_OFF)  # before Prefect or MLflow is imported: nothing phones home
     args = build_parser().parse_args(argv)
@@ -314,10 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:
-        refused = _root_not_writable(e, args)
-        if refused is not None:
-            verdict(str(refused), args)
-            return EXIT_DO_NOT_RETRY
+        known = _root_not_writable(e, args) or _store_failure(e, args)
+        if known is not None:
+            verdict(str(known), args)
+            return EXIT_FAILED if known.retryable else EXIT_DO_NOT_RETRY
         if not args.log_file:
             raise  # no log file to hold the traceback: let Python print it
         verdict(f"{type(e).__name__}: {e} (unexpected; retrying may help)", args)

@@ -188,6 +188,46 @@ def is_permanent_error(exc: BaseException) -> bool:
     return False
 
 
+def endpoint(url: str) -> str:
+    """Where an object store's client sends requests for ``url``: its endpoint, as configured."""
+    if protocol(url) in ("s3", "s3a"):
+        return (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                or "the default AWS S3 endpoint")
+    return f"the default {protocol(url)}:// endpoint"
+
+
+def _chain(exc: BaseException | None):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def store_failure(url: str, exc: BaseException):
+    """An object-store client's failure under root ``url`` as a one-line ``StorageError`` naming
+    the root and the endpoint (retryable unless the store refused for good); None when ``exc``
+    did not come from the object store's client."""
+    from pipeline.errors import StorageError
+
+    if not is_object_store(url):
+        return None
+    names = {c.__name__ for e in _chain(exc) for c in type(e).__mro__}
+    code = next((str(c) for e in _chain(exc) for c in [(getattr(e, "response", None) or {}).get("Error", {}).get("Code")]
+                 if c), None)
+    where = f"at {endpoint(url)}"
+    if {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError"} & names:
+        return StorageError(url, f"cannot be reached {where} (the S3 client's retries are spent: AWS_MAX_ATTEMPTS); "
+                                 f"retrying later may help", retryable=True)
+    if code is None and "BotoCoreError" not in names:
+        return None
+    if is_permanent_error(exc):
+        return StorageError(url, f"refused {where}: {code or type(exc).__name__} ({exc}); check the credentials, "
+                                 f"the bucket and its permissions")
+    return StorageError(url, f"failed {where}: {code or type(exc).__name__} ({exc}); retrying later may help",
+                        retryable=True)
+
+
 def makedirs(url: str) -> None:
     """Create a directory (on S3 this may create the bucket); a refusal is a StorageError naming
     ``url`` that says whether retrying can help."""

@@ -86,3 +86,58 @@ def test_a_tampered_pinned_vocabulary_without_sha256_is_a_corrupt_vocabulary(tmp
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert f"corrupt vocabulary {pinned}" in last, last
     assert sorted(p.name for p in (store / "datasets").iterdir()) == before  # nothing half-written
+
+
+# ------------------------------------------------------------------ object stores
+
+
+@pytest.fixture(scope="module")
+def s3_auth_server(tmp_path_factory):
+    """moto's S3 API checking credentials (IAM auth on from the first request): any key is unknown."""
+    from tests.servers import Processes, S3Server, clean_env, free_port, require, wait_http
+
+    require("moto", "s3fs")
+    procs = Processes(tmp_path_factory.mktemp("s3-auth-server"))
+    try:
+        port = free_port()
+        proc = procs.start("moto-auth", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                           env=clean_env(INITIAL_NO_AUTH_ACTION_COUNT="0"))
+        wait_http(f"http://127.0.0.1:{port}/moto-api/", proc, procs, "moto-auth")
+        yield S3Server(f"http://127.0.0.1:{port}")
+    finally:
+        procs.stop_all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["prepare", "train"])
+def test_an_unreachable_object_store_is_one_retryable_line_naming_root_and_endpoint(tmp_path, s3_server, command):
+    bucket = s3_server.new_bucket()
+    root, nowhere = bucket + "/x", "http://127.0.0.1:1"
+    proc = rnnlm(command, "--root", root, *TINY, cwd=tmp_path, timeout=300,
+                 **{**s3_server.env, "AWS_ENDPOINT_URL_S3": nowhere, "AWS_MAX_ATTEMPTS": "2"})
+    last = verdict(proc)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # retryable
+    assert f"artifact store '{root}" in last and f"cannot be reached at {nowhere}" in last, last
+    assert "retrying later may help" in last and "AWS_MAX_ATTEMPTS" in last, last
+    assert not (tmp_path / ".rnnlm").exists()
+    assert _keys(s3_server, bucket) == []  # nothing written
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["prepare", "train"])
+def test_bad_object_store_credentials_are_one_line_not_retried(tmp_path, s3_auth_server, command):
+    root = "s3://rnnlm-creds/x"
+    proc = rnnlm(command, "--root", root, *TINY, cwd=tmp_path, timeout=300, **s3_auth_server.env)
+    last = verdict(proc)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert f"artifact store '{root}" in last and f"refused at {s3_auth_server.endpoint}" in last, last
+    assert ("InvalidAccessKeyId" in last or "403" in last) and "check the credentials" in last, last
+    assert not (tmp_path / ".rnnlm").exists()
+
+
+def _keys(s3_server, bucket: str) -> list[str]:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    return [o["Key"] for o in s3.list_objects_v2(Bucket=bucket[len("s3://"):]).get("Contents", [])]
