@@ -301,6 +301,14 @@ def _store_failure(e: BaseException, args) -> PipelineError | None:
     return storage.store_failure(storage.storage_root(root), e) if hasattr(args, "root") else None
 
 
+def failure_kind(e: BaseException) -> str:
+    """How the last line describes an error that may pass on a new run, in the words the flow's
+    retry log uses (``tasks.retries.retry_if_retryable``): the two must agree."""
+    if isinstance(e, (OSError, TimeoutError, ConnectionError)) or getattr(e, "retryable", False):
+        return "retrying may help"
+    return "unexpected, so not retried; running it again may help"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.update(TELEMETRY_OFF)  # before Prefect or MLflow is imported: nothing phones home
     args = build_parser().parse_args(argv)
@@ -327,9 +335,14 @@ def main(argv: list[str] | None = None) -> int:
         if known is not None:
             verdict(str(known), args)
             return EXIT_FAILED if known.retryable else EXIT_DO_NOT_RETRY
+        from pipeline import storage
+
+        if storage.fails_every_time(e):  # what the flow's tasks did not retry either (tasks/retries.py)
+            verdict(f"{type(e).__name__}: {e} (retrying cannot fix this)", args)
+            return EXIT_DO_NOT_RETRY
         if not args.log_file:
             raise  # no log file to hold the traceback: let Python print it
-        verdict(f"{type(e).__name__}: {e} (unexpected; retrying may help)", args)
+        verdict(f"{type(e).__name__}: {e} ({failure_kind(e)})", args)
         return EXIT_FAILED
 
 

@@ -188,6 +188,21 @@ def is_permanent_error(exc: BaseException) -> bool:
     return False
 
 
+# A missing, unreadable or misplaced input is there (or not) on every attempt.
+PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def fails_every_time(exc: BaseException) -> bool:
+    """Known to fail the same way on every attempt: a PipelineError that says so, a missing or
+    unreadable input, an object store's permanent refusal. (Not the same as "not retried": an
+    unexpected error is not retried either, but nothing says a new run would fail too.)"""
+    from pipeline.errors import PipelineError
+
+    if isinstance(exc, PipelineError):
+        return not exc.retryable
+    return isinstance(exc, PERMANENT_OS_ERRORS) or is_permanent_error(exc)
+
+
 def endpoint(url: str) -> str:
     """Where an object store's client sends requests for ``url``: its endpoint, as configured."""
     if protocol(url) in ("s3", "s3a"):
