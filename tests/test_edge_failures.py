@@ -141,3 +141,13 @@ def _keys(s3_server, bucket: str) -> list[str]:
     s3 = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1",
                       aws_access_key_id="testing", aws_secret_access_key="testing")
     return [o["Key"] for o in s3.list_objects_v2(Bucket=bucket[len("s3://"):]).get("Contents", [])]
+
+
+@pytest.mark.slow
+def test_run_on_an_s3_root_without_the_s3_extra_is_not_retried(tmp_path):
+    proc = rnnlm("run", "--root", "s3://bucket/x", *TINY, cwd=tmp_path, hide=("s3fs",),
+                 MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    last = verdict(proc)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "pip install 'rnnlm[s3]'" in last and "retrying may help" not in last, last
+    assert "Retry 1" not in proc.stderr

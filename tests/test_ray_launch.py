@@ -74,3 +74,23 @@ def test_no_ray_cluster_is_a_config_error_naming_the_ways_out(tmp_path):
     assert last.startswith("rnnlm: error: ") and "no running Ray cluster" in last, last
     assert "ray start --head" in last and "--ray-address local" in last, last
     assert not list((tmp_path / "store" / "runs").glob("*/checkpoints/*"))
+
+
+@pytest.mark.slow
+def test_no_ray_cluster_under_run_is_not_retried(tmp_path):
+    pytest.importorskip("ray.train")
+    from ray._private.services import find_gcs_addresses
+
+    if find_gcs_addresses():
+        pytest.skip("a Ray cluster is running on this machine: `auto` would find it")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RNNLM_STORAGE", "PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.run([str(Path(sys.executable).with_name("rnnlm")), "run", "--launcher", "ray", "--workers", "2",
+                           "--set", "data.splits.max_tokens=3000", "--set", "model.hidden_size=8", "--set",
+                           "train.epochs=1"], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert last.startswith("rnnlm: error: ") and "--ray-address local" in last, last
+    assert "not retrying (retrying cannot fix this)" in proc.stderr
+    log = Path(last.rsplit("(full log: ", 1)[1].rstrip(")")).read_text()
+    assert log.count("Retrying") == 0 and log.count("launching:") == 1, log[-3000:]  # one attempt
