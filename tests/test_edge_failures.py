@@ -151,3 +151,16 @@ def test_run_on_an_s3_root_without_the_s3_extra_is_not_retried(tmp_path):
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "pip install 'rnnlm[s3]'" in last and "retrying may help" not in last, last
     assert "Retry 1" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_run_on_an_unreachable_object_store_is_one_retryable_line(tmp_path, s3_server):
+    bucket = s3_server.new_bucket()
+    root, nowhere = bucket + "/x", "http://127.0.0.1:1"
+    proc = rnnlm("run", "--root", root, *TINY, cwd=tmp_path, timeout=600,
+                 **{**s3_server.env, "AWS_ENDPOINT_URL_S3": nowhere, "AWS_MAX_ATTEMPTS": "2",
+                    "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    last = verdict(proc)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"artifact store '{root}" in last and f"cannot be reached at {nowhere}" in last, last
+    assert _keys(s3_server, bucket) == []
