@@ -270,8 +270,8 @@ def _stop_children(grace_s: float = 10.0) -> None:
 
     from pipeline.training.processes import stop_process_trees
 
-    server_module = sys.modules.get("prefect.server.api.server")
-    servers = {s.server_process.pid for s in getattr(server_module, "SubprocessASGIServer")._instances.values()
+    server_module = sys.modules.get("prefect.server.api.server")  # loaded only if a temporary server started
+    servers = {s.server_process.pid for s in server_module.SubprocessASGIServer._instances.values()  # Prefect's registry
                if s.server_process is not None} if server_module else set()
     stop_process_trees([p for p in psutil.Process().children() if p.pid not in servers], grace_s)
 
@@ -326,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
         _stop_children()
-        verdict("stopped by SIGTERM; run it again to resume from the last checkpoint", args)
+        verdict("stopped by SIGTERM; run it again to resume (finished stages are cached, training resumes "
+                "from its last checkpoint)", args)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         return 130

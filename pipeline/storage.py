@@ -21,7 +21,7 @@ import posixpath
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -173,19 +173,26 @@ PERMANENT_S3_CODES = frozenset({
 })
 
 
-def is_permanent_error(exc: BaseException) -> bool:
-    """An I/O error that retrying cannot fix: permission denied, an invalid argument (s3fs's
-    errno for an invalid bucket name), or a permanent S3 error code anywhere in the cause chain."""
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and its causes (``__cause__``, else ``__context__``), each once."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, PermissionError) or getattr(exc, "errno", None) in (errno.EINVAL, errno.EACCES, errno.EPERM):
-            return True
-        code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
-        if code in PERMANENT_S3_CODES:
-            return True
+        yield exc
         exc = exc.__cause__ or exc.__context__
-    return False
+
+
+def _s3_code(exc: BaseException) -> str | None:
+    """The error code of a botocore ``ClientError`` (``AccessDenied``, ``SlowDown``, ``403``...)."""
+    code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
+    return None if code is None else str(code)
+
+
+def is_permanent_error(exc: BaseException) -> bool:
+    """An I/O error that retrying cannot fix: permission denied, an invalid argument (s3fs's
+    errno for an invalid bucket name), or a permanent S3 error code anywhere in the cause chain."""
+    return any(isinstance(e, PermissionError) or getattr(e, "errno", None) in (errno.EINVAL, errno.EACCES, errno.EPERM)
+               or _s3_code(e) in PERMANENT_S3_CODES for e in _chain(exc))
 
 
 # A missing, unreadable or misplaced input is there (or not) on every attempt.
@@ -211,14 +218,6 @@ def endpoint(url: str) -> str:
     return f"the default {protocol(url)}:// endpoint"
 
 
-def _chain(exc: BaseException | None):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
 def store_failure(url: str, exc: BaseException):
     """An object-store client's failure under root ``url`` as a one-line ``StorageError`` naming
     the root and the endpoint (retryable unless the store refused for good); None when ``exc``
@@ -227,11 +226,10 @@ def store_failure(url: str, exc: BaseException):
 
     if not is_object_store(url):
         return None
-    names = {c.__name__ for e in _chain(exc) for c in type(e).__mro__}
-    code = next((str(c) for e in _chain(exc) for c in [(getattr(e, "response", None) or {}).get("Error", {}).get("Code")]
-                 if c), None)
+    names = {c.__name__ for e in _chain(exc) for c in type(e).__mro__}  # by name: botocore need not be installed
+    code = next(filter(None, map(_s3_code, _chain(exc))), None)
     where = f"at {endpoint(url)}"
-    if {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError"} & names:
+    if {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError"} & names:  # botocore's, aiohttp's
         return StorageError(url, f"cannot be reached {where} (the S3 client's retries are spent: AWS_MAX_ATTEMPTS); "
                                  f"retrying later may help", retryable=True)
     if code is None and "BotoCoreError" not in names:
