@@ -8,6 +8,9 @@ tokenizer as artifacts and the ``pipeline`` modules it needs as code
 Registration refuses failed trainings (``pipeline.registry.run_checks``) and is idempotent: a
 training run (its directory and the sha256 of its ``model.pt``, or its MLflow run) is
 registered at most once; registering it again returns that version with ``created=False``.
+The check and the registration are one step under ``<root>/locks/register-<name>.lock`` (a
+local root), so two processes registering the same training run at once create one version;
+across hosts the caller serializes them (the Prefect task holds ``rnnlm-gate``).
 Any registry error fails closed (``RegistryUnavailableError``, retryable): a failed
 search never reads as "not registered yet".
 """
