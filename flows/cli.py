@@ -29,7 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
 from flows.progress import live_progress, wanted
 from flows.servers import TELEMETRY_OFF
@@ -374,22 +376,96 @@ def _gc_parser(sub) -> None:
     p.set_defaults(fn=cmd_gc)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: the run unwinds as on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _stop_children(grace_s: float = 10.0) -> None:
+    """Stop what this process started and has not stopped yet (a trainer, a local cluster):
+    SIGTERM, then SIGKILL after ``grace_s``. Prefect's temporary server is left to its own
+    atexit handler, which stops it once the flow run's last logs have reached it."""
+    import psutil
+
+    from pipeline.training.processes import stop_process_trees
+
+    server_module = sys.modules.get("prefect.server.api.server")  # loaded only if a temporary server started
+    servers = {s.server_process.pid for s in server_module.SubprocessASGIServer._instances.values()  # Prefect's registry
+               if s.server_process is not None} if server_module else set()
+    stop_process_trees([p for p in psutil.Process().children() if p.pid not in servers], grace_s)
+
+
+def _root_not_writable(e: BaseException, args) -> PipelineError | None:
+    """A write refused for good under the local storage root (a read-only or foreign-owned root)
+    as the one-line StorageError naming the root and the path; None for anything else."""
+    from pipeline import storage
+
+    if not (isinstance(e, OSError) and e.filename and storage.is_unwritable(e)):
+        return None
+    root = storage.storage_root(getattr(args, "root", None))
+    if not storage.is_local(root):
+        return None
+    base, path = storage.local_path(root), os.path.abspath(str(e.filename))
+    if path != base and not path.startswith(base + os.sep):
+        return None
+    return storage.unwritable(root, path, e)
+
+
+def _store_failure(e: BaseException, args) -> PipelineError | None:
+    """An object store's failure under the storage root (unreachable, refused) as one line naming
+    the root and the endpoint; None for anything else."""
+    from pipeline import storage
+
+    root = getattr(args, "root", None)
+    return storage.store_failure(storage.storage_root(root), e) if hasattr(args, "root") else None
+
+
+def failure_kind(e: BaseException) -> str:
+    """How the last line describes an error that may pass on a new run, in the words the flow's
+    retry log uses (``tasks.retries.retry_if_retryable``): the two must agree."""
+    if isinstance(e, (OSError, TimeoutError, ConnectionError)) or getattr(e, "retryable", False):
+        return "retrying may help"
+    return "unexpected, so not retried; running it again may help"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.update(TELEMETRY_OFF)  # before Prefect or MLflow is imported: nothing phones home
     args = build_parser().parse_args(argv)
     args.log_file = None
     configure_logging(args.verbose)
+    if threading.current_thread() is threading.main_thread():
+        # What a scheduler, timeout, systemd or Kubernetes send: by default it kills Python outright,
+        # so no atexit handler (Prefect's temporary server) and no flow-run cleanup would run.
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.fn(args)
     except PipelineError as e:
         verdict(str(e), args)
         return EXIT_FAILED if e.retryable else EXIT_DO_NOT_RETRY
+    except Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+        _stop_children()
+        verdict("stopped by SIGTERM; run it again to resume (finished stages are cached, training resumes "
+                "from its last checkpoint)", args)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         return 130
     except Exception as e:
+        known = _root_not_writable(e, args) or _store_failure(e, args)
+        if known is not None:
+            verdict(str(known), args)
+            return EXIT_FAILED if known.retryable else EXIT_DO_NOT_RETRY
+        from pipeline import storage
+
+        if storage.fails_every_time(e):  # what the flow's tasks did not retry either (tasks/retries.py)
+            verdict(f"{type(e).__name__}: {e} (retrying cannot fix this)", args)
+            return EXIT_DO_NOT_RETRY
         if not args.log_file:
             raise  # no log file to hold the traceback: let Python print it
-        verdict(f"{type(e).__name__}: {e} (unexpected; retrying may help)", args)
+        verdict(f"{type(e).__name__}: {e} ({failure_kind(e)})", args)
         return EXIT_FAILED
 
 

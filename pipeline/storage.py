@@ -21,7 +21,7 @@ import posixpath
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -66,10 +66,21 @@ def is_object_store(url: str) -> bool:
     return protocol(url) in OBJECT_STORES
 
 
+# The extra (pyproject.toml) that installs each protocol's fsspec implementation.
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    if is_object_store(url):  # a cached listing would hide files other processes wrote since
-        return fsspec.core.url_to_fs(url, use_listings_cache=False)
-    return fsspec.core.url_to_fs(url)
+    try:
+        if is_object_store(url):  # a cached listing would hide files other processes wrote since
+            return fsspec.core.url_to_fs(url, use_listings_cache=False)
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:  # a default install without the extra for this store
+        from pipeline.errors import ConfigError
+
+        extra = EXTRAS.get(protocol(url))
+        fix = f"pip install 'rnnlm[{extra}]'" if extra else str(e)
+        raise ConfigError(f"{url}: {protocol(url)}:// needs an optional dependency: {fix}") from None
 
 
 def exists(url: str) -> bool:
@@ -162,19 +173,72 @@ PERMANENT_S3_CODES = frozenset({
 })
 
 
-def is_permanent_error(exc: BaseException) -> bool:
-    """An I/O error that retrying cannot fix: permission denied, an invalid argument (s3fs's
-    errno for an invalid bucket name), or a permanent S3 error code anywhere in the cause chain."""
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and its causes (``__cause__``, else ``__context__``), each once."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, PermissionError) or getattr(exc, "errno", None) in (errno.EINVAL, errno.EACCES, errno.EPERM):
-            return True
-        code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
-        if code in PERMANENT_S3_CODES:
-            return True
+        yield exc
         exc = exc.__cause__ or exc.__context__
-    return False
+
+
+def _s3_code(exc: BaseException) -> str | None:
+    """The error code of a botocore ``ClientError`` (``AccessDenied``, ``SlowDown``, ``403``...)."""
+    code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
+    return None if code is None else str(code)
+
+
+def is_permanent_error(exc: BaseException) -> bool:
+    """An I/O error that retrying cannot fix: permission denied, an invalid argument (s3fs's
+    errno for an invalid bucket name), or a permanent S3 error code anywhere in the cause chain."""
+    return any(isinstance(e, PermissionError) or getattr(e, "errno", None) in (errno.EINVAL, errno.EACCES, errno.EPERM)
+               or _s3_code(e) in PERMANENT_S3_CODES for e in _chain(exc))
+
+
+# A missing, unreadable or misplaced input is there (or not) on every attempt.
+PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def fails_every_time(exc: BaseException) -> bool:
+    """Known to fail the same way on every attempt: a PipelineError that says so, a missing or
+    unreadable input, an object store's permanent refusal. (Not the same as "not retried": an
+    unexpected error is not retried either, but nothing says a new run would fail too.)"""
+    from pipeline.errors import PipelineError
+
+    if isinstance(exc, PipelineError):
+        return not exc.retryable
+    return isinstance(exc, PERMANENT_OS_ERRORS) or is_permanent_error(exc)
+
+
+def endpoint(url: str) -> str:
+    """Where an object store's client sends requests for ``url``: its endpoint, as configured."""
+    if protocol(url) in ("s3", "s3a"):
+        return (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                or "the default AWS S3 endpoint")
+    return f"the default {protocol(url)}:// endpoint"
+
+
+def store_failure(url: str, exc: BaseException):
+    """An object-store client's failure under root ``url`` as a one-line ``StorageError`` naming
+    the root and the endpoint (retryable unless the store refused for good); None when ``exc``
+    did not come from the object store's client."""
+    from pipeline.errors import StorageError
+
+    if not is_object_store(url):
+        return None
+    names = {c.__name__ for e in _chain(exc) for c in type(e).__mro__}  # by name: botocore need not be installed
+    code = next(filter(None, map(_s3_code, _chain(exc))), None)
+    where = f"at {endpoint(url)}"
+    if {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError"} & names:  # botocore's, aiohttp's
+        return StorageError(url, f"cannot be reached {where} (the S3 client's retries are spent: AWS_MAX_ATTEMPTS); "
+                                 f"retrying later may help", retryable=True)
+    if code is None and "BotoCoreError" not in names:
+        return None
+    if is_permanent_error(exc):
+        return StorageError(url, f"refused {where}: {code or type(exc).__name__} ({exc}); check the credentials, "
+                                 f"the bucket and its permissions")
+    return StorageError(url, f"failed {where}: {code or type(exc).__name__} ({exc}); retrying later may help",
+                        retryable=True)
 
 
 def makedirs(url: str) -> None:

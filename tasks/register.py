@@ -4,7 +4,9 @@ Not cached: registration is a side effect. It is idempotent instead: the MLflow 
 keyed by the run directory, a training run (run directory + model sha256, or MLflow run)
 that is already registered returns its version and its recorded gate decision, so a retried
 task or a nightly run whose inputs did not change registers nothing new (``new_version``
-false in the result, and the log says so). A registry error fails closed
+false in the result, and the log says so). "Already registered?" and the registration are one
+step under the same one-slot limit, so two runs of one training (two processes, two hosts
+on one Prefect server) register it once. A registry error fails closed
 (``RegistryUnavailableError``): the task fails and is retried, no alias moves. Gate decisions are serialized across every flow
 run and host by a Prefect global concurrency limit of one slot (alias moves are
 last-writer-wins), on top of ``pipeline.registry.gate``'s file lock for local stores.
@@ -59,12 +61,15 @@ def register_model(run: dict[str, Any], evaluation: dict[str, Any], dataset: dic
         run["run_dir"], ds, preset=preset, config=cfg, root=root,
         flow_run_id=flow_run_id, flow_run_url=flow_run_url, samples=[s["text"] for s in evaluation["samples"]],
         held_out={k: evaluation.get(k) for k in ("val_ppl", "test_ppl")})  # the one evaluation's figures
-    version = register_version(mlflow_run, run["run_dir"], preset=preset, flow_run_id=flow_run_id, root=root)
+    ensure_gate_limit()
+    # "already registered?" + registering under the one slot every host shares (the file lock
+    # inside register_version covers only this machine's processes on a local root)
+    with concurrency(GATE_LIMIT, occupy=1, strict=True):
+        version = register_version(mlflow_run, run["run_dir"], preset=preset, flow_run_id=flow_run_id, root=root)
     if version.created:
         logger.info("registered %s version %s (challenger), MLflow run %s", version.name, version.version, mlflow_run)
     else:
         logger.info("nothing new to register: this training run is already %s version %s", version.name, version.version)
-    ensure_gate_limit()
     with concurrency(GATE_LIMIT, occupy=1, strict=True):
         decision = promote_if_better(version.name, version.version, ds, root=root,
                                      on_incomparable=cfg.gate.on_incomparable)

@@ -23,8 +23,7 @@ def failure_of(state) -> BaseException | None:
     return exc if isinstance(exc, BaseException) else None
 
 
-# A missing, unreadable or misplaced input is there (or not) on every attempt.
-PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+PERMANENT_OS_ERRORS = storage.PERMANENT_OS_ERRORS
 # Transient errors of object-store and HTTP clients that are not OSErrors (botocore, aiohttp), by class name
 # so that no client library needs to be importable here.
 TRANSIENT_CLIENT_ERRORS = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
@@ -43,7 +42,7 @@ def is_retryable(exc: BaseException | None) -> bool:
         return False
     if isinstance(exc, PipelineError):
         return bool(exc.retryable)
-    if isinstance(exc, PERMANENT_OS_ERRORS) or storage.is_permanent_error(exc):
+    if storage.fails_every_time(exc):
         return False
     if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
         return True
@@ -58,8 +57,10 @@ def retry_if_retryable(task, task_run, state) -> bool:
     exc = failure_of(state)
     ok = is_retryable(exc)
     if not ok and exc is not None:
-        run_logger().error("%s: %s: %s: not retrying (%s)", task.name, type(exc).__name__, exc,
-                           "stopping" if terminating.is_set() else "retrying cannot fix this")
+        # the same words as rnnlm's last line (flows.cli), so that the log and the verdict agree
+        reason = ("stopping" if terminating.is_set() else "retrying cannot fix this" if storage.fails_every_time(exc)
+                  else "unexpected, so not retried")
+        run_logger().error("%s: %s: %s: not retrying (%s)", task.name, type(exc).__name__, exc, reason)
     return ok
 
 

@@ -38,7 +38,7 @@ def test_config_checks_the_cutoffs():
                 {**ADAPTIVE, "tie_weights": True, "embed_size": 16, "hidden_size": 16}):
         with pytest.raises(ConfigError, match="adaptive"):
             parse_config(ModelConfig, bad)
-    with pytest.raises(ValueError, match="below the vocabulary size 20"):
+    with pytest.raises(ValueError, match="below the dataset.s vocabulary size 20"):
         build_model(ModelConfig(**ADAPTIVE), 20)
 
 

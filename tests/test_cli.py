@@ -195,3 +195,55 @@ def test_pin_vocab_champion_and_an_explicit_pin_conflict(tmp_path):
     assert pinned.returncode == 3 and "--pin-vocab champion" in pinned.stderr and "/some/dataset" in pinned.stderr
     bad = rnnlm("run", "--pin-vocab", "latest", cwd=tmp_path, check=False)
     assert bad.returncode != 0 and "champion" in bad.stderr  # argparse names the one choice
+
+
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.slow
+def test_sigterm_to_run_leaves_no_process_of_the_run(tmp_path):
+    """SIGTERM (what timeout, systemd, Kubernetes send) mid-training does what Ctrl-C does: the
+    temporary Prefect server and the trainer end with the run, checked by PID."""
+    import signal
+
+    import psutil
+
+    with open(tmp_path / "out.log", "wb") as out, open(tmp_path / "err.log", "wb") as err:
+        proc = subprocess.Popen([RNNLM, "run", *SMALL, "--set", "train.epochs=50"], cwd=tmp_path, env=env(),
+                                stdout=out, stderr=err)
+    seen: dict[int, psutil.Process] = {}
+    try:
+        deadline = time.monotonic() + 400
+        while not any("pipeline.training" in " ".join(p.cmdline()) for p in seen.values() if p.is_running()):
+            assert proc.poll() is None, (tmp_path / "err.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "training did not start"
+            for child in _descendants(proc.pid):
+                try:
+                    child.cmdline()
+                    seen.setdefault(child.pid, child)
+                except psutil.NoSuchProcess:
+                    pass
+            time.sleep(0.1)
+        assert any("uvicorn" in " ".join(p.cmdline()) for p in seen.values()), "no temporary Prefect server seen"
+        time.sleep(2.0)  # a few steps in
+        seen.update({c.pid: c for c in _descendants(proc.pid)})
+        proc.send_signal(signal.SIGTERM)
+        returncode = proc.wait(timeout=120)
+        gone, alive = psutil.wait_procs(list(seen.values()), timeout=30)
+        assert not alive, [(p.pid, p.cmdline()) for p in alive]
+        assert returncode == 128 + signal.SIGTERM
+        last = (tmp_path / "err.log").read_text().strip().splitlines()[-1]
+        assert last.startswith("rnnlm: error: stopped by SIGTERM"), last
+    finally:
+        for p in [proc, *seen.values()]:
+            try:
+                p.kill()
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass
+        proc.wait()

@@ -328,3 +328,19 @@ def test_prepared_dataset_trains_from_a_read_only_data_part(shared_dir):
     assert json.loads(proc.stdout[proc.stdout.rindex('{\n  "run_dir"'):])["finished"] is True
     assert summary["uri"] in proc.stdout
     assert sorted(str(p) for d in data_part for p in d.rglob("*")) == before
+
+
+def test_a_read_only_root_fails_train_and_run_in_one_line(shared_dir):
+    """The whole root read-only (not just its data part): `train` cannot create runs/, `run` cannot
+    create logs/; each says so in one line naming the root, exit 3 (not retried), nothing written."""
+    root = shared_dir / "store"
+    _rnnlm("prepare", "--root", str(root), *SMALL)
+    read_only(root)
+    before = sorted(str(p) for p in root.rglob("*"))
+    for command, what in (("train", root / "runs"), ("run", root / "logs")):
+        proc = as_user(command, "--root", str(root), *SMALL, home=shared_dir / "home", check=False)
+        assert proc.returncode == 3, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"rnnlm: error: artifact store '{root}': not writable: could not write {what}"), last
+    assert sorted(str(p) for p in root.rglob("*")) == before

@@ -396,6 +396,42 @@ def test_retrain_registers_a_champion_with_lineage(tmp_path, store):
     assert len(client.search_model_versions("name='rnnlm-custom'")) == 1
 
 
+def test_registration_holds_the_limit_every_host_shares(tmp_path, store):
+    """Hosts with no disk in common register a training run once: "already registered?" and the
+    registration happen under the one-slot Prefect limit the gate uses. While another holder has
+    the slot, the register task registers nothing; once it is free, it registers."""
+    import threading
+
+    from prefect.concurrency.sync import concurrency
+
+    from pipeline.registry.tracking import client
+    from tasks.register import GATE_LIMIT, ensure_gate_limit, register_model
+
+    cfg = run_config(corpus(tmp_path))
+    result = retrain(cfg, store)
+    ensure_gate_limit()
+    out = {}
+
+    def register() -> None:
+        out["registered"] = register_model(result["run"], result["evaluation"], result["dataset"],
+                                           cfg.model_dump(mode="json"), preset="custom", root=store)
+
+    worker = threading.Thread(target=register)
+    c = client(store)
+    with concurrency(GATE_LIMIT, occupy=1, strict=True):  # another host, registering
+        worker.start()
+        deadline = time.monotonic() + 120
+        while not c.search_runs([e.experiment_id for e in c.search_experiments()]):  # logged: next, registering
+            assert worker.is_alive() and time.monotonic() < deadline
+            time.sleep(0.5)
+        for _ in range(40):  # time enough to log the model and register it, were it not waiting
+            assert c.search_model_versions("name='rnnlm-custom'") == []
+            time.sleep(0.5)
+        assert worker.is_alive()
+    worker.join(timeout=300)
+    assert out["registered"]["new_version"] and out["registered"]["version"] == "1"
+
+
 def test_the_test_server_runs_with_telemetry_off():
     servers = [p for p in psutil.Process().children(recursive=True) if "uvicorn" in " ".join(p.cmdline())]
     assert servers, "no Prefect server process"

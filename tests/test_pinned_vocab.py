@@ -116,3 +116,27 @@ def test_pin_to_champion_refuses_a_second_pin(tmp_path, store):
     first = prepare_dataset(config(corpus(tmp_path, NIGHT_1)), store)
     with pytest.raises(ConfigError, match="both pin"):
         pin_to_champion(run_config(corpus(tmp_path, NIGHT_2, "grown.txt"), pinned=first.uri), "rnnlm-x", store)
+
+
+def test_pin_to_champion_whose_dataset_is_gone_names_the_champion(tmp_path, store):
+    """The champion's dataset was deleted: the error is about the champion (which version, which
+    dataset, what to do), not a bare "no dataset at ..."; retrying cannot help."""
+    from pipeline.registry.champion_vocab import pin_to_champion
+    from pipeline.registry.tracking import client
+    from pipeline.errors import RegistryError
+
+    gone = prepare_dataset(config(corpus(tmp_path, NIGHT_1)), store)
+    shutil.rmtree(gone.uri)
+    c = client(store)
+    run = c.create_run(c.create_experiment("rnnlm-x"), tags={"data.uri": gone.uri})
+    c.create_registered_model("rnnlm-x")
+    mv = c.create_model_version("rnnlm-x", str(tmp_path / "model"), run_id=run.info.run_id)
+    c.set_registered_model_alias("rnnlm-x", "champion", mv.version)
+
+    with pytest.raises(RegistryError) as info:
+        pin_to_champion(run_config(corpus(tmp_path, NIGHT_2, "grown.txt")), "rnnlm-x", store)
+    message = str(info.value)
+    assert not info.value.retryable
+    assert f"rnnlm-x version {mv.version} (champion)" in message and gone.uri in message, message
+    assert "--pin-vocab" in message and "manifest.json is missing" in message, message
+    assert not (Path(store) / "datasets" / Path(gone.uri).name).exists()  # nothing recreated

@@ -397,6 +397,73 @@ def test_concurrent_registrations_get_distinct_versions(trained, tmp_path, store
     assert champion_version() == out["good"]["version"]
 
 
+REGISTER_ONE = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from pipeline.registry import packaging
+    run_id, run_dir, go = sys.argv[1:4]
+    while not Path(go).exists():
+        time.sleep(0.01)
+    mv = packaging.register_model(run_id, run_dir, name="rnnlm-test")
+    print(json.dumps({"version": mv.version, "created": mv.created}))
+""")
+
+
+def _mlflow_runs_of(trained: Trained, name: str, n: int) -> list[str]:
+    """``n`` MLflow runs of one training run (distinct run keys: what two racing flows log)."""
+    return [run_logging.log_training_run(trained.runs[name], trained.dataset(name), preset=PRESET,
+                                         config=trained.config(name), run_key=f"race-{i}") for i in range(n)]
+
+
+def _versions_of(run_dir: str) -> list:
+    return [mv for mv in tracking.client().search_model_versions(f"name='{NAME}'") if mv.tags.get("run_dir") == run_dir]
+
+
+def test_racing_processes_register_a_training_run_once(trained, tmp_path, store):
+    """Two processes registering the same training run at once: one version, the other gets it."""
+    run_ids = _mlflow_runs_of(trained, "mid", 2)
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", REGISTER_ONE, run_id, trained.runs["mid"], str(go)],
+                              env=child_env(RNNLM_STORAGE=store), cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for run_id in run_ids]
+    try:
+        time.sleep(1.0)
+        go.touch()
+        out = []
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=300)
+            assert p.returncode == 0, stderr[-4000:]
+            out.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    versions = _versions_of(trained.runs["mid"])
+    assert [str(mv.version) for mv in versions] == ["1"], [(mv.version, mv.run_id) for mv in versions]
+    assert sorted(o["created"] for o in out) == [False, True]
+    assert {o["version"] for o in out} == {"1"}
+
+
+def test_racing_threads_register_a_training_run_once(trained):
+    """The same inside one process (two flows' register tasks on threads)."""
+    import concurrent.futures
+    import threading
+
+    run_ids = _mlflow_runs_of(trained, "mid", 2)
+    barrier = threading.Barrier(2)
+
+    def register(run_id: str) -> packaging.RegisteredVersion:
+        barrier.wait()
+        return packaging.register_model(run_id, trained.runs["mid"], name=NAME)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(register, run_ids))
+    assert [str(mv.version) for mv in _versions_of(trained.runs["mid"])] == ["1"]
+    assert sorted(mv.created for mv in got) == [False, True]
+    assert {mv.version for mv in got} == {"1"}
+
+
 # ------------------------------------------------------------- self-contained consumers
 
 

@@ -248,7 +248,7 @@ def open_dataset(uri: str) -> Dataset:
 
 def read_vocab(url: str, sha256: str | None = None) -> Vocab:
     """A vocabulary file (``Vocab.to_table`` as Parquet), checked against ``sha256`` when given."""
-    table = _read_verified(url, sha256)
+    table = _read_verified(url, sha256, "vocabulary")
     try:
         return Vocab.from_table(table)
     except (KeyError, ValueError) as e:
@@ -304,10 +304,10 @@ def verified_buffer(url: str, sha256: str | None) -> pa.Buffer:
     return buffer
 
 
-def _read_verified(url: str, sha256: str | None) -> pa.Table:
+def _read_verified(url: str, sha256: str | None, what: str = "file") -> pa.Table:
     """Read a Parquet file (memory-mapped when local), check its sha256 (when given), parse it."""
     buffer = verified_buffer(url, sha256)
     try:
         return pq.read_table(pa.BufferReader(buffer))
-    except pa.ArrowException as e:
-        raise DatasetError(f"corrupt file {url}: {e}") from None
+    except (pa.ArrowException, OSError) as e:  # a damaged footer is an OSError ("Couldn't deserialize thrift")
+        raise DatasetError(f"corrupt {what} {url}: {e}") from None

@@ -32,6 +32,7 @@ from torch.func import functional_call
 
 from pipeline.model.cells import WEIGHT_NAMES, ScratchRecurrent, State, Weights, layer_weights, run_layers
 from pipeline.config import ModelConfig
+from pipeline.errors import ConfigError
 from pipeline.model.regularization import drop_weight, embedding_dropout, locked_dropout
 
 
@@ -211,13 +212,19 @@ def torch_recurrent(cfg: ModelConfig, input_size: int, num_layers: int, *, dropo
     return rnn_class(input_size, cfg.hidden_size, num_layers, dropout=dropout, device=device, **extra)
 
 
+def check_fits_vocabulary(cfg: ModelConfig, vocab_size: int) -> None:
+    """ConfigError when the model cannot be built for this vocabulary (what validating the config
+    alone cannot know): adaptive softmax cutoffs must all be below the vocabulary size."""
+    if cfg.softmax == "adaptive" and cfg.adaptive_cutoffs[-1] >= vocab_size:
+        raise ConfigError(f"model.adaptive_cutoffs {list(cfg.adaptive_cutoffs)} must all be below the "
+                          f"dataset's vocabulary size {vocab_size}")
+
+
 def output_head(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     """A full ``Linear`` projection to the vocabulary, or torch's adaptive softmax."""
     if cfg.softmax == "full":
         return nn.Linear(cfg.hidden_size, vocab_size)
-    if cfg.adaptive_cutoffs[-1] >= vocab_size:
-        raise ValueError(f"adaptive_cutoffs {list(cfg.adaptive_cutoffs)} must all be below the "
-                         f"vocabulary size {vocab_size}")
+    check_fits_vocabulary(cfg, vocab_size)
     return nn.AdaptiveLogSoftmaxWithLoss(cfg.hidden_size, vocab_size, list(cfg.adaptive_cutoffs),
                                          div_value=cfg.adaptive_div_value, head_bias=True)
 

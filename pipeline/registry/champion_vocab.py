@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 
 from pipeline.config import RunConfig, parse_config
-from pipeline.errors import ConfigError, RegistryError
+from pipeline.errors import ConfigError, DatasetError, RegistryError
 from pipeline.registry.packaging import CHAMPION
 from pipeline.registry.tracking import client, registry_access
 
@@ -62,7 +62,12 @@ def pin_to_champion(cfg: RunConfig, name: str, root: str | None = None) -> RunCo
         log.warning("--pin-vocab champion: %s has no champion yet, so this run builds its own vocabulary", name)
         return cfg
     uri, version, mv_sha = found
-    vocab, _ = read_pinned_vocab(uri)
+    try:
+        vocab, _ = read_pinned_vocab(uri)
+    except DatasetError as e:
+        raise RegistryError(f"--pin-vocab champion: {name} version {version} (champion) was trained on dataset {uri}, "
+                            f"which cannot be read ({e}): restore that dataset (rnnlm prepare with the champion's "
+                            f"data config), or run without --pin-vocab") from None
     if mv_sha and vocab_sha256(vocab.tokens) != mv_sha:
         raise RegistryError(f"{name} version {version} (champion): its dataset {uri} holds vocabulary "
                             f"{vocab_sha256(vocab.tokens)[:12]}, the version was trained on {mv_sha[:12]}")

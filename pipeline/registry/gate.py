@@ -33,15 +33,13 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
-from pipeline import storage
 from pipeline.errors import RegistryError
 from pipeline.registry.packaging import CHAMPION, fmt_ppl
-from pipeline.registry.tracking import client, exclusive_lock, registry_access
+from pipeline.registry.tracking import client, model_lock, registry_access
 
 log = logging.getLogger(__name__)
 
@@ -76,21 +74,14 @@ def held_out_split(dataset) -> str:
     raise RegistryError(f"dataset {dataset.dataset_id} has neither a test nor a val split of at least 2 tokens")
 
 
-@contextlib.contextmanager
-def gate_lock(name: str, root: str | None = None) -> Iterator[None]:
+def gate_lock(name: str, root: str | None = None):
     """Serialize gate decisions for model ``name`` across processes on this machine.
 
     A file lock on ``<root>/locks/gate-<name>.lock`` for a local storage root; a no-op
     (with a debug log) for a remote one, where the orchestrator's concurrency limit
     must do it.
     """
-    root = storage.storage_root(root)
-    if not storage.is_local(root):
-        log.debug("storage root %s is remote: gate for %s relies on the orchestrator's lock", root, name)
-        yield
-        return
-    with exclusive_lock(os.path.join(storage.local_path(root), "locks", f"gate-{name}.lock")):
-        yield
+    return model_lock(name, "gate", root)
 
 
 def load_version_lm(name: str, version: str, root: str | None = None):

@@ -8,6 +8,9 @@ tokenizer as artifacts and the ``pipeline`` modules it needs as code
 Registration refuses failed trainings (``pipeline.registry.run_checks``) and is idempotent: a
 training run (its directory and the sha256 of its ``model.pt``, or its MLflow run) is
 registered at most once; registering it again returns that version with ``created=False``.
+The check and the registration are one step under ``<root>/locks/register-<name>.lock`` (a
+local root), so two processes registering the same training run at once create one version;
+across hosts the caller serializes them (the Prefect task holds ``rnnlm-gate``).
 Any registry error fails closed (``RegistryUnavailableError``, retryable): a failed
 search never reads as "not registered yet".
 """
@@ -26,7 +29,7 @@ from pathlib import Path
 from pipeline import storage
 from pipeline.errors import ConfigError, RegistryError
 from pipeline.registry.run_checks import check_training_succeeded, load_run_lm
-from pipeline.registry.tracking import client, registry_access, using_tracking
+from pipeline.registry.tracking import client, model_lock, registry_access, using_tracking
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +108,6 @@ def register_model(run_id: str, run_dir: str, *, preset: str | None = None, name
     ``model_sha256`` (the training run's identity). Raises UnregistrableRunError for a
     failed run directory, RegistryUnavailableError (retryable) when MLflow fails.
     """
-    import mlflow
-
     if (preset is None) == (name is None):
         raise ConfigError("register_model needs exactly one of preset= or name=")
     name = name or model_name(preset)
@@ -119,13 +120,27 @@ def register_model(run_id: str, run_dir: str, *, preset: str | None = None, name
         raise RegistryError(f"run {run_id} logged dataset {tags_in.get('data.dataset_id')}, but {run_dir} "
                             f"holds a model of dataset {lm.dataset_id}")
     model_sha256 = storage.sha256_bytes(storage.read_bytes(storage.join(run_dir, "model.pt")))
-    existing = _registered_version(c, name, run_id, str(run_dir), model_sha256)
-    if existing is not None:  # a retried task or an unchanged nightly: nothing new
-        log.info("nothing new: training run %s (MLflow run %s) is already registered as %s version %s",
-                 run_dir, existing.run_id, name, existing.version)
-        return RegisteredVersion(name, str(existing.version), f"models:/{name}/{existing.version}", existing.run_id,
-                                 _float(existing.tags.get("val_ppl")), _float(existing.tags.get("test_ppl")),
-                                 lm.dataset_id, created=False)
+    # "Already registered?" and the registration are one step: two flows registering the same
+    # training run at once must not both find it absent (the Prefect task adds a lock across hosts).
+    with model_lock(name, "register", root):
+        existing = _registered_version(c, name, run_id, str(run_dir), model_sha256)
+        if existing is not None:  # a retried task, an unchanged nightly, a concurrent run: nothing new
+            log.info("nothing new: training run %s (MLflow run %s) is already registered as %s version %s",
+                     run_dir, existing.run_id, name, existing.version)
+            return RegisteredVersion(name, str(existing.version), f"models:/{name}/{existing.version}",
+                                     existing.run_id, _float(existing.tags.get("val_ppl")),
+                                     _float(existing.tags.get("test_ppl")), lm.dataset_id, created=False)
+        mv = _register(c, lm, name, run_id, run_dir, tags_in, metrics, model_sha256, flow_run_id, root)
+    log.info("registered %s version %s (run %s)", name, mv.version, run_id)
+    return RegisteredVersion(name, str(mv.version), f"models:/{name}/{mv.version}", run_id,
+                             metrics.get("final_val_ppl"), metrics.get("final_test_ppl"), lm.dataset_id)
+
+
+def _register(c, lm, name: str, run_id: str, run_dir: str, tags_in: dict, metrics: dict, model_sha256: str,
+              flow_run_id: str | None, root: str | None):
+    """Log the pyfunc into the run and register it as a new version, alias challenger; the version."""
+    import mlflow
+
     model_uri = _log_model(lm, run_id, root)
     version_tags = {
         "val_ppl": metrics.get("final_val_ppl"),
@@ -150,9 +165,7 @@ def register_model(run_id: str, run_dir: str, *, preset: str | None = None, name
         f"{lm.model.cfg.cell} {lm.level}-level LM on dataset {lm.dataset_id}: "
         f"val ppl {fmt_ppl(version_tags['val_ppl'])}, test ppl {fmt_ppl(version_tags['test_ppl'])}. "
         f"Awaiting the gate."))
-    log.info("registered %s version %s (run %s)", name, mv.version, run_id)
-    return RegisteredVersion(name, str(mv.version), f"models:/{name}/{mv.version}", run_id,
-                             version_tags["val_ppl"], version_tags["test_ppl"], lm.dataset_id)
+    return mv
 
 
 def _log_model(lm, run_id: str, root: str | None) -> str:

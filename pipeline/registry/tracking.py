@@ -71,6 +71,24 @@ def exclusive_lock(path: str) -> FileLock:
     return FileLock(path)
 
 
+@contextlib.contextmanager
+def model_lock(name: str, purpose: str, root: str | None = None) -> Iterator[None]:
+    """Serialize ``purpose`` ("gate", "register") for registered model ``name`` across the
+    processes and threads of this machine: a file lock on ``<root>/locks/<purpose>-<name>.lock``
+    for a local storage root. A no-op for a remote root, where the orchestrator's concurrency
+    limit (``tasks.register.GATE_LIMIT``) serializes it across hosts."""
+    import logging
+
+    root = storage.storage_root(root)
+    if not storage.is_local(root):
+        logging.getLogger(__name__).debug("storage root %s is remote: %s for %s relies on the orchestrator's lock",
+                                          root, purpose, name)
+        yield
+        return
+    with exclusive_lock(os.path.join(storage.local_path(root), "locks", f"{purpose}-{name}.lock")):
+        yield
+
+
 _READY: set[str] = set()
 
 

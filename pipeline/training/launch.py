@@ -218,6 +218,7 @@ def _launch(run_dir: str, dataset_uri: str, config: str | RunConfig, nproc: int,
             node_rank: int, rdzv_endpoint: str | None, rdzv_backend: str, rdzv_id: str, max_restarts: int,
             checkpoint_dir: str | None, ray: RayCluster | None, on_line: Callable[[str], None] | None,
             env: dict[str, str] | None, grace_s: float, python: str) -> LaunchResult:
+    _check_config(config, dataset_uri)
     config_path, failed_uri = _prepare_attempt(run_dir, config)
     if ray is None:
         cmd = training_command(run_dir, dataset_uri, config_path, nproc=nproc, nnodes=nnodes,
@@ -235,6 +236,17 @@ def _launch(run_dir: str, dataset_uri: str, config: str | RunConfig, nproc: int,
     log.info("launching: %s", " ".join(cmd))
     returncode, metrics, tail = _run_child(cmd, child_env, clean, on_line, grace_s, run_dir)
     return _outcome(run_dir, returncode, metrics, tail, failed_uri)
+
+
+def _check_config(config: str | RunConfig, dataset_uri: str) -> None:
+    """What only the dataset can tell about the config, checked before a trainer starts
+    (a ConfigError: not retried), not by a trainer that exits 1 after its start-up."""
+    from pipeline.config_sources import load_config
+    from pipeline.data.shards import open_dataset
+    from pipeline.model.models import check_fits_vocabulary
+
+    cfg = config if isinstance(config, RunConfig) else load_config(RunConfig, config)
+    check_fits_vocabulary(cfg.model, open_dataset(dataset_uri).vocab_size)
 
 
 def _prepare_attempt(run_dir: str, config: str | RunConfig) -> tuple[str, str]:

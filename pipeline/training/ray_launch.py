@@ -187,7 +187,13 @@ def fit(run_dir: str, dataset_uri: str, run_cfg: RunConfig, *, workers: int, clu
     fs, path = storage.filesystem(run_dir)
     # Not the launcher's pid: it names a process of this host, meaningless on a worker's.
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) and k != LAUNCHER_PID_ENV}
-    ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=True)
+    try:
+        ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=True)
+    except ConnectionError as e:
+        if "Could not find any running Ray instance" not in str(e):
+            raise  # a cluster that exists but did not answer: a new attempt may reach it
+        raise ConfigError(f"no running Ray cluster found for --ray-address {cluster.address}: start one "
+                          f"(`ray start --head`) or pass --ray-address local") from None
     try:
         resources = {"CPU": cluster.cpus_per_worker, **({"GPU": cluster.gpus_per_worker}
                                                          if cluster.gpus_per_worker else {})}
