@@ -29,6 +29,7 @@ import sys
 
 from flows.servers import TELEMETRY_OFF
 from flows.terminal import configure_logging, run_log_file, verdict
+from pipeline import storage
 from pipeline.config_sources import DEFAULT_PRESET, load_run_config, preset_names
 from pipeline.errors import EXIT_DO_NOT_RETRY, EXIT_FAILED, ConfigError, GenerationInputError, PipelineError
 
@@ -58,8 +59,9 @@ def cmd_presets(args) -> int:
 def cmd_run(args) -> int:
     import prefect  # noqa: F401 (sets up its logging on import: ours goes on top)
 
-    from flows.main import run_main
+    from flows.main import check_free_space, run_main
 
+    check_free_space(storage.storage_root(args.root))  # before the log file or the server's database
     args.log_file = run_log_file(args.root)
     configure_logging(args.verbose, args.log_file)
     options = {"nproc": args.nproc, "register_model": not args.no_register, **_launcher_options(args)}
@@ -265,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:
+        if storage.is_disk_full(e):  # a write that did not say so itself: still one line naming the root
+            what = getattr(e, "filename", None) or f"{type(e).__name__}: {e}"
+            verdict(str(storage.unwritable(storage.storage_root(getattr(args, "root", None)), what, e)), args)
+            return EXIT_DO_NOT_RETRY
         if not args.log_file:
             raise  # no log file to hold the traceback: let Python print it
         verdict(f"{type(e).__name__}: {e} (unexpected; retrying may help)", args)

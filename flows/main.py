@@ -41,6 +41,30 @@ def _prefect_settings(root: str):
     return temporary_settings(updates=updates)
 
 
+# What a run writes besides its artifacts: the embedded Prefect server's SQLite database (about
+# 5 MB after one run), MLflow's, the run log. Below this, the server cannot even migrate its
+# database, and Prefect reports only a start-up timeout, minutes later.
+MIN_FREE_BYTES = 32 * 2**20
+
+
+def check_free_space(root: str) -> None:
+    """Fail at once, naming the place, when a local root (or the embedded server's PREFECT_HOME)
+    has no room for the run's databases and log."""
+    from pipeline.errors import StorageError
+
+    places = {"the storage root": storage.local_path(root)} if storage.is_local(root) else {}
+    if not os.environ.get("PREFECT_API_URL"):  # the embedded server: its database in PREFECT_HOME
+        home = os.environ.get("PREFECT_HOME") or (places and os.path.join(places["the storage root"], "prefect"))
+        if home:
+            places["PREFECT_HOME (the embedded Prefect server's database)"] = os.path.expanduser(home)
+    for what, path in places.items():
+        free = storage.free_bytes(path)
+        if free is not None and free < MIN_FREE_BYTES:
+            raise StorageError(path, f"no space left on device: {free / 2**20:.1f} MB free where {what} needs at "
+                                     f"least {MIN_FREE_BYTES // 2**20} MB for the run's databases and log; free "
+                                     f"space there and run again")
+
+
 def run_main(preset: str = DEFAULT_PRESET, root: Optional[str] = None, overrides: Optional[list[str]] = None,
              *, options: Optional[dict[str, Any]] = None, print_summary: bool = True) -> dict[str, Any]:
     """Run ``retrain`` and print a summary; returns the summary dict.
