@@ -6,6 +6,7 @@ leaves nothing a later run would take as complete; once space is freed, the same
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -23,20 +24,27 @@ from tests.test_cli import SMALL, rnnlm
 FILLER = "filler.bin"
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 4 MB tmpfs at ``tmp_path/disk``, unmounted afterwards."""
+@contextlib.contextmanager
+def mounted_tmpfs(disk: Path, size: str):
+    """A tmpfs of ``size`` at ``disk`` (skipping the test where mounting is not allowed), unmounted after."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
-    disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True, text=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
         yield disk
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs at ``tmp_path/disk``."""
+    with mounted_tmpfs(tmp_path / "disk", "4m") as disk:
+        yield disk
 
 
 def fill(disk: Path, leave: int = 0) -> None:
@@ -139,3 +147,42 @@ def test_run_on_a_full_disk_says_so_at_once(small_disk, tmp_path):
     line = one_error_line(proc)
     assert proc.returncode == 3 and "no space left" in line and str(root) in line
     assert time.monotonic() - started < 60  # not Prefect's two-minute start-up timeout
+
+
+@pytest.mark.slow
+def test_a_full_mlflow_store_moves_no_alias(tmp_path, monkeypatch):
+    from pipeline.data.prepare import prepare_dataset
+    from pipeline.errors import RegistryUnavailableError
+    from pipeline.registry import gate, tracking
+    from tests.test_gate import BAD, FULL, GOOD, MODEL, Runs
+
+    with mounted_tmpfs(tmp_path / "disk", "32m") as disk:
+        root = str(disk / "root")  # the SQLite store and its artifacts live here
+        monkeypatch.setenv(storage.ENV_STORAGE, root)
+        runs = Runs.__new__(Runs)
+        runs.full = prepare_dataset(FULL, str(tmp_path / "data"))
+        runs.data, runs.dirs = {"good": FULL, "bad": FULL}, {}
+        for name, cfg in (("good", GOOD), ("bad", BAD)):
+            runs.dirs[name] = Runs._train(tmp_path, name, runs.full, cfg)
+        bad = runs.register("bad", "rnnlm-full")
+        assert gate.promote_if_better("rnnlm-full", bad.version, runs.full).promoted
+        good = runs.register("good", "rnnlm-full")  # better: the gate would promote it
+
+        fill(disk)
+        with pytest.raises(RegistryUnavailableError) as e:
+            gate.promote_if_better("rnnlm-full", good.version, runs.full)
+        assert "no space left" in str(e.value) and root in str(e.value) and not e.value.retryable
+        free_space(disk)
+        assert str(tracking.client().get_registered_model("rnnlm-full").aliases["champion"]) == str(bad.version)
+        assert "gate.decision" not in tracking.client().get_model_version("rnnlm-full", good.version).tags
+        assert gate.promote_if_better("rnnlm-full", good.version, runs.full).promoted  # once space is freed
+
+
+def test_a_full_disk_is_not_retried():
+    import errno
+
+    from tasks.retries import is_retryable
+
+    assert not is_retryable(OSError(errno.ENOSPC, "No space left on device"))
+    assert not is_retryable(RuntimeError("sqlite3.OperationalError: database or disk is full"))
+    assert is_retryable(OSError(errno.ECONNRESET, "Connection reset by peer"))
