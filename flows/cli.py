@@ -57,19 +57,21 @@ def cmd_presets(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from flows.main import check_free_space, embedded_server, run_main
+
+    root = storage.storage_root(args.root)
+    check_free_space(root)  # before the log file or the server's database
+    options = {"nproc": args.nproc, "register_model": not args.no_register, **_launcher_options(args)}
+    server = embedded_server(root)  # first: it starts on another core while this process imports
     import prefect  # noqa: F401 (sets up its logging on import: ours goes on top)
 
-    from flows.main import check_free_space, run_main
-
-    check_free_space(storage.storage_root(args.root))  # before the log file or the server's database
     args.log_file = run_log_file(args.root)
     configure_logging(args.verbose, args.log_file)
-    options = {"nproc": args.nproc, "register_model": not args.no_register, **_launcher_options(args)}
     if args.pin_vocab:
         options["pin_vocab"] = args.pin_vocab
     if args.dask:
         options["dask"] = args.dask
-    run_main(args.config, args.root, args.overrides, options=options)
+    run_main(args.config, args.root, args.overrides, options=options, server=server)
     return 0
 
 

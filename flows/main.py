@@ -14,15 +14,26 @@ Running it twice: the second run finishes from cache (every stage ``Cached``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 from typing import Any, Optional
 
 from flows.reports import make_summary, prefect_ui_hint, print_report
-from flows.servers import TELEMETRY_OFF
+from flows import servers
+from flows.servers import TELEMETRY_OFF, EmbeddedServer
 from pipeline import storage
 from pipeline.config_sources import DEFAULT_PRESET
+
+
+def _api(server: Optional[EmbeddedServer]):
+    """``PREFECT_API_URL`` set to the embedded server once it answers (nothing to do without one)."""
+    if server is None:
+        return contextlib.nullcontext()
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings(updates={PREFECT_API_URL: server.wait_ready()})
 
 
 def _prefect_settings(root: str):
@@ -65,25 +76,50 @@ def check_free_space(root: str) -> None:
                                      f"space there and run again")
 
 
+def prefect_home(root: str) -> str:
+    """Where the embedded server keeps its database: ``$PREFECT_HOME``, else ``<root>/prefect``
+    for a local root, else Prefect's default."""
+    if os.environ.get("PREFECT_HOME"):
+        return os.path.expanduser(os.environ["PREFECT_HOME"])
+    if storage.is_local(root):
+        return os.path.join(storage.local_path(root), "prefect")
+    return os.path.expanduser("~/.prefect")
+
+
+def embedded_server(root: str) -> Optional[EmbeddedServer]:
+    """This process's temporary server (started now if need be), or None when ``PREFECT_API_URL``
+    names a server."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 120)
+    return servers.embedded_server(prefect_home(root), startup_timeout_s=timeout)
+
+
 def run_main(preset: str = DEFAULT_PRESET, root: Optional[str] = None, overrides: Optional[list[str]] = None,
-             *, options: Optional[dict[str, Any]] = None, print_summary: bool = True) -> dict[str, Any]:
+             *, options: Optional[dict[str, Any]] = None, print_summary: bool = True,
+             server: Optional[EmbeddedServer] = None) -> dict[str, Any]:
     """Run ``retrain`` and print a summary; returns the summary dict.
 
     ``preset``: a preset name or a RunConfig YAML path; ``overrides``: ``section.key=value``
-    strings; ``options``: PipelineOptions fields (``dask``, ``nproc``, ``register_model``, ...).
-    Raises the pipeline's error (a PipelineError for expected failures) if the flow fails.
+    strings; ``options``: PipelineOptions fields (``dask``, ``nproc``, ``register_model``, ...);
+    ``server``: an :func:`embedded_server` the caller started (else one is started here, unless
+    ``PREFECT_API_URL`` names a server). Raises the pipeline's error (a PipelineError for
+    expected failures) if the flow fails.
     """
     os.environ.update(TELEMETRY_OFF)  # before Prefect starts its server or sends an event
     root = storage.storage_root(root)
+    # The server first: it starts on another core while this process imports Prefect and the pipeline.
+    server = server or embedded_server(root)
     with _prefect_settings(root):
         from flows.retrain import retrain_flow
         from tasks.options import PipelineOptions
 
         opts = PipelineOptions(**{**(options or {}), "root": root})
         started = time.perf_counter()
-        result = retrain_flow(preset=preset, overrides=list(overrides or []), options=opts)
+        with _api(server):
+            result = retrain_flow(preset=preset, overrides=list(overrides or []), options=opts)
         summary = make_summary(result, time.perf_counter() - started)
-        summary["prefect_ui"] = prefect_ui_hint(result.get("flow_run_id"))
+        summary["prefect_ui"] = prefect_ui_hint(result.get("flow_run_id"))  # the embedded server is gone after
     if print_summary:
         print_report(summary)
     return summary

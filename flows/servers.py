@@ -15,11 +15,18 @@ See deployments/README.md.
 
 from __future__ import annotations
 
+import atexit
+import ctypes
+import importlib.util
+import logging
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -79,6 +86,102 @@ def server_env(home: Optional[str] = None, database_url: Optional[str] = None, r
     if database_url:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     return env
+
+
+# --------------------------------------------------------------------------- embedded server
+
+
+class EmbeddedServer:
+    """The temporary Prefect server of ``rnnlm run``: the very process Prefect's own ephemeral mode
+    starts (uvicorn on ``prefect.server.api.server:create_app``, SQLite in ``home``), started by us.
+
+    Prefect would start it only when the flow is called, after importing its whole server API
+    in this process to do so; started first, it migrates its database on another core while
+    this process imports the pipeline. As Prefect's, it is one per process and stops at exit,
+    after Prefect's client workers have sent their queued logs and events; it also dies with
+    this process when that is killed outright (``PR_SET_PDEATHSIG``).
+    """
+
+    def __init__(self, home: str, startup_timeout_s: float = 120.0):
+        self.home, self.startup_timeout_s = home, startup_timeout_s
+        self.proc: Optional[subprocess.Popen] = None
+        self.url = ""
+
+    def command(self, port: int) -> list[str]:
+        site_packages = Path(importlib.util.find_spec("prefect").origin).parents[1]  # without importing prefect
+        return [sys.executable, "-m", "uvicorn", "--app-dir", str(site_packages), "--factory",
+                "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+                "--log-level", "error", "--lifespan", "on"]
+
+    def start(self) -> "EmbeddedServer":
+        os.makedirs(self.home, exist_ok=True)
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+        env.update(TELEMETRY_OFF, PREFECT_HOME=self.home, PREFECT_UI_ENABLED="0",
+                   PREFECT__SERVER_EPHEMERAL="1", PREFECT__SERVER_FINAL="1")
+        self.url = f"http://127.0.0.1:{port}/api"
+        self.proc = subprocess.Popen(self.command(port), env=env, preexec_fn=_die_with_parent)
+        atexit.register(self.stop)
+        return self
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self) -> str:
+        """Block until the server answers its health check; its API URL."""
+        import httpx
+
+        # (logged here, not at the start: this process's logging is set up by now)
+        logging.getLogger("prefect").info("Starting temporary server on %s", self.url.removesuffix("/api"))
+        deadline = time.monotonic() + self.startup_timeout_s
+        with httpx.Client() as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"the temporary Prefect server (PREFECT_HOME={self.home}) exited with "
+                                       f"{self.proc.returncode} while starting")
+                try:
+                    if client.get(f"{self.url}/health", timeout=5).status_code == 200:
+                        return self.url
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+        raise RuntimeError(f"the temporary Prefect server (PREFECT_HOME={self.home}) did not answer within "
+                           f"{self.startup_timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        if self.running():
+            logging.getLogger("prefect").info("Stopping temporary server on %s", self.url.removesuffix("/api"))
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+_embedded: Optional[EmbeddedServer] = None
+
+
+def embedded_server(home: str, startup_timeout_s: float = 120.0) -> EmbeddedServer:
+    """This process's temporary server, started on first use (in ``home``) and reused after."""
+    global _embedded
+    if _embedded is None or not _embedded.running():
+        _embedded = EmbeddedServer(home, startup_timeout_s).start()
+    return _embedded
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (Linux; elsewhere a no-op)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 # ------------------------------------------------------------------------------------ pools
