@@ -46,8 +46,8 @@ def overrides_for(args) -> list[str]:
 # Where the time goes: milestones found in a run's own log records, in the order they happen.
 # A stage is the time from one milestone found to the next (a fully cached re-run skips some).
 FLOW_MILESTONES = [
-    ("imports, settings", r"^Starting temporary server"),
-    ("Prefect server start", r"^Beginning flow run .* for flow 'retrain'"),
+    ("imports (the embedded server starts beside them)", r"^Starting temporary server"),
+    ("Prefect server start (what is left of it)", r"^Beginning flow run .* for flow 'retrain'"),
     ("retrain flow start", r"^Beginning subflow run .* for flow 'prepare-data'"),
     ("data stages (cache checks, verification)", r"^Beginning subflow run .* for flow 'train'"),
     ("train task start (cache check)", r"^(training from scratch|resuming training|run .* already finished)"),

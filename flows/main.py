@@ -27,6 +27,18 @@ from pipeline import storage
 from pipeline.config_sources import DEFAULT_PRESET
 
 
+def _import_stage_modules(registering: bool) -> None:
+    """Import what the stages import anyway (torch with the trainer's and the model's modules;
+    MLflow when registering) now, while the server is still starting on the other core, instead
+    of inside the stages, after it."""
+    import pipeline.model.lm  # noqa: F401
+    import pipeline.training.checkpoint  # noqa: F401
+    import pipeline.training.launch  # noqa: F401
+
+    if registering:
+        import mlflow  # noqa: F401
+
+
 def _api(server: Optional[EmbeddedServer]):
     """``PREFECT_API_URL`` set to the embedded server once it answers (nothing to do without one)."""
     if server is None:
@@ -116,6 +128,8 @@ def run_main(preset: str = DEFAULT_PRESET, root: Optional[str] = None, overrides
 
         opts = PipelineOptions(**{**(options or {}), "root": root})
         started = time.perf_counter()
+        if server is not None:
+            _import_stage_modules(opts.register_model)
         with _api(server):
             result = retrain_flow(preset=preset, overrides=list(overrides or []), options=opts)
         summary = make_summary(result, time.perf_counter() - started)
