@@ -1,9 +1,11 @@
 """The main job behind ``rnnlm run``: the ``retrain`` flow on embedded defaults.
 
-* Prefect: with no ``PREFECT_API_URL``, Prefect starts its own local server on SQLite
-  for the duration of the run, with ``PREFECT_HOME`` (the database, logs) under the
-  artifact store (``<root>/prefect``) unless ``PREFECT_HOME`` is set. With
-  ``PREFECT_API_URL`` set, runs are reported to that server instead.
+* Prefect: with no ``PREFECT_API_URL``, a temporary local Prefect server on SQLite
+  (``flows.servers.EmbeddedServer``: the process Prefect's ephemeral mode runs, started
+  first, beside this process's imports) for the duration of the run, with ``PREFECT_HOME``
+  (the database, logs) under the artifact store (``<root>/prefect``) unless ``PREFECT_HOME``
+  is set; a new home starts from a migrated template database. With ``PREFECT_API_URL`` set
+  (in the environment or a Prefect profile), runs are reported to that server instead.
 * Artifacts under ``./.rnnlm/`` (or ``root`` / ``$RNNLM_STORAGE``).
 * The ``timemachine-char`` preset unless told otherwise.
 * Telemetry off (``flows.servers.TELEMETRY_OFF``): in this process, so in the embedded
@@ -45,6 +47,9 @@ def _api(server: Optional[EmbeddedServer]):
         return contextlib.nullcontext()
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    if PREFECT_API_URL.value():  # a server named in a Prefect profile, not the environment: runs report there
+        server.stop()
+        return contextlib.nullcontext()
     return temporary_settings(updates={PREFECT_API_URL: server.wait_ready()})
 
 
