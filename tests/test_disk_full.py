@@ -154,7 +154,7 @@ def test_a_full_mlflow_store_moves_no_alias(tmp_path, monkeypatch):
     from pipeline.data.prepare import prepare_dataset
     from pipeline.errors import RegistryUnavailableError
     from pipeline.registry import gate, tracking
-    from tests.test_gate import BAD, FULL, GOOD, MODEL, Runs
+    from tests.test_gate import BAD, FULL, GOOD, Runs
 
     with mounted_tmpfs(tmp_path / "disk", "32m") as disk:
         root = str(disk / "root")  # the SQLite store and its artifacts live here
