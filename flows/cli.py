@@ -36,6 +36,7 @@ import threading
 from flows.progress import live_progress, wanted
 from flows.servers import TELEMETRY_OFF
 from flows.terminal import configure_logging, console_problems_only, run_log_file, verdict
+from pipeline import storage
 from pipeline.config_sources import DEFAULT_PRESET, load_run_config, preset_names
 from pipeline.errors import EXIT_DO_NOT_RETRY, EXIT_FAILED, ConfigError, GenerationInputError, PipelineError
 
@@ -65,21 +66,25 @@ def cmd_presets(args) -> int:
 
 
 def cmd_run(args) -> int:
-    import prefect  # noqa: F401 (sets up its logging on import: ours goes on top)
-
-    from flows.main import run_main
+    from flows.main import check_free_space, embedded_server, run_main
     from flows.reports import print_report
+
+    root = storage.storage_root(args.root)
+    check_free_space(root)  # before the log file or the server's database
+    options = {"nproc": args.nproc, "register_model": not args.no_register, **_launcher_options(args)}
+    server = embedded_server(root)  # first: it starts on another core while this process imports
+    import prefect  # noqa: F401 (sets up its logging on import: ours goes on top)
 
     args.log_file = run_log_file(args.root)
     configure_logging(args.verbose, args.log_file)
-    options = {"nproc": args.nproc, "register_model": not args.no_register, **_launcher_options(args)}
     if args.pin_vocab:
         options["pin_vocab"] = args.pin_vocab
     if args.dask:
         options["dask"] = args.dask
     show = wanted(args.quiet, args.verbose)
     with live_progress(show):
-        summary = run_main(args.config, args.root, args.overrides, options=options, print_summary=False)
+        summary = run_main(args.config, args.root, args.overrides, options=options, print_summary=False,
+                           server=server)
     print_report(summary)
     if show:
         console_problems_only()  # the summary is the last word on a terminal; the log file has the rest
@@ -386,16 +391,19 @@ def _raise_terminated(signum, frame) -> None:
 
 def _stop_children(grace_s: float = 10.0) -> None:
     """Stop what this process started and has not stopped yet (a trainer, a local cluster):
-    SIGTERM, then SIGKILL after ``grace_s``. Prefect's temporary server is left to its own
-    atexit handler, which stops it once the flow run's last logs have reached it."""
+    SIGTERM, then SIGKILL after ``grace_s``. The temporary Prefect server (ours, or one Prefect
+    started) is left to its atexit stop, which comes once the flow run's last logs have reached it."""
     import psutil
 
+    from flows import servers
     from pipeline.training.processes import stop_process_trees
 
-    server_module = sys.modules.get("prefect.server.api.server")  # loaded only if a temporary server started
-    servers = {s.server_process.pid for s in server_module.SubprocessASGIServer._instances.values()  # Prefect's registry
-               if s.server_process is not None} if server_module else set()
-    stop_process_trees([p for p in psutil.Process().children() if p.pid not in servers], grace_s)
+    keep = {servers._embedded.proc.pid} if servers._embedded is not None and servers._embedded.proc else set()
+    server_module = sys.modules.get("prefect.server.api.server")  # loaded only if Prefect started a server
+    if server_module:
+        keep |= {s.server_process.pid for s in server_module.SubprocessASGIServer._instances.values()
+                 if s.server_process is not None}
+    stop_process_trees([p for p in psutil.Process().children() if p.pid not in keep], grace_s)
 
 
 def _root_not_writable(e: BaseException, args) -> PipelineError | None:
@@ -458,8 +466,10 @@ def main(argv: list[str] | None = None) -> int:
         if known is not None:
             verdict(str(known), args)
             return EXIT_FAILED if known.retryable else EXIT_DO_NOT_RETRY
-        from pipeline import storage
-
+        if storage.is_disk_full(e):  # a write that did not say so itself: still one line naming the root
+            what = getattr(e, "filename", None) or f"{type(e).__name__}: {e}"
+            verdict(str(storage.unwritable(storage.storage_root(getattr(args, "root", None)), what, e)), args)
+            return EXIT_DO_NOT_RETRY
         if storage.fails_every_time(e):  # what the flow's tasks did not retry either (tasks/retries.py)
             verdict(f"{type(e).__name__}: {e} (retrying cannot fix this)", args)
             return EXIT_DO_NOT_RETRY

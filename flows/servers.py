@@ -15,11 +15,19 @@ See deployments/README.md.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import ctypes
+import importlib.util
+import logging
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -79,6 +87,172 @@ def server_env(home: Optional[str] = None, database_url: Optional[str] = None, r
     if database_url:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     return env
+
+
+# --------------------------------------------------------------------------- embedded server
+
+
+class EmbeddedServer:
+    """The temporary Prefect server of ``rnnlm run``: the very process Prefect's own ephemeral mode
+    starts (uvicorn on ``prefect.server.api.server:create_app``, SQLite in ``home``), started by us.
+
+    Prefect would start it only when the flow is called, after importing its whole server API
+    in this process to do so; started first, it migrates its database on another core while
+    this process imports the pipeline. As Prefect's, it is one per process and stops at exit,
+    after Prefect's client workers have sent their queued logs and events; it also dies with
+    this process when that is killed outright (``PR_SET_PDEATHSIG``).
+    """
+
+    def __init__(self, home: str, startup_timeout_s: float = 120.0):
+        self.home, self.startup_timeout_s = home, startup_timeout_s
+        self.proc: Optional[subprocess.Popen] = None
+        self.url = ""
+        self.fresh = False  # a new database: kept as the template once the server answers
+
+    def command(self, port: int) -> list[str]:
+        site_packages = Path(importlib.util.find_spec("prefect").origin).parents[1]  # without importing prefect
+        return [sys.executable, "-m", "uvicorn", "--app-dir", str(site_packages), "--factory",
+                "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+                "--log-level", "error", "--lifespan", "on"]
+
+    def start(self) -> "EmbeddedServer":
+        os.makedirs(self.home, exist_ok=True)
+        self.fresh = _uses_home_sqlite() and not os.path.exists(os.path.join(self.home, PREFECT_DB))
+        if self.fresh:
+            _copy_template(self.home)
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+        env.update(TELEMETRY_OFF, PREFECT_HOME=self.home, PREFECT_UI_ENABLED="0",
+                   PREFECT__SERVER_EPHEMERAL="1", PREFECT__SERVER_FINAL="1")
+        self.url = f"http://127.0.0.1:{port}/api"
+        self.proc = subprocess.Popen(self.command(port), env=env, preexec_fn=_die_with_parent)
+        atexit.register(self.stop)
+        return self
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self) -> str:
+        """Block until the server answers its health check; its API URL."""
+        import httpx
+
+        # (logged here, not at the start: this process's logging is set up by now)
+        logging.getLogger("prefect").info("Starting temporary server on %s", self.url.removesuffix("/api"))
+        deadline = time.monotonic() + self.startup_timeout_s
+        with httpx.Client() as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"the temporary Prefect server (PREFECT_HOME={self.home}) exited with "
+                                       f"{self.proc.returncode} while starting")
+                try:
+                    if client.get(f"{self.url}/health", timeout=5).status_code == 200:
+                        if self.fresh:
+                            _save_template(self.home)
+                        return self.url
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+        raise RuntimeError(f"the temporary Prefect server (PREFECT_HOME={self.home}) did not answer within "
+                           f"{self.startup_timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        if self.running():
+            logging.getLogger("prefect").info("Stopping temporary server on %s", self.url.removesuffix("/api"))
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# A new PREFECT_HOME's SQLite database runs every Alembic migration before the server answers,
+# the largest part of a first run's start-up. The database as it is when a fresh server first
+# answers (migrated, block types registered, no runs yet) is kept per Prefect version and
+# copied into the next new home; the server then finds it at the latest migration.
+PREFECT_DB = "prefect.db"
+TEMPLATE_FILES = (PREFECT_DB, "memo_store.toml")  # the memo: block types already registered
+
+
+def template_dir() -> Path:
+    """``$XDG_CACHE_HOME/rnnlm/prefect-<version>`` (default ``~/.cache``)."""
+    from importlib.metadata import version
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "rnnlm" / f"prefect-{version('prefect')}"
+
+
+def _uses_home_sqlite() -> bool:
+    """The server keeps its database in PREFECT_HOME (no database URL configured)."""
+    return not any(os.environ.get(k) for k in ("PREFECT_API_DATABASE_CONNECTION_URL",
+                                                 "PREFECT_SERVER_DATABASE_CONNECTION_URL"))
+
+
+def _copy_template(home: str) -> None:
+    """A new home starts from the template, if there is one (else Prefect migrates a new database)."""
+    template = template_dir()
+    try:
+        if not (template / PREFECT_DB).is_file():
+            return
+        for name in TEMPLATE_FILES:
+            if (template / name).is_file():
+                tmp = os.path.join(home, f".{name}.tmp-{os.getpid()}")
+                shutil.copyfile(template / name, tmp)
+                os.replace(tmp, os.path.join(home, name))
+    except OSError as e:  # an optimisation only: Prefect creates the database itself
+        logging.getLogger(__name__).debug("not using the Prefect database template %s: %s", template, e)
+        for name in TEMPLATE_FILES:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(home, name))
+
+
+def _save_template(home: str) -> None:
+    """Keep the database of a fresh server that has just answered (SQLite's online backup: a
+    consistent copy while the server runs), unless a template exists."""
+    import sqlite3
+
+    template = template_dir()
+    if (template / PREFECT_DB).is_file():
+        return
+    tmp = template.with_name(f".{template.name}.tmp-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        with contextlib.closing(sqlite3.connect(os.path.join(home, PREFECT_DB))) as src, \
+                contextlib.closing(sqlite3.connect(tmp / PREFECT_DB)) as dst:
+            src.backup(dst)
+        memo = Path(home) / TEMPLATE_FILES[1]
+        if memo.is_file():
+            shutil.copyfile(memo, tmp / memo.name)
+        os.replace(tmp, template)  # whole or not at all; a concurrent first run may have won
+    except (OSError, sqlite3.Error) as e:
+        logging.getLogger(__name__).debug("could not keep a Prefect database template at %s: %s", template, e)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_embedded: Optional[EmbeddedServer] = None
+
+
+def embedded_server(home: str, startup_timeout_s: float = 120.0) -> EmbeddedServer:
+    """This process's temporary server, started on first use (in ``home``) and reused after."""
+    global _embedded
+    if _embedded is None or not _embedded.running():
+        _embedded = EmbeddedServer(home, startup_timeout_s).start()
+    return _embedded
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (Linux; elsewhere a no-op)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 # ------------------------------------------------------------------------------------ pools

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import posixpath
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -281,8 +282,23 @@ def quarantine(url: str, root: str) -> str | None:
 
 
 def is_unwritable(e: BaseException) -> bool:
-    """A write refused for good: no permission, a read-only filesystem, a permanent refusal."""
-    return getattr(e, "errno", None) == errno.EROFS or is_permanent_error(e)
+    """A write refused for good: no permission, a read-only filesystem, a permanent refusal, a full disk."""
+    return getattr(e, "errno", None) == errno.EROFS or is_permanent_error(e) or is_disk_full(e)
+
+
+# A full filesystem or an exhausted quota: the same write fails until someone frees space.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """An ENOSPC / EDQUOT anywhere in the cause chain (SQLite and torch wrap the OSError)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if getattr(e, "errno", None) in DISK_FULL_ERRNOS or "database or disk is full" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def unwritable(root: str, what: str, cause: BaseException | str):
@@ -290,7 +306,20 @@ def unwritable(root: str, what: str, cause: BaseException | str):
     from pipeline.errors import StorageError
 
     reason = getattr(cause, "strerror", None) or str(cause)
+    if isinstance(cause, BaseException) and is_disk_full(cause):
+        return StorageError(root, f"no space left on device: could not write {what}; free space there and run "
+                                  f"again (a training resumes from its last checkpoint)")
     return StorageError(root, f"not writable: could not write {what} ({reason})")
+
+
+def free_bytes(url: str) -> int | None:
+    """Free bytes on the local filesystem holding ``url`` (its nearest existing parent); None for object stores."""
+    if not is_local(url):
+        return None
+    path = Path(local_path(url)).resolve()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 def sha256_bytes(data: bytes | memoryview) -> str:

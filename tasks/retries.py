@@ -36,13 +36,13 @@ TRANSIENT_STORE_CODES = {"SlowDown", "RequestTimeout", "InternalError", "Service
 
 def is_retryable(exc: BaseException | None) -> bool:
     """PipelineErrors say so themselves; network and object-store hiccups may pass; a missing
-    or unreadable input, an object store's permanent refusal (invalid bucket, access denied)
-    and bugs do not."""
+    or unreadable input, an object store's permanent refusal (invalid bucket, access denied),
+    a full disk (it stays full until someone frees space) and bugs do not."""
     if terminating.is_set() or exc is None:
         return False
     if isinstance(exc, PipelineError):
         return bool(exc.retryable)
-    if storage.fails_every_time(exc):
+    if storage.fails_every_time(exc) or storage.is_disk_full(exc):
         return False
     if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
         return True

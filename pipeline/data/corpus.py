@@ -125,15 +125,15 @@ def _fetch_file(open_file: fsspec.core.OpenFile, display: str, root: str, expect
     tmp = f"{dir_path}/.fetch-{uuid.uuid4().hex[:12]}"
     num_bytes, visible = 0, False
     try:
-        dst = _open_for_writing(fs, dir_path, tmp, root)
-        with open_file as src, (dst or contextlib.nullcontext()):
+        copy = _open_for_writing(fs, dir_path, tmp, root)
+        with open_file as src, (contextlib.closing(copy) if copy else contextlib.nullcontext()):
             while block := src.read(READ_BLOCK):
                 _check_text(block, num_bytes, decoder, display)
                 visible = visible or bool(block.strip())
                 for h in hashes.values():
                     h.update(block)
-                if dst:
-                    dst.write(block)
+                if copy:
+                    copy.write(block)
                 num_bytes += len(block)
             _check_text(b"", num_bytes, decoder, display, final=True)
         if num_bytes == 0 or not visible:
@@ -143,7 +143,9 @@ def _fetch_file(open_file: fsspec.core.OpenFile, display: str, root: str, expect
             if want != digests[algo]:
                 raise CorpusError(display, f"checksum mismatch: expected {algo} {want}, got {digests[algo]}")
         final = f"{dir_path}/{digests['sha256']}.txt"
-        _store(fs, tmp if dst else None, final, num_bytes, root)
+        stored = copy is not None and copy.full is None
+        _store(fs, tmp if stored else None, final, num_bytes, root,
+               refused=copy.full if copy and copy.full else "read-only or no permission")
     except StorageError:  # the store, not the source (an OSError too)
         raise
     except FileNotFoundError as e:
@@ -151,6 +153,8 @@ def _fetch_file(open_file: fsspec.core.OpenFile, display: str, root: str, expect
     except PermissionError as e:
         raise CorpusError(display, f"permission denied reading it: {e}") from None
     except OSError as e:  # connection refused, DNS failure, timeouts, HTTP 5xx
+        if storage.is_disk_full(e):  # writing the copy failed: the root is full, the source is fine
+            raise storage.unwritable(root, f"the copy of {display} under {storage.join(root, 'corpus')}", e) from None
         if storage.is_permanent_error(e):  # access denied, no such bucket: asking again cannot help
             raise CorpusError(display, f"refused: {e}") from None
         raise SourceUnreachableError(display, f"unreachable: {e}") from None
@@ -167,7 +171,7 @@ def _open_for_writing(fs, dir_path: str, tmp: str, root: str):
     corpus_url = storage.join(root, "corpus")
     try:
         fs.makedirs(dir_path, exist_ok=True)  # the first write of a run: a bad store fails here, clearly
-        return fs.open(tmp, "wb")
+        return _Copy(fs.open(tmp, "wb"))
     except OSError as e:
         if not storage.is_unwritable(e):
             raise StorageError(corpus_url, f"cannot write to it: {e}", retryable=True) from e
@@ -180,18 +184,45 @@ def _open_for_writing(fs, dir_path: str, tmp: str, root: str):
         return None
 
 
-def _store(fs, tmp: str | None, final: str, num_bytes: int, root: str) -> None:
-    """Put the verified bytes at ``final``, unless a verified copy is already there."""
+class _Copy:
+    """The copy being streamed into the store. A full disk stops the copy, not the hashing: a
+    verified copy may already be stored (``full`` holds the error, for when it is not)."""
+
+    def __init__(self, f):
+        self.f, self.full = f, None
+
+    def write(self, block: bytes) -> None:
+        if self.full is None:
+            try:
+                self.f.write(block)
+            except OSError as e:
+                if not storage.is_disk_full(e):
+                    raise
+                self.full = e
+
+    def close(self) -> None:
+        try:
+            self.f.close()
+        except OSError as e:
+            if not storage.is_disk_full(e):
+                raise
+            self.full = self.full or e
+
+
+def _store(fs, tmp: str | None, final: str, num_bytes: int, root: str,
+           refused: BaseException | str = "read-only or no permission") -> None:
+    """Put the verified bytes at ``final``, unless a verified copy is already there (``tmp`` None:
+    no copy could be written, ``refused`` says why)."""
     if fs.exists(final):
         problem = _copy_problem(fs, final, num_bytes)
         if problem is None:
             return
         if tmp is None:
-            raise storage.unwritable(root, f"a good copy over {final}, which {problem}", "read-only")
+            raise storage.unwritable(root, f"a good copy over {final}, which {problem}", refused)
         moved = storage.quarantine(final if storage.is_local(root) else fs.unstrip_protocol(final), root)
         log.warning("corpus copy %s %s: moved to %s; storing the fresh copy", final, problem, moved)
     elif tmp is None:
-        raise storage.unwritable(root, f"the corpus copy {final}", "read-only or no permission")
+        raise storage.unwritable(root, f"the corpus copy {final}", refused)
     if isinstance(fs, LocalFileSystem):
         os.replace(tmp, final)
     else:

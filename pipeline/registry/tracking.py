@@ -166,8 +166,21 @@ def registry_access(what: str) -> Iterator[None]:
     except Exception as e:
         if not _is_registry_failure(e):
             raise
+        if storage.is_disk_full(e):  # SQLite's "database or disk is full": asking again soon cannot help
+            error = RegistryUnavailableError(f"{what}: the MLflow store {_store_name()} has no space left on device; "
+                                             f"nothing was promoted; free space there and run again")
+            error.retryable = False
+            raise error from e
         raise RegistryUnavailableError(f"{what}: the MLflow registry failed ({type(e).__name__}: {e}); "
                                        f"nothing was promoted, retrying may help") from e
+
+
+def _store_name() -> str:
+    """The tracking store as an error message names it."""
+    try:
+        return tracking_uri()
+    except PipelineError:
+        return "(no tracking URI)"
 
 
 def client(root: str | None = None):

@@ -76,7 +76,12 @@ def save_checkpoint(directory: str, payload: dict[str, Any], keep: int) -> str:
     uri = storage.join(directory, checkpoint_name(payload["epoch"], payload["step"]))
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, **payload}, buffer)
-    storage.write_bytes_atomic(uri, buffer.getbuffer())
+    try:
+        storage.write_bytes_atomic(uri, buffer.getbuffer())  # the older ones go only once it is written
+    except OSError as e:
+        if not storage.is_disk_full(e):
+            raise
+        raise storage.unwritable(directory, f"the checkpoint {uri} (the last good one is kept)", e) from None
     for old in list_checkpoints(directory)[:-keep]:
         fs, path = storage.filesystem(old)
         fs.rm(path)

@@ -323,8 +323,10 @@ def _outcome(run_dir: str, returncode: int, metrics: list[dict[str, Any]], tail:
         result_uri = storage.join(run_dir, "result.json")
         result = storage.read_json(result_uri) if storage.exists(result_uri) else None
         return LaunchResult(run_dir, returncode, metrics, result)
-    if storage.exists(failed_uri):
-        failure = storage.read_json(failed_uri)
+    # FAILED.json, else the trainer's "failed" event (a full disk may have had no room for the file)
+    failure = storage.read_json(failed_uri) if storage.exists(failed_uri) else \
+        next((e for e in reversed(metrics) if e.get("event") == "failed"), None)
+    if failure is not None:
         if not failure.get("retryable", True):
             cls = NON_RETRYABLE.get(failure.get("reason"), PipelineError)
             raise cls(f"training in {run_dir} failed ({failure.get('reason')}): {failure.get('message')}")

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from pipeline import storage
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import CheckpointError, ConfigError, DatasetError, NonFiniteLossError, PipelineError
+from pipeline.training.metrics import print_line
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ def write_failure(run_dir: str, e: PipelineError) -> None:
     info = {"reason": reason, "retryable": bool(e.retryable), "error": type(e).__name__, "message": str(e)}
     if getattr(e, "step", None) is not None:
         info["step"] = e.step
+    print_line(json.dumps({"event": "failed", **info}))  # the launcher's copy, should FAILED.json not fit
     try:
         storage.write_json_atomic(storage.join(run_dir, FAILED_FILE), info)
     except Exception:  # the failure itself matters more than recording it

@@ -112,8 +112,13 @@ def train(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int, model_cfg
     """
     d = dist_info or setup_distributed(cfg.device)
     try:
-        return _train(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir,
-                      checkpoint_dir or storage.join(run_dir, "checkpoints"), d)
+        try:
+            return _train(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir,
+                          checkpoint_dir or storage.join(run_dir, "checkpoints"), d)
+        except OSError as e:  # metrics, outputs (a checkpoint says so itself)
+            if isinstance(e, PipelineError) or not storage.is_disk_full(e):
+                raise
+            raise storage.unwritable(run_dir, e.filename or "the run's files", e) from None
     except PipelineError as e:
         if d.is_main:
             write_failure(run_dir, e)
