@@ -26,7 +26,7 @@ WIKI = FIXTURES / "wikitext-2"
 PTB_FILES = {"train": PTB / "ptb.train.txt", "val": PTB / "ptb.valid.txt", "test": PTB / "ptb.test.txt"}
 WIKI_FILES = {"train": WIKI / "wiki.train.tokens", "val": WIKI / "wiki.valid.tokens", "test": WIKI / "wiki.test.tokens"}
 PRESET_FIXTURES = {"ptb-word-small": PTB, "ptb-word-medium": PTB, "ptb-word-medium-tied": PTB, "ptb-char": PTB,
-                   "wikitext2-word": WIKI, "ptb-word-awd": PTB}
+                   "wikitext2-word": WIKI, "wikitext103-word": WIKI, "ptb-word-awd": PTB}
 PTB_TOKENIZER = {"level": "word", "normalizer": "none", "eos": True}
 
 
@@ -171,7 +171,15 @@ def test_every_preset_names_its_public_source():
     for name in PRESET_FIXTURES:
         sources = parse_config(RunConfig, read_raw(name)).data.sources
         assert all(s.url.startswith(("https://", "zip://")) for s in sources), name
-        assert all(s.sha256 for s in sources) or name == "wikitext2-word", name  # see that preset's comment
+        assert all(s.sha256 for s in sources) or name.startswith("wikitext"), name  # see those presets' comments
+
+
+def test_wikitext103_reads_its_archive_like_wikitext2_with_an_adaptive_head():
+    wt2, wt103 = (parse_config(RunConfig, read_raw(name)) for name in ("wikitext2-word", "wikitext103-word"))
+    assert [s.url for s in wt103.data.sources] == [s.url.replace("wikitext-2", "wikitext-103") for s in wt2.data.sources]
+    assert (wt103.data.tokenizer, wt103.data.vocab) == (wt2.data.tokenizer, wt2.data.vocab)
+    assert wt103.model.softmax == "adaptive" and wt103.model.adaptive_cutoffs[-1] < 267_735  # the corpus's types
+    assert wt103.train.eval_every_steps and wt103.train.max_steps  # an epoch is ~46k steps: evaluate in steps
 
 
 def test_root_dir_still_checks_the_presets_checksums(store):
