@@ -1,7 +1,7 @@
 """How each cost grows with the corpus: prepare, trainer start-up, per-rank memory, speed, validation.
 
     python bench/scale.py [--sizes 10M,100M] [--steps 300] [--eval-every 100] [--workdir DIR]
-    python bench/scale.py --sizes 10M,100M,1B     # the 1B row: about 9 GB of free disk under --workdir
+    python bench/scale.py --sizes 10M,100M,1B     # the 1B row: about 7 GB of free disk under --workdir
 
 For each size, a seeded synthetic word corpus is streamed to disk a million words at a time:
 words drawn from a Zipfian (s = 1) distribution over a finite vocabulary, 10k types at 10M
