@@ -139,7 +139,8 @@ def train(run_dir: Path, dataset_uri: str, steps: int, eval_every: int | None, n
     from pipeline.training.launch import launch_training
 
     cfg = RunConfig(model=ModelConfig(cell="gru", hidden_size=64, embed_size=32),
-                    train=TrainConfig(epochs=1, max_steps=steps, eval_every_steps=eval_every, batch_size=32,
+                    # max_steps ends the run, whatever the corpus: epochs only has to outlast it
+                    train=TrainConfig(epochs=1000, max_steps=steps, eval_every_steps=eval_every, batch_size=32,
                                       num_steps=35, sampling="sequential", device="cpu"))
     peaks: dict[int, float] = {}
     stop = threading.Event()
@@ -201,7 +202,7 @@ def measure(workdir: Path, tokens: int, args) -> dict:
           f"{prep['prepare_s']:.1f} s, trained {run['steps']} steps", flush=True)
     return {"tokens": tokens, "types": types, "text_mb": round(text_mb, 1), "train_tokens": prep["train_tokens"],
             "val_tokens": prep["val_tokens"], "prepare_s": round(prep["prepare_s"], 2),
-            "prepare_rss_mb": round(prep["peak_rss_mb"], 1), "startup_s": round(run["startup_s"], 2),
+            "prepare_mb_s": round(text_mb / prep["prepare_s"], 1), "prepare_rss_mb": round(prep["peak_rss_mb"], 1), "startup_s": round(run["startup_s"], 2),
             "startup_warm_s": round(warm["startup_s"], 2) if warm else None,
             "rank_peak_rss_mb": round(max(run["rank_peak_rss_mb"].values()), 1),
             "rank_peak_rss_by_rank_mb": {r: round(v, 1) for r, v in run["rank_peak_rss_mb"].items()},
@@ -244,10 +245,10 @@ def main() -> None:
         os.environ["RNNLM_SPLIT_CACHE"] = str(Path(tmp) / "split-cache")  # a cold cache, removed afterwards
         rows = [measure(Path(tmp), n, args) for n in sizes]
 
-    print(f"{'words':>6} {'types':>7} {'text MB':>8} {'prep s':>7} {'prep RSS':>9} {'start s':>8} {'warm s':>7} "
+    print(f"{'words':>6} {'types':>7} {'text MB':>8} {'prep s':>7} {'MB/s':>5} {'prep RSS':>9} {'start s':>8} {'warm s':>7} "
           f"{'rank RSS':>9} {'tokens/s':>9} {'val s':>6}")
     for r in rows:
-        print(f"{size_label(r['tokens']):>6} {r['types']:>7} {r['text_mb']:>8} {r['prepare_s']:>7} "
+        print(f"{size_label(r['tokens']):>6} {r['types']:>7} {r['text_mb']:>8} {r['prepare_s']:>7} {r['prepare_mb_s']:>5} "
               f"{r['prepare_rss_mb']:>9} {r['startup_s']:>8} {r['startup_warm_s'] or '-':>7} "
               f"{r['rank_peak_rss_mb']:>9} {r['tokens_per_s']:>9} {r['val_s']:>6}")
     exponents = {c: [slope(a, b, c) for a, b in zip(rows, rows[1:])] for c in COSTS}
