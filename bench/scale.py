@@ -9,8 +9,9 @@ words, 100k at 100M, 800k at 1B (other sizes: one type per thousand words, at le
 most 800k), twenty words a line. Then:
 
 * **prepare**: ``prepare_dataset`` (word level, ``vocab.max_size`` 10k, validation and test
-  splits a fixed ``--val-tokens`` each, at most 5% of the corpus) in a fresh process: seconds and peak RSS (ru_maxrss).
-  It counts every type of the corpus, so its cost sees the vocabulary grow.
+  splits a fixed ``--val-tokens`` each, at most 5% of the corpus) in a fresh process: seconds
+  and peak RSS (ru_maxrss). It counts every type of the corpus, so its cost sees the
+  vocabulary grow.
 * **train**: 2 CPU ranks (torchrun, through ``launch_training``) train the same small GRU on
   every size (the 10k vocabulary keeps the model and so the step fixed) for ``--steps`` steps
   (``train.max_steps``), validating every ``--eval-every`` (``train.eval_every_steps``).
@@ -53,6 +54,7 @@ MODEL_VOCAB = 10_000  # vocab.max_size: the same model, so the same step, at eve
 WORDS_PER_LINE = 20
 CHUNK_WORDS = 1_000_000
 WARM_STEPS = 10  # the warm launch only has to reach its first progress line
+BATCH_SIZE, NUM_STEPS = 32, 35
 # Targets (issue 24). Exponents are log-log slopes between consecutive sizes.
 TARGETS = {"prepare_s": ("<=", 1.1), "rank_peak_rss_mb": ("<=", 0.05), "tokens_per_s": (">=", -0.05)}
 STARTUP_TARGET_S, STARTUP_TARGET_AT = 10.0, 1_000_000_000
@@ -140,8 +142,8 @@ def train(run_dir: Path, dataset_uri: str, steps: int, eval_every: int | None, n
 
     cfg = RunConfig(model=ModelConfig(cell="gru", hidden_size=64, embed_size=32),
                     # max_steps ends the run, whatever the corpus: epochs only has to outlast it
-                    train=TrainConfig(epochs=1000, max_steps=steps, eval_every_steps=eval_every, batch_size=32,
-                                      num_steps=35, sampling="sequential", device="cpu"))
+                    train=TrainConfig(epochs=1000, max_steps=steps, eval_every_steps=eval_every, batch_size=BATCH_SIZE,
+                                      num_steps=NUM_STEPS, sampling="sequential", device="cpu"))
     peaks: dict[int, float] = {}
     stop = threading.Event()
     watcher: list[threading.Thread] = []
@@ -197,12 +199,13 @@ def measure(workdir: Path, tokens: int, args) -> dict:
     run = train(workdir / f"run-{size_label(tokens)}", prep["uri"], args.steps, args.eval_every, args.nproc)
     warm = train(workdir / f"warm-{size_label(tokens)}", prep["uri"], WARM_STEPS, None,
                  args.nproc) if args.warm else None
-    tokens_per_s, val_s = steady_figures(run["evals"], 32 * 35, args.eval_every)
+    tokens_per_s, val_s = steady_figures(run["evals"], BATCH_SIZE * NUM_STEPS, args.eval_every)
     print(f"  {size_label(tokens)}: generated {text_mb:.0f} MB in {generate_s:.0f} s, prepared in "
           f"{prep['prepare_s']:.1f} s, trained {run['steps']} steps", flush=True)
     return {"tokens": tokens, "types": types, "text_mb": round(text_mb, 1), "train_tokens": prep["train_tokens"],
             "val_tokens": prep["val_tokens"], "prepare_s": round(prep["prepare_s"], 2),
-            "prepare_mb_s": round(text_mb / prep["prepare_s"], 1), "prepare_rss_mb": round(prep["peak_rss_mb"], 1), "startup_s": round(run["startup_s"], 2),
+            "prepare_mb_s": round(text_mb / prep["prepare_s"], 1), "prepare_rss_mb": round(prep["peak_rss_mb"], 1),
+            "startup_s": round(run["startup_s"], 2),
             "startup_warm_s": round(warm["startup_s"], 2) if warm else None,
             "rank_peak_rss_mb": round(max(run["rank_peak_rss_mb"].values()), 1),
             "rank_peak_rss_by_rank_mb": {r: round(v, 1) for r, v in run["rank_peak_rss_mb"].items()},
@@ -226,7 +229,8 @@ def verdicts(rows: list[dict], exponents: dict[str, list]) -> dict[str, bool | N
         found = [e for e in exponents[cost] if e is not None]
         out[cost] = None if not found else all(e <= bound if op == "<=" else e >= bound for e in found)
     at = next((r for r in rows if r["tokens"] >= STARTUP_TARGET_AT), None)
-    out["startup_s"] = None if at is None else at["startup_s"] <= STARTUP_TARGET_S
+    for cost in ("startup_s", "startup_warm_s"):  # cold (writes the split cache) and warm
+        out[cost] = None if at is None or at.get(cost) is None else at[cost] <= STARTUP_TARGET_S
     return out
 
 
@@ -245,11 +249,11 @@ def main() -> None:
         os.environ["RNNLM_SPLIT_CACHE"] = str(Path(tmp) / "split-cache")  # a cold cache, removed afterwards
         rows = [measure(Path(tmp), n, args) for n in sizes]
 
-    print(f"{'words':>6} {'types':>7} {'text MB':>8} {'prep s':>7} {'MB/s':>5} {'prep RSS':>9} {'start s':>8} {'warm s':>7} "
-          f"{'rank RSS':>9} {'tokens/s':>9} {'val s':>6}")
+    print(f"{'words':>6} {'types':>7} {'text MB':>8} {'prep s':>7} {'MB/s':>5} {'prep RSS':>9} {'start s':>8} "
+          f"{'warm s':>7} {'rank RSS':>9} {'tokens/s':>9} {'val s':>6}")
     for r in rows:
-        print(f"{size_label(r['tokens']):>6} {r['types']:>7} {r['text_mb']:>8} {r['prepare_s']:>7} {r['prepare_mb_s']:>5} "
-              f"{r['prepare_rss_mb']:>9} {r['startup_s']:>8} {r['startup_warm_s'] or '-':>7} "
+        print(f"{size_label(r['tokens']):>6} {r['types']:>7} {r['text_mb']:>8} {r['prepare_s']:>7} "
+              f"{r['prepare_mb_s']:>5} {r['prepare_rss_mb']:>9} {r['startup_s']:>8} {r['startup_warm_s'] or '-':>7} "
               f"{r['rank_peak_rss_mb']:>9} {r['tokens_per_s']:>9} {r['val_s']:>6}")
     exponents = {c: [slope(a, b, c) for a, b in zip(rows, rows[1:])] for c in COSTS}
     print("growth exponents (log-log slope between consecutive sizes):")
@@ -259,13 +263,15 @@ def main() -> None:
     word = {True: "met", False: "MISSED", None: "not measured"}
     for cost, (op, bound) in TARGETS.items():
         print(f"target {cost} exponent {op} {bound}: {word[met[cost]]}")
-    print(f"target start-up <= {STARTUP_TARGET_S:g} s at {size_label(STARTUP_TARGET_AT)} words: "
-          f"{word[met['startup_s']]}")
+    for cost, what in (("startup_s", "cold"), ("startup_warm_s", "warm")):
+        print(f"target start-up ({what}) <= {STARTUP_TARGET_S:g} s at {size_label(STARTUP_TARGET_AT)} words: "
+              f"{word[met[cost]]}")
     print(json.dumps({"bench": "scale", "sizes": [size_label(n) for n in sizes], "steps": args.steps,
                       "nproc": args.nproc, "rows": rows,
                       "exponents": {c: [None if v is None else round(v, 3) for v in vs] for c, vs in exponents.items()},
                       "targets": {c: f"{op} {b}" for c, (op, b) in TARGETS.items()}
-                      | {"startup_s": f"<= {STARTUP_TARGET_S:g} at {size_label(STARTUP_TARGET_AT)}"},
+                      | {c: f"<= {STARTUP_TARGET_S:g} at {size_label(STARTUP_TARGET_AT)}"
+                         for c in ("startup_s", "startup_warm_s")},
                       "met": met}))
 
 

@@ -43,9 +43,10 @@ def test_sizes_and_exponents():
     a, b = {"tokens": 10**7, "prepare_s": 2.0, "val_s": None}, {"tokens": 10**8, "prepare_s": 20.0, "val_s": 1.0}
     assert scale.slope(a, b, "prepare_s") == pytest.approx(1.0)
     assert scale.slope(a, b, "val_s") is None
-    rows = [{"tokens": 10**7, "startup_s": 5.0}, {"tokens": 10**9, "startup_s": 12.0}]
+    rows = [{"tokens": 10**7, "startup_s": 5.0}, {"tokens": 10**9, "startup_s": 12.0, "startup_warm_s": 6.0}]
     met = scale.verdicts(rows, {"prepare_s": [1.2], "rank_peak_rss_mb": [0.01], "tokens_per_s": [None]})
-    assert met == {"prepare_s": False, "rank_peak_rss_mb": True, "tokens_per_s": None, "startup_s": False}
+    assert met == {"prepare_s": False, "rank_peak_rss_mb": True, "tokens_per_s": None, "startup_s": False,
+                   "startup_warm_s": True}
 
 
 @pytest.mark.slow
@@ -58,8 +59,8 @@ def test_a_tiny_run_ends_with_the_figures_and_exponents(tmp_path):
     assert set(figures["exponents"]) == {"prepare_s", "prepare_rss_mb", "startup_s", "startup_warm_s",
                                          "rank_peak_rss_mb", "tokens_per_s", "val_s"}
     assert all(len(v) == 1 and math.isfinite(v[0]) for v in figures["exponents"].values())
-    assert set(figures["met"]) == {"prepare_s", "rank_peak_rss_mb", "tokens_per_s", "startup_s"}
-    assert figures["met"]["startup_s"] is None  # no 1B row
+    assert set(figures["met"]) == {"prepare_s", "rank_peak_rss_mb", "tokens_per_s", "startup_s", "startup_warm_s"}
+    assert figures["met"]["startup_s"] is None and figures["met"]["startup_warm_s"] is None  # no 1B row
     for row, tokens in zip(figures["rows"], (50_000, 100_000)):
         assert row["tokens"] == tokens and row["train_tokens"] + 2 * row["val_tokens"] >= 0.99 * tokens
         assert set(row["rank_peak_rss_by_rank_mb"]) == {"0", "1"}
