@@ -242,6 +242,24 @@ def test_a_preset_trains_a_few_steps_on_its_local_copy(tmp_path, store, monkeypa
     assert torch.load(tmp_path / "run" / "model.pt", weights_only=True)
 
 
+def test_wikitext103_trains_by_steps_with_its_adaptive_head(tmp_path, store, monkeypatch):
+    # The preset's own head, optimizer, schedule and step budget, shrunk: cutoffs to the fixture's vocabulary.
+    import json
+
+    from pipeline.training.train import train
+
+    monkeypatch.setenv("RNNLM_NUM_THREADS", "1")
+    cfg = preset_config("wikitext103-word", WIKI, **{
+        "model.hidden_size": 16, "model.embed_size": 8, "model.adaptive_cutoffs": [20, 60], "train.batch_size": 2,
+        "train.num_steps": 10, "train.max_steps": 6, "train.eval_every_steps": 3, "train.device": "cpu"})
+    ds = prepare_dataset(cfg.data, store)
+    assert ds.vocab_size > 60
+    result = train(ds.split("train"), ds.split("val"), ds.vocab_size, cfg.model, cfg.train, str(tmp_path / "run"))
+    assert result["steps"] == 6 and result["stopped"] == "max_steps=6" and math.isfinite(result["val_ppl"])
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if m["event"] == "eval"] == [3, 6]  # mid-epoch: the budget is in steps
+
+
 # ------------------------------------------------------------------ bits per token
 
 
