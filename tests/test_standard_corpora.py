@@ -26,7 +26,7 @@ WIKI = FIXTURES / "wikitext-2"
 PTB_FILES = {"train": PTB / "ptb.train.txt", "val": PTB / "ptb.valid.txt", "test": PTB / "ptb.test.txt"}
 WIKI_FILES = {"train": WIKI / "wiki.train.tokens", "val": WIKI / "wiki.valid.tokens", "test": WIKI / "wiki.test.tokens"}
 PRESET_FIXTURES = {"ptb-word-small": PTB, "ptb-word-medium": PTB, "ptb-word-medium-tied": PTB, "ptb-char": PTB,
-                   "wikitext2-word": WIKI, "ptb-word-awd": PTB}
+                   "wikitext2-word": WIKI, "wikitext103-word": WIKI, "ptb-word-awd": PTB}
 PTB_TOKENIZER = {"level": "word", "normalizer": "none", "eos": True}
 
 
@@ -171,7 +171,15 @@ def test_every_preset_names_its_public_source():
     for name in PRESET_FIXTURES:
         sources = parse_config(RunConfig, read_raw(name)).data.sources
         assert all(s.url.startswith(("https://", "zip://")) for s in sources), name
-        assert all(s.sha256 for s in sources) or name == "wikitext2-word", name  # see that preset's comment
+        assert all(s.sha256 for s in sources) or name.startswith("wikitext"), name  # see those presets' comments
+
+
+def test_wikitext103_reads_its_archive_like_wikitext2_with_an_adaptive_head():
+    wt2, wt103 = (parse_config(RunConfig, read_raw(name)) for name in ("wikitext2-word", "wikitext103-word"))
+    assert [s.url for s in wt103.data.sources] == [s.url.replace("wikitext-2", "wikitext-103") for s in wt2.data.sources]
+    assert (wt103.data.tokenizer, wt103.data.vocab) == (wt2.data.tokenizer, wt2.data.vocab)
+    assert wt103.model.softmax == "adaptive" and wt103.model.adaptive_cutoffs[-1] < 267_735  # the corpus's types
+    assert wt103.train.eval_every_steps and wt103.train.max_steps  # an epoch is ~46k steps: evaluate in steps
 
 
 def test_root_dir_still_checks_the_presets_checksums(store):
@@ -232,6 +240,24 @@ def test_a_preset_trains_a_few_steps_on_its_local_copy(tmp_path, store, monkeypa
     assert result["epochs"] == 2 and math.isfinite(result["val_ppl"])
     assert 1 < result["val_ppl"] < 10 * ds.vocab_size  # learning, not diverged
     assert torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+
+
+def test_wikitext103_trains_by_steps_with_its_adaptive_head(tmp_path, store, monkeypatch):
+    # The preset's own head, optimizer, schedule and step budget, shrunk: cutoffs to the fixture's vocabulary.
+    import json
+
+    from pipeline.training.train import train
+
+    monkeypatch.setenv("RNNLM_NUM_THREADS", "1")
+    cfg = preset_config("wikitext103-word", WIKI, **{
+        "model.hidden_size": 16, "model.embed_size": 8, "model.adaptive_cutoffs": [20, 60], "train.batch_size": 2,
+        "train.num_steps": 10, "train.max_steps": 6, "train.eval_every_steps": 3, "train.device": "cpu"})
+    ds = prepare_dataset(cfg.data, store)
+    assert ds.vocab_size > 60
+    result = train(ds.split("train"), ds.split("val"), ds.vocab_size, cfg.model, cfg.train, str(tmp_path / "run"))
+    assert result["steps"] == 6 and result["stopped"] == "max_steps=6" and math.isfinite(result["val_ppl"])
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if m["event"] == "eval"] == [3, 6]  # mid-epoch: the budget is in steps
 
 
 # ------------------------------------------------------------------ bits per token
