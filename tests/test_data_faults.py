@@ -332,12 +332,13 @@ def test_prepared_dataset_trains_from_a_read_only_data_part(shared_dir):
 
 def test_a_read_only_root_fails_train_and_run_in_one_line(shared_dir):
     """The whole root read-only (not just its data part): `train` cannot create runs/, `run` cannot
-    create logs/; each says so in one line naming the root, exit 3 (not retried), nothing written."""
+    create prefect/ (its temporary server's home, the first thing it writes); each says so in one
+    line naming the root, exit 3 (not retried), nothing written."""
     root = shared_dir / "store"
     _rnnlm("prepare", "--root", str(root), *SMALL)
     read_only(root)
     before = sorted(str(p) for p in root.rglob("*"))
-    for command, what in (("train", root / "runs"), ("run", root / "logs")):
+    for command, what in (("train", root / "runs"), ("run", root / "prefect")):
         proc = as_user(command, "--root", str(root), *SMALL, home=shared_dir / "home", check=False)
         assert proc.returncode == 3, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

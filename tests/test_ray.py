@@ -41,7 +41,7 @@ MODEL = {"cell": "gru", "hidden_size": 32, "embed_size": 16, "dropout": 0.0}
 TRAIN = {"epochs": 3, "batch_size": 16, "sampling": "sequential", "optimizer": "sgd", "lr": 1.0,
          "clip_norm": 1.0, "checkpoint_every_steps": 40, "keep_checkpoints": 100}
 TOKENS = 40_000  # 71 steps an epoch: mid-epoch checkpoints at steps 40, 80, 120, ...
-PLACEMENT = re.compile(r"\[rank (\d)\] INFO pipeline\.ray_launch: rank \d of 2 on node (\w+) \(pid (\d+)\)")
+PLACEMENT = re.compile(r"\[rank (\d)\] INFO pipeline\.training\.ray_launch: rank \d of 2 on node (\w+) \(pid (\d+)\)")
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,9 @@ def test_launched_trainer_gets_the_policy(tmp_path, no_wait_env, monkeypatch):
     fake_python.write_text('#!/bin/sh\necho "policy=$OMP_WAIT_POLICY"\n')
     fake_python.chmod(0o755)
     lines: list[str] = []
-    launch_training(str(tmp_path / "run"), "unused", "unused.yaml", on_line=lines.append,
+    config = tmp_path / "run.yaml"
+    config.write_text("{}\n")  # the defaults: the stand-in trainer reads nothing
+    launch_training(str(tmp_path / "run"), "unused", str(config), on_line=lines.append,
                     python=str(fake_python))
     assert lines == ["policy=PASSIVE"]
 

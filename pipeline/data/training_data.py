@@ -32,6 +32,19 @@ def load_dataset(uri: str) -> tuple[np.ndarray, np.ndarray, int]:
     return mapped_split(ds, "train"), val, int(ds.vocab_size)
 
 
+def dataset_vocab_size(uri: str) -> int:
+    """The vocabulary size of a prepared dataset (or ``*.npz``), without loading its splits."""
+    if uri.endswith(".npz"):
+        try:
+            with np.load(storage.local_path(uri)) as z:
+                return int(z["vocab_size"])
+        except (OSError, KeyError, ValueError) as e:
+            raise DatasetError(f"dataset {uri} is unusable: {e}") from None
+    from pipeline.data.shards import open_dataset
+
+    return int(open_dataset(uri).vocab_size)
+
+
 def id_range(ids: np.ndarray, chunk: int = 1 << 22) -> tuple[int, int]:
     """The smallest and largest id, a chunk at a time: a memory-mapped split is scanned
     without becoming resident in this process (``split_cache.release``)."""

@@ -242,11 +242,12 @@ def _check_config(config: str | RunConfig, dataset_uri: str) -> None:
     """What only the dataset can tell about the config, checked before a trainer starts
     (a ConfigError: not retried), not by a trainer that exits 1 after its start-up."""
     from pipeline.config_sources import load_config
-    from pipeline.data.shards import open_dataset
+    from pipeline.data.training_data import dataset_vocab_size
     from pipeline.model.models import check_fits_vocabulary
 
     cfg = config if isinstance(config, RunConfig) else load_config(RunConfig, config)
-    check_fits_vocabulary(cfg.model, open_dataset(dataset_uri).vocab_size)
+    if cfg.model.adaptive_cutoffs:
+        check_fits_vocabulary(cfg.model, dataset_vocab_size(dataset_uri))
 
 
 def _prepare_attempt(run_dir: str, config: str | RunConfig) -> tuple[str, str]:

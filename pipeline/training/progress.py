@@ -29,7 +29,7 @@ class ProgressReporter:
         self.epoch: int | None = None
         self.loss_sum: torch.Tensor | None = None
         self.steps = self.tokens = 0
-        self.since = time.perf_counter()
+        self.since = self.last_line = time.perf_counter()  # the window's start; the last line printed
 
     def step(self, run, loss: torch.Tensor, tokens: int) -> None:
         """Count one step of ``tokens`` tokens (global) and its loss; print a line when one is due."""
@@ -43,7 +43,7 @@ class ProgressReporter:
         self.steps += 1
         self.tokens += tokens
         now = time.perf_counter()
-        if now - self.since < self.every_s:
+        if now - self.last_line < self.every_s:  # epochs shorter than every_s still get their lines
             return
         cfg = run.cfg
         print_line(json.dumps({
@@ -52,4 +52,4 @@ class ProgressReporter:
             "loss": finite_or_none(self.loss_sum.item() / self.steps),  # the one host sync per line
             "tokens_per_s": self.tokens / (now - self.since), "val_ppl": finite_or_none(run.val_ppl),
             "elapsed_s": run.elapsed(), "max_minutes": cfg.max_minutes}))
-        self.loss_sum, self.steps, self.tokens, self.since = None, 0, 0, now
+        self.loss_sum, self.steps, self.tokens, self.since, self.last_line = None, 0, 0, now, now
