@@ -42,22 +42,31 @@ def _prefect_settings(root: str):
 
 
 def run_main(preset: str = DEFAULT_PRESET, root: Optional[str] = None, overrides: Optional[list[str]] = None,
-             *, options: Optional[dict[str, Any]] = None, print_summary: bool = True) -> dict[str, Any]:
+             *, options: Optional[dict[str, Any]] = None, print_summary: bool = True,
+             sweep: Optional[str] = None) -> dict[str, Any]:
     """Run ``retrain`` and print a summary; returns the summary dict.
 
     ``preset``: a preset name or a RunConfig YAML path; ``overrides``: ``section.key=value``
-    strings; ``options``: PipelineOptions fields (``dask``, ``nproc``, ``register_model``, ...).
+    strings; ``options``: PipelineOptions fields (``dask``, ``nproc``, ``register_model``, ...);
+    ``sweep``: a sweep file (``pipeline.sweep``), read and checked before Prefect starts.
     Raises the pipeline's error (a PipelineError for expected failures) if the flow fails.
     """
     os.environ.update(TELEMETRY_OFF)  # before Prefect starts its server or sends an event
     root = storage.storage_root(root)
+    if sweep is not None:  # a bad sweep file or trial fails here, before any server starts
+        from pipeline.config_sources import load_run_config
+        from pipeline.sweep import expand, load_sweep
+
+        sweep_config = load_sweep(sweep)
+        expand(sweep_config, load_run_config(preset, overrides))
     with _prefect_settings(root):
         from flows.retrain import retrain_flow
         from tasks.options import PipelineOptions
 
         opts = PipelineOptions(**{**(options or {}), "root": root})
         started = time.perf_counter()
-        result = retrain_flow(preset=preset, overrides=list(overrides or []), options=opts)
+        result = retrain_flow(preset=preset, overrides=list(overrides or []), options=opts,
+                              sweep=sweep_config if sweep is not None else None)
         summary = make_summary(result, time.perf_counter() - started)
         summary["prefect_ui"] = prefect_ui_hint(result.get("flow_run_id"))
     if print_summary:
