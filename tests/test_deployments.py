@@ -45,9 +45,9 @@ def test_prefect_yaml_deployments_pools_schedule_and_pull_step():
     from tasks.options import PipelineOptions
 
     deps, spec = deployments_by_name()
-    assert set(deps) == {"nightly", "cpu", "gpu", "daily"}
-    expected = {"nightly": ("retrain", "control"), "cpu": ("prepare-data", "cpu"), "gpu": ("train", "gpu"),
-                "daily": ("gc", "cpu")}
+    assert set(deps) == {"nightly", "nightly-sweep", "cpu", "gpu", "daily"}
+    expected = {"nightly": ("retrain", "control"), "nightly-sweep": ("retrain", "control"),
+                "cpu": ("prepare-data", "cpu"), "gpu": ("train", "gpu"), "daily": ("gc", "cpu")}
     for name, (flow_name, pool) in expected.items():
         module, fn = deps[name]["entrypoint"].split(":")
         assert (REPO / module).is_file()
@@ -60,6 +60,14 @@ def test_prefect_yaml_deployments_pools_schedule_and_pull_step():
     opts = PipelineOptions.model_validate(deps["nightly"]["parameters"]["options"])
     assert opts.dispatch == "deployments" and opts.root is None  # each host resolves $RNNLM_STORAGE itself
     assert (opts.prepare_deployment, opts.train_deployment) == ("prepare-data/cpu", "train/gpu")
+    # the sweep nightly: its grid file exists and expands on its preset; its schedule is off
+    from pipeline.config_sources import load_run_config
+    from pipeline.sweep import expand, load_sweep
+
+    sweep = deps["nightly-sweep"]["parameters"]
+    assert len(expand(load_sweep(str(REPO / sweep["sweep"])), load_run_config(sweep["preset"]))) == 4
+    assert PipelineOptions.model_validate(sweep["options"]).dispatch == "deployments"
+    assert deps["nightly-sweep"]["schedules"][0]["active"] is False
     # retention runs after the nightly (03:00 + 6 h of stage timeouts), deleting, on the cpu pool
     assert deps["daily"]["schedules"] == [{"cron": "0 10 * * *", "timezone": "UTC", "active": True}]
     from pipeline.config import RetentionConfig
@@ -237,7 +245,8 @@ def check_nightly_retrain(stack: dict) -> None:
         assert parent.work_pool_name == "control"
 
         deployments = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
-        assert set(deployments) == {"retrain/nightly", "prepare-data/cpu", "train/gpu", "gc/daily"}
+        assert set(deployments) == {"retrain/nightly", "retrain/nightly-sweep", "prepare-data/cpu", "train/gpu",
+                                    "gc/daily"}
         # pull steps stored as written: resolved on the worker, not from the deploying shell
         for d in deployments.values():
             assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory":
