@@ -3,8 +3,8 @@ retryable training stage, successive halving between rungs, the best trial evalu
 
 Trials train ``sweep.trials_per_device`` at a time as tasks of this flow run (one GPU shared, or
 the CPU cores split between them: ``RNNLM_NUM_THREADS`` per trial); under
-``options.dispatch="deployments"`` each trial is a flow run of the train deployment instead, on
-its work pool. A trial that fails (diverges, a bad value only training finds) is recorded as
+``options.dispatch="deployments"`` each trial is a flow run of the train deployment instead, all
+dispatched at once: the train pool's workers and limit decide how many run together, and where. A trial that fails (diverges, a bad value only training finds) is recorded as
 failed; the sweep fails only when every trial does, with the first trial's error.
 """
 
@@ -131,7 +131,8 @@ def _prepare(trials: list[Trial], options: PipelineOptions, lease, stages, subfl
 
 def _budgeted(trial: Trial, budget: int | None) -> RunConfig:
     """The trial's config with a rung's step budget (None: its own budget)."""
-    if budget is None:
+    own = trial.config.train.max_steps
+    if budget is None or (own is not None and own <= budget):
         return trial.config
     return trial.config.model_copy(update={"train": trial.config.train.model_copy(update={"max_steps": budget})})
 
@@ -140,7 +141,7 @@ def _train(trials: list[Trial], datasets, budget: int | None, sweep: SweepConfig
            stages, subflows, *, evaluate: bool) -> dict[str, dict[str, Any]]:
     """Train ``trials`` to ``budget``, ``sweep.trials_per_device`` at a time; evaluate them if ``evaluate``."""
     if options.dispatch == "deployments":
-        return {t.id: _dispatch_trial(t, datasets[_data_key(t)], budget, options, subflows) for t in trials}
+        return _dispatch_trials(trials, datasets, budget, options, stages, subflows)
     trainer = bind(train_model, options, retries=options.train_retries, retry_delay_seconds=options.train_retry_delay_s,
                    retry_condition_fn=retry_if_retryable)
     evaluator = bind(evaluate_model, options)
@@ -185,8 +186,28 @@ def _exception(state) -> BaseException:
     return RuntimeError(f"ended {state.name}: {state.message}")
 
 
-def _dispatch_trial(trial: Trial, dataset: dict[str, Any], budget: int | None, options: PipelineOptions,
-                    subflows: list[str]) -> dict[str, Any]:
+def _dispatch_trials(trials: list[Trial], datasets, budget: int | None, options: PipelineOptions,
+                     stages, subflows: list[str]) -> dict[str, dict[str, Any]]:
+    """Every trial at once as a flow run of the train deployment: its work pool's workers and
+    concurrency limit decide how many train together, and where."""
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(trials), thread_name_prefix="trial") as pool:
+        # each thread runs in a copy of this flow run's context, so its flow run is a subflow of this one
+        futures = {t.id: pool.submit(contextvars.copy_context().run, _dispatch_trial, t, datasets[_data_key(t)],
+                                     budget, options) for t in trials}
+        out = {tid: f.result() for tid, f in futures.items()}
+    for o in out.values():
+        if o.get("flow_run_id"):
+            subflows.append(o["flow_run_id"])
+            for name, states in o["stages"].items():
+                stages.setdefault(name, []).extend(states)
+    return out
+
+
+def _dispatch_trial(trial: Trial, dataset: dict[str, Any], budget: int | None,
+                    options: PipelineOptions) -> dict[str, Any]:
     """One trial as a flow run of the train deployment (training and evaluation on its work pool)."""
     from flows.dispatch import dispatch
 
@@ -198,5 +219,5 @@ def _dispatch_trial(trial: Trial, dataset: dict[str, Any], budget: int | None, o
                            options, stage=f"train {trial.id}")
     except Exception as e:  # noqa: BLE001 - recorded; the sweep fails only if every trial does
         return {"exception": e}
-    subflows.append(trained["flow_run_id"])
-    return {"run": trained["run"], "evaluation": trained["evaluation"]}
+    return {"run": trained["run"], "evaluation": trained["evaluation"], "flow_run_id": trained["flow_run_id"],
+            "stages": trained.get("stages", {})}

@@ -351,3 +351,34 @@ def test_bad_dispatch_targets_fail_at_once_and_clearly(stack, target, control_li
     assert run.state.is_failed(), run.state
     assert expected in str(run.state.result(raise_on_failure=False)), run.state.message
     assert not children  # nothing was dispatched
+
+
+@pytest.mark.slow
+def test_nightly_sweep_maps_each_trial_onto_the_train_pool(stack):
+    """retrain/nightly-sweep: one prepare-data flow run, one train/gpu flow run per trial (subflows of the
+    parent, on the gpu pool), the best trial chosen. Last in the file: the nightly test counts train/gpu runs."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    params = {"preset": "timemachine-char", "overrides": TINY,
+              "sweep": {"grid": {"train.lr": [0.004, 0.002]}},
+              "options": {"dispatch": "deployments", "dispatch_poll_s": 1, "dispatch_timeout_s": 240,
+                          "register_model": False, "sample_tokens": 10, "grace_s": 5}}
+    started = subprocess.run([str(BIN / "prefect"), "deployment", "run", "retrain/nightly-sweep", "--params",
+                              json.dumps(params)], cwd=REPO, env=stack["client_env"], capture_output=True, text=True,
+                             timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    parent_id = re.search(r"UUID:\s*([0-9a-f-]{36})", started.stdout).group(1)
+    deadline = time.monotonic() + 300
+    with prefect_client(stack["api"]) as client:
+        while not ((parent := client.read_flow_run(parent_id)).state and parent.state.is_final()):
+            assert time.monotonic() < deadline, f"retrain still {parent.state_name}\n{stack['procs'].all_logs()}"
+            time.sleep(1)
+        assert parent.state.is_completed(), f"{parent.state_name}: {parent.state.message}\n{stack['procs'].all_logs()}"
+        result = parent.state.result()
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])))
+        pools = sorted((client.read_flow(c.flow_id).name, c.work_pool_name, c.state_name) for c in children)
+    assert pools == [("prepare-data", "cpu", "Completed"), ("train", "gpu", "Completed"), ("train", "gpu", "Completed")]
+    trials = result["sweep"]["trials"]
+    assert sorted(t["status"] for t in trials) == ["best", "finished"] and all(t["val_ppl"] for t in trials)
+    assert result["run"]["run_dir"] == next(t for t in trials if t["status"] == "best")["run_dir"]
