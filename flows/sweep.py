@@ -45,7 +45,7 @@ def run_sweep(cfg: RunConfig, sweep: SweepConfig, options: PipelineOptions, leas
     datasets = _prepare(trials, options, lease, stages, subflows)
 
     table = {t.id: {"id": t.id, "overrides": t.overrides, "status": "pending", "run_dir": None, "steps": None,
-                    "val_ppl": None, "test_ppl": None, "error": None} for t in trials}
+                    "resumed_from_step": None, "val_ppl": None, "test_ppl": None, "error": None} for t in trials}
     outcome: dict[str, dict[str, Any]] = {}  # trial id -> {"run", "evaluation", "exception"}
     budgets = rung_budgets(sweep.halving, cfg.train.max_steps, len(trials)) if sweep.halving else [None]
     alive = list(trials)
@@ -62,7 +62,8 @@ def run_sweep(cfg: RunConfig, sweep: SweepConfig, options: PipelineOptions, leas
                     scores[t.id] = None
                     continue
                 run = got["run"]
-                row.update(status="finished", run_dir=run["run_dir"], steps=run.get("steps"), val_ppl=run.get("val_ppl"))
+                row.update(status="finished", run_dir=run["run_dir"], steps=run.get("steps"), val_ppl=run.get("val_ppl"),
+                           resumed_from_step=(run.get("resumed_from") or {}).get("step"))
                 if got.get("evaluation"):
                     row.update(val_ppl=got["evaluation"]["val_ppl"], test_ppl=got["evaluation"]["test_ppl"])
                 scores[t.id] = row["val_ppl"]

@@ -91,3 +91,12 @@ def test_successive_halving_stops_the_worst_and_survivors_equal_training_alone(t
     alone = retrain_flow(config=alone_cfg, options=options(str(tmp_path / "alone")))
     assert alone["run"]["model_sha256"] == result["run"]["model_sha256"]
     assert alone["evaluation"]["val_ppl"] == best["val_ppl"]
+
+    # a bigger first rung: the trials stopped at 4 steps resume from their checkpoints, and what
+    # was trained to 8 and 16 steps before is cached
+    wider = sweep(grid={"train.lr": [0.02, 0.0002, 0.01, 0.0001]}, halving={"first_rung_steps": 8, "eta": 2})
+    again = retrain(cfg, store, wider)
+    trials = {t["overrides"]["train.lr"]: t for t in again["sweep"]["trials"]}
+    assert trials[0.0002]["status"] == trials[0.0001]["status"] == "stopped at 8 steps"
+    assert trials[0.0002]["resumed_from_step"] == trials[0.0001]["resumed_from_step"] == 4
+    assert sorted(states(again)["train_model"]) == ["Cached"] * 3 + ["Completed"] * 3  # 4 at 8 steps, 2 at 16
