@@ -2,6 +2,7 @@
 
     rnnlm run                      the main job: the retrain flow on the default preset
     rnnlm run --pin-vocab champion the same, on the current champion's vocabulary (nightly retrains)
+    rnnlm run --sweep FILE         several trials (a grid or a random sample), the best registered
     rnnlm prepare [--config X]     fetch, tokenize and shard a corpus; print the manifest summary
     rnnlm train --config X [--nproc N]
     rnnlm run --launcher ray --ray-address auto --workers N [--gpus-per-worker K]   (a Ray cluster)
@@ -84,7 +85,7 @@ def cmd_run(args) -> int:
     show = wanted(args.quiet, args.verbose)
     with live_progress(show):
         summary = run_main(args.config, args.root, args.overrides, options=options, print_summary=False,
-                           server=server)
+                           server=server, sweep=args.sweep)
     print_report(summary)
     if show:
         console_problems_only()  # the summary is the last word on a terminal; the log file has the rest
@@ -295,6 +296,9 @@ def _run_parser(sub) -> None:
     _add_launcher_args(p)
     p.add_argument("--dask", default=None, help="map data stages on Dask: 'local', 'local-threads' or a scheduler address")
     p.add_argument("--no-register", action="store_true", help="skip MLflow registration and the champion gate")
+    p.add_argument("--sweep", default=None, metavar="FILE",
+                   help="a sweep file (grid or random over section.key names; docs/sweeps.md): train every trial, "
+                        "register the best by validation perplexity")
     p.add_argument("--pin-vocab", choices=["champion"], default=None,
                    help="champion: reuse the current champion's vocabulary (data.vocab.pinned), so a growing corpus "
                         "keeps producing candidates the gate can compare; without a champion yet, build one")

@@ -114,17 +114,24 @@ def embedded_server(root: str) -> Optional[EmbeddedServer]:
 
 def run_main(preset: str = DEFAULT_PRESET, root: Optional[str] = None, overrides: Optional[list[str]] = None,
              *, options: Optional[dict[str, Any]] = None, print_summary: bool = True,
-             server: Optional[EmbeddedServer] = None) -> dict[str, Any]:
+             server: Optional[EmbeddedServer] = None, sweep: Optional[str] = None) -> dict[str, Any]:
     """Run ``retrain`` and print a summary; returns the summary dict.
 
     ``preset``: a preset name or a RunConfig YAML path; ``overrides``: ``section.key=value``
     strings; ``options``: PipelineOptions fields (``dask``, ``nproc``, ``register_model``, ...);
     ``server``: an :func:`embedded_server` the caller started (else one is started here, unless
-    ``PREFECT_API_URL`` names a server). Raises the pipeline's error (a PipelineError for
-    expected failures) if the flow fails.
+    ``PREFECT_API_URL`` names a server). ``sweep``: a sweep file (``pipeline.sweep``), read and
+    checked before anything trains. Raises the pipeline's error (a PipelineError for expected
+    failures) if the flow fails.
     """
     os.environ.update(TELEMETRY_OFF)  # before Prefect starts its server or sends an event
     root = storage.storage_root(root)
+    if sweep is not None:  # a bad sweep file or trial fails here, before any stage runs
+        from pipeline.config_sources import load_run_config
+        from pipeline.sweep import expand, load_sweep
+
+        sweep_config = load_sweep(sweep)
+        expand(sweep_config, load_run_config(preset, overrides))
     # The server first: it starts on another core while this process imports Prefect and the pipeline.
     server = server or embedded_server(root)
     with _prefect_settings(root):
@@ -136,7 +143,8 @@ def run_main(preset: str = DEFAULT_PRESET, root: Optional[str] = None, overrides
         if server is not None:
             _import_stage_modules(opts.register_model)
         with _api(server):
-            result = retrain_flow(preset=preset, overrides=list(overrides or []), options=opts)
+            result = retrain_flow(preset=preset, overrides=list(overrides or []), options=opts,
+                                  sweep=sweep_config if sweep is not None else None)
         summary = make_summary(result, time.perf_counter() - started)
         summary["prefect_ui"] = prefect_ui_hint(result.get("flow_run_id"))  # the embedded server is gone after
     if print_summary:

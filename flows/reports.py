@@ -59,6 +59,22 @@ def markdown_report(dataset: dict[str, Any], run: dict[str, Any], evaluation: di
     return "\n".join(lines)
 
 
+def sweep_rows(trials: list[dict[str, Any]]) -> list[str]:
+    """One line per trial: id, status, validation / test perplexity, the values it sets."""
+    return [f"{t['id']:<12} {t['status']:<20} {_fmt(t.get('val_ppl')):>9} {_fmt(t.get('test_ppl')):>9}  "
+            + ", ".join(f"{k}={v}" for k, v in t["overrides"].items())
+            + (f"  ({t['error']})" if t.get("error") else "") for t in trials]
+
+
+def sweep_markdown(trials: list[dict[str, Any]]) -> str:
+    lines = ["# rnnlm sweep", "", "| trial | status | val ppl | test ppl | values |", "|---|---|---|---|---|"]
+    for t in trials:
+        values = ", ".join(f"`{k}={v}`" for k, v in t["overrides"].items())
+        status = t["status"] + (f": {t['error']}" if t.get("error") else "")
+        lines.append(f"| {t['id']} | {status} | {_fmt(t.get('val_ppl'))} | {_fmt(t.get('test_ppl'))} | {values} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------ the terminal summary
 
 
@@ -77,6 +93,7 @@ def make_summary(result: dict[str, Any], wall_s: float) -> dict[str, Any]:
         "samples": [s["text"] for s in ev["samples"]],
         "stages": stages, "cached_stages": sum(s == "Cached" for s in states), "total_stages": len(states),
         "registered": result.get("registered"),
+        "sweep": result.get("sweep"),
         "wall_s": wall_s,
     }
 
@@ -108,6 +125,11 @@ def print_report(s: dict[str, Any], file=sys.stdout) -> None:
         p(f"  sample {i}          {text!r}")
     p(f"  wall time         {s['wall_s']:.1f} s")
     p(f"  Prefect UI        {s['prefect_ui']}")
+    if s.get("sweep"):
+        p(f"  sweep             {len(s['sweep']['trials'])} trials, best {s['sweep']['best']} "
+          f"(trial, status, val ppl, test ppl, values):")
+        for row in sweep_rows(s["sweep"]["trials"]):
+            p(f"    {row}")
     for line in registration_lines(s.get("registered")):
         p(line)
     p("=" * 72)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from prefect import flow
 
@@ -13,16 +13,18 @@ from flows.run_context import flow_run_id, flow_run_url, registry_preset, resolv
 from flows.task_runners import task_runner_for
 from flows.train import train_flow
 from pipeline.config import RunConfig
+from pipeline.sweep import SweepConfig, load_sweep
 from pipeline.store.leases import leased
 from tasks.caching import bind
 from tasks.options import PipelineOptions
-from tasks.register import register_model
+from tasks.register import log_sweep, register_model
 
 
 @flow(name="retrain", validate_parameters=True)
 def retrain_flow(config: Optional[RunConfig] = None, preset: Optional[str] = None,
                  overrides: Optional[list[str]] = None,
-                 options: PipelineOptions = PipelineOptions()) -> dict[str, Any]:
+                 options: PipelineOptions = PipelineOptions(),
+                 sweep: Optional[Union[SweepConfig, str]] = None) -> dict[str, Any]:
     """Raw text to an evaluated model, registered in MLflow as ``rnnlm-<preset>``.
 
     ``config`` (a RunConfig) wins; else ``preset`` (a preset name or a YAML path, default
@@ -36,6 +38,10 @@ def retrain_flow(config: Optional[RunConfig] = None, preset: Optional[str] = Non
 
     ``options.pin_vocab="champion"``: the vocabulary is pinned to the current champion's
     (``pipeline.registry.champion_vocab``), or built afresh when there is no champion yet.
+
+    ``sweep`` (a SweepConfig or the path of a sweep file): several trials on top of the config
+    (``flows.sweep``); the best by validation perplexity is registered and gated, every trial is
+    logged in MLflow under one parent run, and the result holds the table of trials.
     """
     started = time.perf_counter()
     cfg = resolve_config(config, preset, overrides)
@@ -46,7 +52,11 @@ def retrain_flow(config: Optional[RunConfig] = None, preset: Optional[str] = Non
         cfg = pin_to_champion(cfg, model_name(registry_preset(config, preset)), options.store_root())
 
     # The lease tells a gc running meanwhile what this run uses (pipeline.store.leases).
+    if isinstance(sweep, str):
+        sweep = load_sweep(sweep)
     with leased(options.store_root(), flow_run_id()) as lease:
+        if sweep is not None:
+            return _retrain_sweep(cfg, sweep, options, lease, registry_preset(config, preset), started)
         if options.dispatch == "deployments":
             dataset, trained = dispatch_stages(cfg, options)
         else:
@@ -68,3 +78,31 @@ def retrain_flow(config: Optional[RunConfig] = None, preset: Optional[str] = Non
             "config": cfg.model_dump(mode="json"), "dataset": dataset, "run": trained["run"],
             "evaluation": trained["evaluation"], "registered": registered, "stages": stages,
             "dispatch": options.dispatch, "placement": placement, "wall_s": time.perf_counter() - started}
+
+
+def _retrain_sweep(cfg: RunConfig, sweep: SweepConfig, options: PipelineOptions, lease, preset: str,
+                   started: float) -> dict[str, Any]:
+    """``retrain`` with a sweep: the trials (``flows.sweep``), then the best through registration and the gate."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from flows.reports import sweep_markdown
+    from flows.sweep import run_sweep
+
+    found = run_sweep(cfg, sweep, options, lease)
+    dataset, run, evaluation = found["dataset"], found["run"], found["evaluation"]
+    lease.add(runs=tuple(row["run_dir"].rstrip("/").rsplit("/", 1)[-1] for row in found["trials"] if row["run_dir"]))
+    create_markdown_artifact(key="rnnlm-sweep", markdown=sweep_markdown(found["trials"]),
+                             description=f"sweep of {len(found['trials'])} trials: best {found['best']}")
+    registered = None
+    if options.register_model:
+        parent = bind(log_sweep, options)(found["trials"], found["key"], preset, root=options.store_root(),
+                                          flow_run_id=flow_run_id())
+        registered = bind(register_model, options)(
+            run, evaluation, dataset, found["config"].model_dump(mode="json"), preset=preset,
+            root=options.store_root(), flow_run_id=flow_run_id(), flow_run_url=flow_run_url(), parent_run_id=parent)
+        registered["sweep_run_id"] = parent
+    return {"flow_run_id": flow_run_id(), "subflow_run_ids": found["subflow_run_ids"],
+            "config": found["config"].model_dump(mode="json"), "dataset": dataset, "run": run,
+            "evaluation": evaluation, "registered": registered, "stages": found["stages"],
+            "dispatch": options.dispatch, "placement": {},
+            "sweep": {"best": found["best"], "trials": found["trials"]}, "wall_s": time.perf_counter() - started}

@@ -44,9 +44,11 @@ def ensure_gate_limit(name: str = GATE_LIMIT) -> None:
       retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_retryable)
 def register_model(run: dict[str, Any], evaluation: dict[str, Any], dataset: dict[str, Any],
                    config: dict[str, Any], preset: str, root: str | None = None,
-                   flow_run_id: str | None = None, flow_run_url: str | None = None) -> dict[str, Any]:
+                   flow_run_id: str | None = None, flow_run_url: str | None = None,
+                   parent_run_id: str | None = None) -> dict[str, Any]:
     """Log the run, register a new version of ``rnnlm-<preset>`` (alias challenger), gate it
-    (``config.gate.on_incomparable`` decides when the champion is not comparable)."""
+    (``config.gate.on_incomparable`` decides when the champion is not comparable).
+    ``parent_run_id``: the MLflow run of the sweep this run won (its run is nested under it)."""
     from pipeline.config import RunConfig
     from pipeline.registry.gate import promote_if_better
     from pipeline.registry.packaging import register_model as register_version
@@ -60,7 +62,8 @@ def register_model(run: dict[str, Any], evaluation: dict[str, Any], dataset: dic
     mlflow_run = log_training_run(
         run["run_dir"], ds, preset=preset, config=cfg, root=root,
         flow_run_id=flow_run_id, flow_run_url=flow_run_url, samples=[s["text"] for s in evaluation["samples"]],
-        held_out={k: evaluation.get(k) for k in ("val_ppl", "test_ppl")})  # the one evaluation's figures
+        held_out={k: evaluation.get(k) for k in ("val_ppl", "test_ppl")},  # the one evaluation's figures
+        parent_run_id=parent_run_id)
     ensure_gate_limit()
     # "already registered?" + registering under the one slot every host shares (the file lock
     # inside register_version covers only this machine's processes on a local root)
@@ -77,3 +80,15 @@ def register_model(run: dict[str, Any], evaluation: dict[str, Any], dataset: dic
     return {"registered": True, "new_version": version.created, "name": version.name, "version": version.version,
             "model_uri": version.model_uri, "mlflow_run_id": mlflow_run, "tracking_uri": tracking_uri(root),
             "gate": decision.to_dict()}
+
+
+@task(name="log_sweep", cache_policy=None, persist_result=False, tags=["register"],
+      retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_retryable)
+def log_sweep(trials: list[dict[str, Any]], sweep_key: str, preset: str, root: str | None = None,
+              flow_run_id: str | None = None) -> str:
+    """Log a sweep's trials in MLflow, nested under one parent run; returns the parent's id (once per sweep_key)."""
+    from pipeline.registry.sweep_logging import log_sweep as log_trials
+
+    parent = log_trials(preset, sweep_key, trials, root=root, flow_run_id=flow_run_id)
+    get_run_logger().info("sweep logged in MLflow: parent run %s, %d trials", parent, len(trials))
+    return parent

@@ -91,11 +91,13 @@ def _finished(run_dir: str, epochs: int) -> bool:
 @task(name="train_model", cache_policy=StagePolicy(stage="train", identity=train_identity), tags=["train"])
 def train_model(dataset: dict[str, Any], model_config: ModelConfig, train_config: TrainConfig,
                 root: str | None = None, nproc: int = 1, grace_s: float = 30.0,
-                ray: RayCluster | None = None) -> dict[str, Any]:
+                ray: RayCluster | None = None, threads: int | None = None) -> dict[str, Any]:
     """Train (or resume) in the content-addressed run directory; return its manifest.
 
     With ``ray`` the trainer runs as ``nproc`` Ray Train workers on that cluster; the run
-    directory, and so the cache key, is the same as under torchrun.
+    directory, and so the cache key, is the same as under torchrun. ``threads``: CPU threads
+    per rank (``RNNLM_NUM_THREADS``), for trials sharing a host's cores (``flows.sweep``);
+    not part of the key, as the thread count of any run is not.
     """
     from pipeline.training.launch import launch_training
 
@@ -132,8 +134,10 @@ def train_model(dataset: dict[str, Any], model_config: ModelConfig, train_config
                 logger.info("trainer: %s", line)
 
         cfg = RunConfig(model=model_config, train=train_config)
+        from pipeline.training.cpu_threads import THREADS_ENV
+
         launched = launch_training(run_dir, dataset["uri"], cfg, nproc=nproc, on_line=on_line, grace_s=grace_s,
-                                   ray=ray)
+                                   ray=ray, env={THREADS_ENV: str(threads)} if threads else None)
         events = [e for e in launched.metrics if e.get("event") in EVALUATION_EVENTS] or read_epochs(run_dir)
     from pipeline.model.lm import write_lm_metadata
     from pipeline.data.shards import open_dataset

@@ -57,6 +57,17 @@ def test_bad_input_exits_do_not_retry_naming_the_problem(tmp_path):
     assert preset.returncode == 3 and "timemachine-char" in preset.stderr  # lists the real presets
 
 
+def test_a_bad_sweep_fails_before_anything_starts_naming_the_trial_and_key(tmp_path):
+    (tmp_path / "sweep.yaml").write_text("grid:\n  train.lr: [0.01, -1]\n")
+    bad_value = rnnlm("run", "--sweep", "sweep.yaml", cwd=tmp_path, check=False)
+    assert bad_value.returncode == 3, bad_value.stderr
+    assert re.search(r"rnnlm: error: .*sweep trial t01-\w+.*train\.lr", bad_value.stderr)
+    (tmp_path / "typo.yaml").write_text("grid:\n  train.lr: [0.01]\ntrials_per_gpu: 2\n")
+    typo = rnnlm("run", "--sweep", "typo.yaml", cwd=tmp_path, check=False)
+    assert typo.returncode == 3 and "trials_per_gpu" in typo.stderr and "typo.yaml" in typo.stderr
+    assert not (tmp_path / ".rnnlm" / "runs").exists() and not (tmp_path / ".rnnlm" / "datasets").exists()
+
+
 def test_train_then_generate_from_the_run_directory(tmp_path):
     out = rnnlm("train", *SMALL, cwd=tmp_path).stdout
     run_dir = json.loads(out[out.rindex("{\n"):])["run_dir"]

@@ -45,9 +45,9 @@ def test_prefect_yaml_deployments_pools_schedule_and_pull_step():
     from tasks.options import PipelineOptions
 
     deps, spec = deployments_by_name()
-    assert set(deps) == {"nightly", "cpu", "gpu", "daily"}
-    expected = {"nightly": ("retrain", "control"), "cpu": ("prepare-data", "cpu"), "gpu": ("train", "gpu"),
-                "daily": ("gc", "cpu")}
+    assert set(deps) == {"nightly", "nightly-sweep", "cpu", "gpu", "daily"}
+    expected = {"nightly": ("retrain", "control"), "nightly-sweep": ("retrain", "control"),
+                "cpu": ("prepare-data", "cpu"), "gpu": ("train", "gpu"), "daily": ("gc", "cpu")}
     for name, (flow_name, pool) in expected.items():
         module, fn = deps[name]["entrypoint"].split(":")
         assert (REPO / module).is_file()
@@ -60,6 +60,14 @@ def test_prefect_yaml_deployments_pools_schedule_and_pull_step():
     opts = PipelineOptions.model_validate(deps["nightly"]["parameters"]["options"])
     assert opts.dispatch == "deployments" and opts.root is None  # each host resolves $RNNLM_STORAGE itself
     assert (opts.prepare_deployment, opts.train_deployment) == ("prepare-data/cpu", "train/gpu")
+    # the sweep nightly: its grid file exists and expands on its preset; its schedule is off
+    from pipeline.config_sources import load_run_config
+    from pipeline.sweep import expand, load_sweep
+
+    sweep = deps["nightly-sweep"]["parameters"]
+    assert len(expand(load_sweep(str(REPO / sweep["sweep"])), load_run_config(sweep["preset"]))) == 4
+    assert PipelineOptions.model_validate(sweep["options"]).dispatch == "deployments"
+    assert deps["nightly-sweep"]["schedules"][0]["active"] is False
     # retention runs after the nightly (03:00 + 6 h of stage timeouts), deleting, on the cpu pool
     assert deps["daily"]["schedules"] == [{"cron": "0 10 * * *", "timezone": "UTC", "active": True}]
     from pipeline.config import RetentionConfig
@@ -237,7 +245,8 @@ def check_nightly_retrain(stack: dict) -> None:
         assert parent.work_pool_name == "control"
 
         deployments = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
-        assert set(deployments) == {"retrain/nightly", "prepare-data/cpu", "train/gpu", "gc/daily"}
+        assert set(deployments) == {"retrain/nightly", "retrain/nightly-sweep", "prepare-data/cpu", "train/gpu",
+                                    "gc/daily"}
         # pull steps stored as written: resolved on the worker, not from the deploying shell
         for d in deployments.values():
             assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory":
@@ -342,3 +351,34 @@ def test_bad_dispatch_targets_fail_at_once_and_clearly(stack, target, control_li
     assert run.state.is_failed(), run.state
     assert expected in str(run.state.result(raise_on_failure=False)), run.state.message
     assert not children  # nothing was dispatched
+
+
+@pytest.mark.slow
+def test_nightly_sweep_maps_each_trial_onto_the_train_pool(stack):
+    """retrain/nightly-sweep: one prepare-data flow run, one train/gpu flow run per trial (subflows of the
+    parent, on the gpu pool), the best trial chosen. Last in the file: the nightly test counts train/gpu runs."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    params = {"preset": "timemachine-char", "overrides": TINY,
+              "sweep": {"grid": {"train.lr": [0.004, 0.002]}},
+              "options": {"dispatch": "deployments", "dispatch_poll_s": 1, "dispatch_timeout_s": 240,
+                          "register_model": False, "sample_tokens": 10, "grace_s": 5}}
+    started = subprocess.run([str(BIN / "prefect"), "deployment", "run", "retrain/nightly-sweep", "--params",
+                              json.dumps(params)], cwd=REPO, env=stack["client_env"], capture_output=True, text=True,
+                             timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    parent_id = re.search(r"UUID:\s*([0-9a-f-]{36})", started.stdout).group(1)
+    deadline = time.monotonic() + 300
+    with prefect_client(stack["api"]) as client:
+        while not ((parent := client.read_flow_run(parent_id)).state and parent.state.is_final()):
+            assert time.monotonic() < deadline, f"retrain still {parent.state_name}\n{stack['procs'].all_logs()}"
+            time.sleep(1)
+        assert parent.state.is_completed(), f"{parent.state_name}: {parent.state.message}\n{stack['procs'].all_logs()}"
+        result = parent.state.result()
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])))
+        pools = sorted((client.read_flow(c.flow_id).name, c.work_pool_name, c.state_name) for c in children)
+    assert pools == [("prepare-data", "cpu", "Completed"), ("train", "gpu", "Completed"), ("train", "gpu", "Completed")]
+    trials = result["sweep"]["trials"]
+    assert sorted(t["status"] for t in trials) == ["best", "finished"] and all(t["val_ppl"] for t in trials)
+    assert result["run"]["run_dir"] == next(t for t in trials if t["status"] == "best")["run_dir"]

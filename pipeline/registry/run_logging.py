@@ -35,7 +35,7 @@ def log_training_run(run_dir: str, dataset, *, preset: str, config: RunConfig,
                      flow_run_id: str | None = None, flow_run_url: str | None = None,
                      samples: list[str] | None = None, sample_prefixes: list[str] | None = None,
                      run_key: str | None = None, root: str | None = None,
-                     held_out: dict[str, float | None] | None = None) -> str:
+                     held_out: dict[str, float | None] | None = None, parent_run_id: str | None = None) -> str:
     """Log one finished training as an MLflow run in experiment ``rnnlm-<preset>``; return its id.
 
     Params: ``config`` flattened (``model.hidden_size``, ``train.lr``, ``data.sources.0.url``...).
@@ -48,7 +48,8 @@ def log_training_run(run_dir: str, dataset, *, preset: str, config: RunConfig,
     ``lm.json``, ``result.json``, ``metrics.jsonl``. Tags: lineage (Prefect flow run, dataset,
     sources, code version). ``samples`` are texts logged as given; otherwise samples are
     generated (greedy and seeded sampling, 100 tokens) from ``sample_prefixes``, by default
-    the first 10 tokens of the validation split. Raises UnregistrableRunError for a failed run,
+    the first 10 tokens of the validation split. ``parent_run_id`` nests the run under that
+    run (a sweep's, ``pipeline.registry.sweep_logging``). Raises UnregistrableRunError for a failed run,
     RegistryUnavailableError (retryable) when MLflow fails.
 
     Idempotent: the run is tagged ``rnnlm.run_key`` (``run_key``, default a hash of
@@ -70,6 +71,8 @@ def log_training_run(run_dir: str, dataset, *, preset: str, config: RunConfig,
         return done[0].info.run_id
 
     tags = _lineage_tags(run_dir, dataset, lm, preset, run_key, flow_run_id, flow_run_url)
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(experiment_id, run_name=f"{preset}-{flow_run_id or time.strftime('%Y%m%d-%H%M%S')}",
                        tags={k: v for k, v in tags.items() if v != ""})
     run_id = run.info.run_id
