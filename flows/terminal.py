@@ -90,11 +90,13 @@ def console_above_display():
 
 def verdict(message: str, args) -> None:
     """The last line: what failed, and where the whole story is. The traceback goes to the log
-    file (and the terminal with --verbose); after this line only problems print."""
+    file (and the terminal with --verbose); after this line the terminal gets nothing more without
+    --verbose (Prefect's exit-time warnings, say, go to the log file only)."""
     record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (message,), sys.exc_info())
     for h in logging.getLogger().handlers:
         if args.verbose or isinstance(h, logging.FileHandler):
             h.handle(record)
-    console_problems_only()
+    for h in ([] if args.verbose else _console_handlers()):
+        h.setLevel(logging.CRITICAL + 1)
     where = f" (full log: {args.log_file})" if args.log_file else ""
     print(f"rnnlm: error: {message}{where}", file=sys.stderr, flush=True)
