@@ -77,10 +77,10 @@ def types_for(tokens: int) -> int:
     return TYPES.get(tokens, min(800_000, max(1_000, tokens // 1_000)))
 
 
-def type_names(n: int) -> np.ndarray:
-    """``n`` distinct lowercase words (the id in base 26), as an object array to index with ids."""
+def words_of(ids) -> list[str]:
+    """Distinct ids -> distinct lowercase words (the id in base 26)."""
     names = []
-    for v in range(n):
+    for v in ids:
         s = []
         while True:
             v, r = divmod(v, 26)
@@ -88,7 +88,12 @@ def type_names(n: int) -> np.ndarray:
             if v == 0:
                 break
         names.append("".join(s))
-    return np.array(names, dtype=object)
+    return names
+
+
+def type_names(n: int) -> np.ndarray:
+    """``n`` distinct lowercase words, as an object array to index with ids."""
+    return np.array(words_of(range(n)), dtype=object)
 
 
 def zipf_corpus(path: Path, tokens: int, types: int, seed: int = 0) -> None:

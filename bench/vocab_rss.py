@@ -21,21 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from scale import words_of  # bench/ is this script's directory: the same words as bench/scale.py
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def word_of(n: np.ndarray) -> list[str]:
-    """Distinct ids -> distinct lowercase words (base 26)."""
-    letters = []
-    for v in n.tolist():
-        s = []
-        while True:
-            v, r = divmod(v, 26)
-            s.append(chr(97 + r))
-            if v == 0:
-                break
-        letters.append("".join(s))
-    return letters
 
 
 def synthetic_words(path: Path, tokens: int, rare_share: float, rare_types: int, seed: int = 0) -> None:
@@ -47,7 +35,7 @@ def synthetic_words(path: Path, tokens: int, rare_share: float, rare_types: int,
             common = np.minimum(rng.zipf(1.1, n), 50_000) - 1
             rare = 50_000 + rng.integers(0, rare_types, n)
             ids = np.where(rng.random(n) < rare_share, rare, common)
-            words = word_of(ids)
+            words = words_of(ids.tolist())
             f.write("\n".join(" ".join(words[i: i + 20]) for i in range(0, n, 20)) + "\n")
             left -= n
 
