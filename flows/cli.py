@@ -111,7 +111,6 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from pipeline import storage
     from pipeline.training.launch import launch_training, run_directory
     from pipeline.model.lm import write_lm_metadata
     from pipeline.data.prepare import prepare_dataset
@@ -197,7 +196,6 @@ def cmd_deploy(args) -> int:
 
 def cmd_worker(args) -> int:
     from flows import servers
-    from pipeline import storage
 
     root = storage.storage_root(args.root)
     block = None if storage.is_local(root) else servers.results_block_for(root, args.api_url)
@@ -413,8 +411,6 @@ def _stop_children(grace_s: float = 10.0) -> None:
 def _root_not_writable(e: BaseException, args) -> PipelineError | None:
     """A write refused for good under the local storage root (a read-only or foreign-owned root)
     as the one-line StorageError naming the root and the path; None for anything else."""
-    from pipeline import storage
-
     if not (isinstance(e, OSError) and e.filename and storage.is_unwritable(e)):
         return None
     root = storage.storage_root(getattr(args, "root", None))
@@ -429,8 +425,6 @@ def _root_not_writable(e: BaseException, args) -> PipelineError | None:
 def _store_failure(e: BaseException, args) -> PipelineError | None:
     """An object store's failure under the storage root (unreachable, refused) as one line naming
     the root and the endpoint; None for anything else."""
-    from pipeline import storage
-
     root = getattr(args, "root", None)
     return storage.store_failure(storage.storage_root(root), e) if hasattr(args, "root") else None
 
