@@ -14,8 +14,11 @@ loopback, each round bounded by ``--requests`` in all and ``--round-seconds``. E
 compared with what the same model gives in this process; a wrong answer or a non-200 counts
 as an error. Figures: prefixes/s, tokens/s, p50/p99 latency, the server's RSS (all its
 processes). In-process: ``predict`` on the same requests one after another, and
-``batch32_over_single``, the time of 32 prefixes x 100 tokens in one ``predict`` over the
-time of one prefix (median of ``--repeats``). Prints a table, then one JSON line.
+``batch32_over_single``, the time of 32 prefixes x 100 tokens (greedy) in one ``predict`` over
+the time of one prefix (median of ``--repeats``), at ``--threads`` and at all the cores, beside
+``step32_over_step1``, the model's own one-token step at 32 rows over 1 row: the floor of that
+ratio, since a batch of 32 does 32 times the multiply-adds. The JSON's top-level batching
+figures are at all the cores. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -143,6 +146,18 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def model_steps(model, rows: int, steps: int) -> None:
+    """``steps`` one-token steps of ``rows`` rows through the model, as generation takes them."""
+    import torch
+
+    ids = torch.ones(rows, 1, dtype=torch.long)
+    with torch.no_grad():
+        state = None
+        for _ in range(steps):
+            logits, state = model(ids, state, last_only=True)
+            ids = logits[:, -1].argmax(dim=-1, keepdim=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a model URI to serve (default: build a small champion)")
@@ -196,9 +211,25 @@ def main() -> None:
                                  "prefixes_per_s": round(n * count / wall, 1)}
         greedy100 = {"num_tokens": 100}
         prefixes32 = prefixes_for(0, 32)
-        single = timed(lambda: model.predict(prefixes32[:1], params=greedy100), args.repeats)
-        batch32 = timed(lambda: model.predict(prefixes32, params=greedy100), args.repeats)
-        one_by_one = timed(lambda: [model.predict([p], params=greedy100) for p in prefixes32], max(1, args.repeats // 2))
+        rnnlm = model.unwrap_python_model().lm.model
+        batching = {}
+        # The in-process figures at the server's threads and at all the cores (what a process that
+        # loads the model gets by default), with the model's own step at 32 rows over 1 row: the
+        # arithmetic floor of batch32_over_single (32 rows are 32x the multiply-adds of one).
+        for threads in sorted({args.threads, os.cpu_count() or 1}):
+            torch.set_num_threads(threads)
+            single = timed(lambda: model.predict(prefixes32[:1], params=greedy100), args.repeats)
+            batch32 = timed(lambda: model.predict(prefixes32, params=greedy100), args.repeats)
+            one_by_one = timed(lambda: [model.predict([p], params=greedy100) for p in prefixes32],
+                               max(1, args.repeats // 2))
+            step32 = timed(lambda: model_steps(rnnlm, 32, 100), args.repeats)
+            step1 = timed(lambda: model_steps(rnnlm, 1, 100), args.repeats)
+            batching[threads] = {"single_ms": round(single * 1000, 1), "batch32_ms": round(batch32 * 1000, 1),
+                                 "sequential32_ms": round(one_by_one * 1000, 1),
+                                 "batch32_over_single": round(batch32 / single, 2),
+                                 "sequential32_over_single": round(one_by_one / single, 2),
+                                 "step32_over_step1": round(step32 / step1, 2)}
+        torch.set_num_threads(args.threads)
 
         procs = Processes(Path(tmp) / "logs")
         try:
@@ -230,15 +261,20 @@ def main() -> None:
     for count, row in in_process.items():
         print(f"in-process predict, {count} prefix(es) a request, one after another: {row['ms_per_request']} ms a "
               f"request, {row['prefixes_per_s']} prefixes/s")
-    print(f"in-process, 100 tokens: 1 prefix {single * 1000:.1f} ms; 32 prefixes in one predict {batch32 * 1000:.1f} ms "
-          f"({batch32 / single:.2f}x); 32 predicts of one prefix {one_by_one * 1000:.1f} ms ({one_by_one / single:.2f}x)")
+    for threads, b in batching.items():
+        print(f"in-process, 100 tokens greedy, {threads} thread(s): 1 prefix {b['single_ms']} ms; 32 prefixes in one "
+              f"predict {b['batch32_ms']} ms ({b['batch32_over_single']}x); 32 predicts of one prefix "
+              f"{b['sequential32_ms']} ms ({b['sequential32_over_single']}x); the model's step at 32 rows over "
+              f"1 row {b['step32_over_step1']}x (the floor of the batch's ratio)")
 
     def per_concurrency(key: str) -> dict:
         return {str(c): {str(r["prefixes"]): r[key] for r in rounds if r["clients"] == c} for c in CONCURRENCY}
 
     print(json.dumps({
         "bench": "serve_load", "num_tokens": NUM_TOKENS, "server_workers": args.server_workers, "threads": args.threads,
-        "batch32_over_single": round(batch32 / single, 2), "sequential32_over_single": round(one_by_one / single, 2),
+        "batch32_over_single": batching[max(batching)]["batch32_over_single"],
+        "step32_over_step1": batching[max(batching)]["step32_over_step1"],
+        "batching_by_threads": {str(t): b for t, b in batching.items()},
         "p50_ms": per_concurrency("p50_ms"), "p99_ms": per_concurrency("p99_ms"),
         "errors": per_concurrency("errors"), "prefixes_per_s": per_concurrency("prefixes_per_s"),
         "tokens_per_s": per_concurrency("tokens_per_s"),

@@ -185,3 +185,16 @@ def test_cli_refuses_requests_over_the_limits(tmp_path, args, problem):
     assert "Traceback" not in proc.stderr and proc.stdout == "", proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("rnnlm: error:") and problem in last, proc.stderr
+
+
+def test_warm_up_takes_the_longest_prefixs_steps_not_the_sum():
+    """The rows run together and leave at their own lengths: the calls cover max(LENGTHS) steps."""
+    model = random_model(len(CHARS), "lstm")
+    prefixes = random_prefixes(CHARS)
+    seen = []
+    forward = model.forward
+    model.forward = lambda X, *a, **k: seen.append(X.shape) or forward(X, *a, **k)
+    generate_batch(model, CHARS, prefixes, 0)
+    assert sum(T for _, T in seen) == max(LENGTHS)
+    assert max(T for _, T in seen) <= WARMUP_WINDOW
+    assert seen[0][0] == len(LENGTHS)  # every row in the first call

@@ -3,8 +3,8 @@
 Tokens in, tokens out: turning text into tokens is the tokenizer's job. Prefix
 tokens missing from the vocabulary map to index 0 (``<unk>``) and are reported.
 
-:func:`generate_batch` continues many prefixes as one batch: the warm-up runs once per
-prefix length (the rows of one length together: padding would leak into the recurrent
+:func:`generate_batch` continues many prefixes as one batch: the warm-up runs the rows
+together, each leaving at the end of its own prefix (no padding enters a recurrent
 state), then every row takes each step together. A row gets the tokens it gets alone
 (:func:`generate` is a batch of one); the logits agree to float rounding only, since
 the BLAS picks other kernels for other batch sizes, so an exact tie could resolve apart.
@@ -189,29 +189,42 @@ def _generate_rows(model: RNNLM, rows: list[list[int]], num_tokens: int, tempera
 
 
 def _warm_up(model: RNNLM, rows: list[list[int]], device) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """Run each row's prefix (one call per prefix length, in windows of WARMUP_WINDOW tokens, the
-    state carried across: the same as feeding it token by token); the last logits (B, V) and
-    the state, rows in the given order."""
-    by_length: dict[int, list[int]] = {}
-    for r, ids in enumerate(rows):
-        by_length.setdefault(len(ids), []).append(r)
-    logits_parts, state_parts, placed = [], [], []
-    for length, members in by_length.items():
-        X = torch.tensor([rows[r] for r in members], device=device)
-        state = None
-        for start in range(0, length, WARMUP_WINDOW):
-            logits, state = model(X[:, start:start + WARMUP_WINDOW], state, last_only=True)
-        logits_parts.append(logits[:, -1])
-        state_parts.append(state)
-        placed.extend(members)
-    if len(by_length) == 1:
-        return logits_parts[0], state_parts[0]
+    """Run every row's prefix; the last logits (B, V) and the state, rows in the given order.
+
+    A row's state after t tokens depends on its first t tokens only, so the rows run together,
+    shortest first: all of them through the shortest prefix, then the longer ones on from
+    there, and so on; a row leaves the batch at its own length with its logits and state. The
+    time taken is the longest prefix's, not the sum of all (and no padding enters a state).
+    Calls cover at most WARMUP_WINDOW tokens, the state carried across.
+    """
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r]))
+    lengths = [len(rows[r]) for r in order]
+    X = torch.zeros(len(rows), lengths[-1], dtype=torch.long)
+    for i, r in enumerate(order):
+        X[i, :lengths[i]] = torch.tensor(rows[r])
+    X = X.to(device)
+    logits_parts, state_parts = [], []
+    state, first, t = None, 0, 0
+    while first < len(order):
+        end = min(lengths[first], t + WARMUP_WINDOW)
+        logits, state = model(X[first:, t:end], state, last_only=True)
+        t = end
+        done = first
+        while done < len(order) and lengths[done] == t:
+            done += 1
+        if done > first:  # these rows' prefixes end here
+            logits_parts.append(logits[:done - first, -1])
+            state_parts.append(tuple(s[:, :done - first] for s in state))
+            state = tuple(s[:, done - first:].contiguous() for s in state)
+            first = done
+    logits = torch.cat(logits_parts)
+    state = tuple(torch.cat(parts, dim=1) for parts in zip(*state_parts))
+    if order == sorted(order):
+        return logits, state
     inverse = torch.empty(len(rows), dtype=torch.long)
-    inverse[torch.tensor(placed)] = torch.arange(len(rows))
+    inverse[torch.tensor(order)] = torch.arange(len(rows))
     inverse = inverse.to(device)
-    logits = torch.cat(logits_parts)[inverse]
-    state = tuple(torch.cat(parts, dim=1)[:, inverse] for parts in zip(*state_parts))
-    return logits, state
+    return logits[inverse], tuple(s[:, inverse].contiguous() for s in state)
 
 
 def _sample(scaled_logits: torch.Tensor, top_k: int | None, generator: torch.Generator) -> int:
