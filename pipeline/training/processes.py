@@ -8,10 +8,12 @@ launcher's pid and stops itself once it is gone (``exit_with_launcher``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -89,6 +91,16 @@ def _alive(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def exit_now(code: int) -> None:
+    """Flush the output and end the process with ``code`` at once, skipping the interpreter's
+    finalization (atexit handlers, garbage collection of what is left)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def exit_with_launcher() -> None:

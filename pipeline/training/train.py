@@ -61,6 +61,7 @@ result.json; FAILED.json on a failure that retrying cannot fix.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import math
@@ -85,7 +86,7 @@ from pipeline.model.evaluate import EVAL_BATCH_SIZE, EVAL_NUM_STEPS, perplexity_
 from pipeline.training.metrics import emit, finite_or_none, print_line, truncate_after
 from pipeline.model.models import detach_state
 from pipeline.training.optim import clip_grad_norm_
-from pipeline.training.processes import exit_with_launcher
+from pipeline.training.processes import exit_now, exit_with_launcher
 from pipeline.training.progress import ProgressReporter
 from pipeline.model.regularization import activation_penalty
 from pipeline.training.run_state import Run, Stretch, reseed, rng_state, set_rng_state, start_run
@@ -437,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="RunConfig YAML with model/train sections")
     p.add_argument("--checkpoint-dir", help="default: RUN_DIR/checkpoints")
     args = p.parse_args(argv)
+    faulthandler.enable()  # a rank that crashes in native code (SIGSEGV, SIGABRT) leaves its Python stack in the log
     exit_with_launcher()  # a trainer whose launcher was killed stops too, instead of training unobserved
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -448,15 +450,23 @@ def main(argv: list[str] | None = None) -> int:
         train_ids, val_ids, vocab_size = load_dataset(args.dataset)
         train(train_ids, val_ids, vocab_size, run_cfg.model, run_cfg.train, args.run_dir,
               checkpoint_dir=args.checkpoint_dir, dist_info=d)
-        return EXIT_OK
+        code = EXIT_OK
     except PipelineError as e:
         log.error("%s: %s", type(e).__name__, e)
         if rank == 0 and not getattr(e, "recorded", False):
             write_failure(args.run_dir, e)  # failures before train() got going
-        return EXIT_FAILED if e.retryable else EXIT_DO_NOT_RETRY
+        code = EXIT_FAILED if e.retryable else EXIT_DO_NOT_RETRY
     finally:
         teardown_distributed(d)
+    return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # gloo's worker threads may still be releasing the last collective's tensors when the
+        # interpreter finalizes; such a thread cannot take the GIL, is unwound, and
+        # std::terminate aborts the rank (SIGABRT after a finished run, seen under CPU load).
+        # Everything is written and the group torn down by now: leave without finalizing.
+        exit_now(exit_code)
+    sys.exit(exit_code)
