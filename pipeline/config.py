@@ -212,7 +212,9 @@ class ModelConfig(Strict):
     # token ids below adaptive_cutoffs[0] form the shortlist, each further range a cluster
     # with a smaller projection (hidden / adaptive_div_value**k). Ids must be sorted by
     # descending frequency, which the d2l vocabulary is. For vocabularies of ~10k and more.
-    softmax: Literal["full", "adaptive"] = "full"
+    # "auto" picks by the training device and the vocabulary where each head was measured
+    # faster (pipeline.model.models.choose_softmax); adaptive_cutoffs then optional.
+    softmax: Literal["full", "adaptive", "auto"] = "full"
     adaptive_cutoffs: tuple[int, ...] | None = None  # increasing, each in [1, vocab_size)
     adaptive_div_value: float = Field(default=4.0, ge=1)
 
@@ -225,16 +227,16 @@ class ModelConfig(Strict):
                              "the same places: set one kind")
         if self.dropout_input_mode == "per_step" and not self.dropout_input:
             raise ValueError("dropout_input_mode='per_step' needs dropout_input > 0")
-        if self.softmax == "adaptive":
-            cuts = self.adaptive_cutoffs
+        cuts = self.adaptive_cutoffs
+        if self.softmax == "adaptive" or (self.softmax == "auto" and cuts is not None):
             if not cuts or cuts[0] < 1 or any(b <= a for a, b in zip(cuts, cuts[1:])):
-                raise ValueError(f"softmax='adaptive' needs adaptive_cutoffs: strictly increasing "
+                raise ValueError(f"softmax='{self.softmax}' needs adaptive_cutoffs: strictly increasing "
                                  f"positive token ids, e.g. [2000, 10000]; got {cuts}")
-            if self.tie_weights:
-                raise ValueError("tie_weights needs softmax='full' (the adaptive head has no "
-                                 "vocabulary-sized output matrix to share)")
-        elif self.adaptive_cutoffs is not None:
-            raise ValueError("adaptive_cutoffs applies to softmax='adaptive' only")
+        if self.softmax != "full" and self.tie_weights:
+            raise ValueError("tie_weights needs softmax='full' (the adaptive head has no "
+                             "vocabulary-sized output matrix to share)")
+        if self.softmax == "full" and cuts is not None:
+            raise ValueError("adaptive_cutoffs applies to softmax='adaptive' or 'auto' only")
         if self.tie_weights and self.embed_size is not None and self.embed_size != self.hidden_size:
             raise ValueError("tie_weights needs embed_size == hidden_size")
         return self

@@ -144,3 +144,51 @@ def test_run_config_accepts_the_adaptive_preset_keys():
     cfg = parse_config(RunConfig, {"model": {"softmax": "adaptive", "adaptive_cutoffs": [2000, 10000]},
                                    "train": {"precision": "bf16", "tf32": False}})
     assert cfg.model.adaptive_cutoffs == (2000, 10000) and cfg.train.precision == "bf16"
+
+
+# ------------------------------------------------------------------ softmax: auto
+
+
+def test_auto_picks_the_head_measured_faster_on_the_device():
+    from pipeline.model.models import ADAPTIVE_FROM, choose_softmax, default_cutoffs
+
+    auto = ModelConfig(softmax="auto", hidden_size=16, embed_size=8)
+    for device, vocab, head in [("cpu", ADAPTIVE_FROM["cpu"] - 1, "full"), ("cpu", ADAPTIVE_FROM["cpu"], "adaptive"),
+                                ("cuda", 50_000, "full"), ("cuda", ADAPTIVE_FROM["cuda"] - 1, "full"),
+                                ("cuda", ADAPTIVE_FROM["cuda"], "adaptive"), ("mps", 100_000, "full")]:
+        chosen = choose_softmax(auto, vocab, device)
+        assert chosen.softmax == head, (device, vocab)
+        assert chosen.adaptive_cutoffs == (default_cutoffs(vocab) if head == "adaptive" else None)
+        build_model(chosen, vocab)  # a head that fits its vocabulary
+    assert default_cutoffs(250_000) == (20_000, 100_000)
+    given = ModelConfig(softmax="auto", adaptive_cutoffs=(100, 2000))
+    assert choose_softmax(given, 10_000, "cpu").adaptive_cutoffs == (100, 2000)
+    assert choose_softmax(given, 100, "cpu").adaptive_cutoffs is None
+    for fixed in (ModelConfig(), ModelConfig(**ADAPTIVE)):
+        assert choose_softmax(fixed, 10**6, "cpu") is fixed
+    with pytest.raises(ValueError, match="choose_softmax"):
+        build_model(auto, 100)  # unresolved: the device decides
+    for bad in ({"softmax": "auto", "tie_weights": True}, {"softmax": "auto", "adaptive_cutoffs": [7, 3]}):
+        with pytest.raises(ConfigError, match="tie_weights|adaptive_cutoffs"):
+            parse_config(ModelConfig, bad)
+
+
+def test_training_saves_the_head_auto_chose(tmp_path):
+    """The run's saved config names the chosen head, so the model loads anywhere without a device."""
+    from pipeline.model.models import ADAPTIVE_FROM
+    from pipeline.training.train import train
+
+    vocab = ADAPTIVE_FROM["cpu"]
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, vocab, 4_000)
+    cfg = ModelConfig(softmax="auto", hidden_size=16, embed_size=8)
+    small = TrainConfig(epochs=1, batch_size=4, num_steps=10, max_steps=3, device="cpu")
+    for name, vocab_size in (("big", vocab), ("small", 500)):
+        train(ids % vocab_size, ids[:400] % vocab_size, vocab_size, cfg, small, str(tmp_path / name))
+    saved = {name: json.loads((tmp_path / name / "model_config.json").read_text()) for name in ("big", "small")}
+    assert saved["big"]["softmax"] == "adaptive" and saved["big"]["adaptive_cutoffs"] == [800, 4000]
+    assert saved["small"]["softmax"] == "full" and saved["small"]["adaptive_cutoffs"] is None
+    state = torch.load(tmp_path / "big" / "model.pt", weights_only=True)
+    model = build_model(ModelConfig.model_validate({k: v for k, v in saved["big"].items() if k != "vocab_size"}), vocab)
+    model.load_state_dict(state)
+    assert isinstance(model.output, torch.nn.AdaptiveLogSoftmaxWithLoss)

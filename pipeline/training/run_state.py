@@ -22,7 +22,7 @@ from pipeline.training.distributed import Dist
 from pipeline.training.divergence import FiniteWatch
 from pipeline.model.evaluate import perplexity
 from pipeline.training.metrics import metrics_uri
-from pipeline.model.models import build_model
+from pipeline.model.models import build_model, choose_softmax
 from pipeline.training.optim import LRSchedule, make_optimizer
 from pipeline.training.precision import MixedPrecision, set_matmul_precision
 from pipeline.training.rundir import remove
@@ -135,6 +135,7 @@ def start_run(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int, model
         remove(storage.join(run_dir, "FAILED.json"))  # a stale verdict from an earlier attempt
     torch.manual_seed(cfg.seed)
     set_matmul_precision(cfg.tf32, d.device)
+    model_cfg = choose_softmax(model_cfg, vocab_size, d.device.type)  # what is saved and checkpointed
     model = build_model(model_cfg, vocab_size).to(d.device)
     optimizer = make_optimizer(model, cfg)
     # On a GPU the split lives there (a byte per token at char level; pinned host memory if it
