@@ -9,7 +9,10 @@ part, so a part that fails or runs out of time leaves the others' results:
 * ``gpu_tests``: ``pytest -m gpu`` (tests/test_gpu.py; the 2-GPU NCCL tests skip on one GPU).
 * ``trainer``: bench/train_throughput.py's trainer section, the trainer over a plain PyTorch loop
   on the d2l models (target >= 1.0 on every row).
-* ``softmax``: its softmax section, adaptive over full softmax at 10k/50k/250k words.
+* ``graphs``: its graphs section, the trainer with ``train.cuda_graphs: true`` over the plain
+  loop on the same models (target >= 1.3 on the d2l rows).
+* ``softmax``: its softmax section, adaptive over full softmax at 10k/50k/100k/150k/250k words
+  (where ``softmax: auto``'s GPU crossover lies).
 * ``ptb`` (with ``--ptb-dir``, a directory holding ptb.train.txt, ptb.valid.txt, ptb.test.txt):
   ``ptb-word-medium`` and ``ptb-word-medium-tied`` side by side on the one GPU for
   ``--ptb-minutes`` each, then their test perplexity.
@@ -17,7 +20,8 @@ part, so a part that fails or runs out of time leaves the others' results:
 Runs on ``pipeline`` alone (no Prefect, no MLflow, nothing installed): the script puts the
 checkout on PYTHONPATH. ``--device cpu`` is a smoke mode of under a minute (tiny settings, no PTB,
 no GPU tests). Writes ``OUT/gpu_check.json`` and ``OUT/gpu_check.md`` and ends with one JSON line:
-``gpu_tests``, ``trainer_ratio_min``, ``adaptive_speedup_50k``, ``adaptive_speedup_250k``,
+``gpu_tests``, ``trainer_ratio_min``, ``graphs_ratio_min``, ``adaptive_speedup`` (by vocabulary),
+``adaptive_speedup_50k``, ``adaptive_speedup_250k``,
 ``ptb_medium_test_ppl``, ``ptb_medium_tied_test_ppl`` (null when not run).
 """
 
@@ -38,7 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 NEEDED = ("torch", "numpy", "pyarrow", "fsspec", "pydantic", "yaml", "psutil", "filelock", "pytest")
 PTB_PRESETS = {"ptb_medium": "ptb-word-medium", "ptb_medium_tied": "ptb-word-medium-tied"}
 # Seconds each part may take on a GPU; together well inside 8 minutes with the start-up.
-LIMITS_S = {"gpu_tests": 100, "trainer": 80, "softmax": 70, "ptb_extra": 50}
+LIMITS_S = {"gpu_tests": 100, "trainer": 80, "graphs": 80, "softmax": 100, "ptb_extra": 50}
+SOFTMAX_VOCABS = "10000,50000,100000,150000,250000"
 
 
 def env() -> dict[str, str]:
@@ -73,8 +78,8 @@ def last_json(output: str) -> dict | None:
 class Report:
     def __init__(self, out: Path, device: str):
         self.out, self.parts = out, {}
-        self.summary = {"device": device, "gpu_tests": None, "trainer_ratio_min": None, "adaptive_speedup_50k": None,
-                        "adaptive_speedup_250k": None, "ptb_medium_test_ppl": None, "ptb_medium_tied_test_ppl": None}
+        self.summary = {"device": device, "gpu_tests": None, "trainer_ratio_min": None, "graphs_ratio_min": None,
+                        "adaptive_speedup": None, "adaptive_speedup_50k": None, "adaptive_speedup_250k": None, "ptb_medium_test_ppl": None, "ptb_medium_tied_test_ppl": None}
         out.mkdir(parents=True, exist_ok=True)
 
     def part(self, name: str, status: str, seconds: float, **figures) -> None:
@@ -132,11 +137,11 @@ def gpu_tests(report: Report, smoke: bool) -> None:
 def throughput(report: Report, section: str, device: str, smoke: bool) -> None:
     t0 = time.monotonic()
     cmd = [sys.executable, "bench/train_throughput.py", "--device", device, "--sections", section, "--ranks", "1"]
-    if section == "trainer":
+    if section in ("trainer", "graphs"):
         cmd += (["--cells", "rnn", "--layers", "1", "--steps", "20", "--repeats", "1"] if smoke
                 else ["--models", "d2l", "--steps", "200", "--repeats", "2"])
-    if section == "softmax" and smoke:
-        cmd += ["--softmax-vocabs", "10000"]
+    if section == "softmax":
+        cmd += ["--softmax-vocabs", "10000" if smoke else SOFTMAX_VOCABS]
     code, out = run(cmd, 60 if smoke else LIMITS_S[section])
     result = last_json(out) if code == 0 else None
     if result is None:
@@ -146,9 +151,14 @@ def throughput(report: Report, section: str, device: str, smoke: bool) -> None:
     if section == "trainer":
         report.summary["trainer_ratio_min"] = result.get("ratio_min")
         report.part(section, "ok", time.monotonic() - t0, rows=result.get("rows"))
+    elif section == "graphs":
+        report.summary["graphs_ratio_min"] = result.get("graphs_ratio_min")
+        rows = result.get("graphs_rows")
+        report.part(section, "ok" if rows else "skipped (needs CUDA)", time.monotonic() - t0, rows=rows)
     else:
         rows = result.get("softmax_rows") or []
         speedup = {r["vocab"]: r["speedup"] for r in rows}
+        report.summary["adaptive_speedup"] = speedup
         report.summary["adaptive_speedup_50k"] = speedup.get(50_000)
         report.summary["adaptive_speedup_250k"] = speedup.get(250_000)
         report.part(section, "ok", time.monotonic() - t0, rows=rows)
@@ -215,6 +225,7 @@ def main() -> int:
     if preflight(report, args.device):
         gpu_tests(report, smoke)
         throughput(report, "trainer", args.device, smoke)
+        throughput(report, "graphs", args.device, smoke)
         throughput(report, "softmax", args.device, smoke)
         if args.ptb_dir and not smoke:
             ptb(report, args.ptb_dir.resolve(), args.ptb_minutes, args.out.resolve() / "ptb")

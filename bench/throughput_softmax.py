@@ -1,4 +1,5 @@
-"""Adaptive vs full softmax: training tokens/s and peak memory at vocabularies of 10k, 50k and 250k.
+"""Adaptive vs full softmax: training tokens/s and peak memory at vocabularies of 10k, 50k and 250k
+(or any others: their cutoffs are ``softmax: auto``'s, pipeline.model.models.default_cutoffs).
 
 A 1-layer LSTM (embedding and hidden 256), batch 20 x 35, SGD with clipping, on token ids
 drawn from a Zipf distribution (p(rank r) ~ 1/r: what word frequencies look like, and what
@@ -35,12 +36,13 @@ def measure(vocab: int, softmax: str, device: str) -> dict:
     import torch
 
     from pipeline.config import ModelConfig
-    from pipeline.model.models import build_model
+    from pipeline.model.models import build_model, default_cutoffs
     from pipeline.training.optim import clip_grad_norm_
 
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     torch.manual_seed(0)
-    extra = {"adaptive_cutoffs": VOCABS[vocab]} if softmax == "adaptive" else {}
+    # Other vocabularies get the cutoffs softmax: auto would give them.
+    extra = {"adaptive_cutoffs": VOCABS.get(vocab) or default_cutoffs(vocab)} if softmax == "adaptive" else {}
     model = build_model(ModelConfig(cell="lstm", hidden_size=HIDDEN, embed_size=HIDDEN, init="default",
                                     softmax=softmax, **extra), vocab).to(dev)
     params = list(model.parameters())

@@ -11,6 +11,8 @@ Sections (``--sections``, all by default; each runs in subprocesses of its own):
   ``--models d2l`` is d2l's settings (batch 32 x 35, hidden 256, vocab 28, SGD lr 1, clip 1)
   for rnn/gru/lstm x ``--layers`` x ``--ranks``; ``presets`` each bundled preset's model;
   ``ptb-medium`` a 2 x 650 LSTM, vocab 10k, batch 20 x 35. Target ratio >= 0.95 (CPU).
+* ``graphs`` (CUDA only): the trainer with ``train.cuda_graphs: true`` over the plain loop, the
+  ``trainer`` section's models on one rank. Target >= 1.3 on the d2l rows.
 * ``bf16``: the trainer at ``train.precision: bf16`` over fp32, d2l's GRU, on the CPU.
 * ``peers``: d2l 0.17.6's own ``train_epoch_ch8`` against the trainer, epoch by epoch in
   ``--peer-rounds`` paired rounds, the median ratio (bench/throughput_peers.py).
@@ -22,7 +24,7 @@ Sections (``--sections``, all by default; each runs in subprocesses of its own):
   start-up seconds (bench/throughput_ray.py; skipped without the ``ray`` extra).
 
 Prints tables, then one JSON line: the rows of every section, ``ratio_min`` (trainer over
-plain), ``peer_ratio_min``, ``bf16_cpu_ratio``, ``adaptive_speedup_250k``,
+plain), ``graphs_ratio_min``, ``peer_ratio_min``, ``bf16_cpu_ratio``, ``adaptive_speedup_250k``,
 ``shared_host_ratio``, ``quiet_host_ratio``, ``ray_ratio`` and ``ray_startup_s`` (null for a
 section not run).
 
@@ -39,13 +41,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SECTIONS = ("trainer", "bf16", "peers", "softmax", "shared", "ray")
+SECTIONS = ("trainer", "graphs", "bf16", "peers", "softmax", "shared", "ray")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Spec:
     dropout: float = 0.0
     precision: str = "fp32"
     baseline: str = "plain"  # or "trainer-fp32": the trainer itself at fp32
+    cuda_graphs: bool = False  # the trainer's step replayed as a CUDA graph
 
     def model_config(self):
         from pipeline.config import ModelConfig
@@ -76,7 +79,8 @@ class Spec:
         from pipeline.config import TrainConfig
 
         return TrainConfig(batch_size=self.batch, num_steps=self.num_steps, epochs=2, optimizer=self.optimizer,
-                           lr=self.lr, clip_norm=1.0, device=device, precision=precision or self.precision)
+                           lr=self.lr, clip_norm=1.0, device=device, precision=precision or self.precision,
+                           cuda_graphs=self.cuda_graphs)
 
 
 def plain_loop(spec: Spec, ids, steps: int, init_state: dict, d) -> float:
@@ -269,6 +273,16 @@ def main() -> None:
         rows = run_workers(args, specs_for(args), [int(r) for r in args.ranks.split(",")])
         print_rows("trainer vs plain PyTorch", rows)
         out.update(rows=rows, ratio_min=min(r["ratio"] for r in rows))
+    if "graphs" in sections:
+        import torch
+
+        if args.device == "cpu" or not torch.cuda.is_available():
+            print("\ngraphs: skipped (needs CUDA)")
+        else:
+            specs = [replace(spec, name=spec.name + "-graphs", cuda_graphs=True) for spec in specs_for(args)]
+            rows = run_workers(args, specs, [1])
+            print_rows("trainer with cuda_graphs vs plain PyTorch", rows)
+            out.update(graphs_rows=rows, graphs_ratio_min=min(r["ratio"] for r in rows))
     if "bf16" in sections:
         spec = Spec("d2l-gru-1-bf16", precision="bf16", baseline="trainer-fp32")
         rows = run_workers(_cpu(args), [spec], [1])
@@ -297,8 +311,8 @@ def main() -> None:
         from bench.throughput_ray import ray_section
 
         out.update(ray_section(REPO, args, print_rows))
-    for key in ("ratio_min", "peer_ratio_min", "bf16_cpu_ratio", "adaptive_speedup_250k", "shared_host_ratio",
-                "quiet_host_ratio", "ray_ratio", "ray_startup_s"):
+    for key in ("ratio_min", "graphs_ratio_min", "peer_ratio_min", "bf16_cpu_ratio", "adaptive_speedup_250k",
+                "shared_host_ratio", "quiet_host_ratio", "ray_ratio", "ray_startup_s"):
         out.setdefault(key, None)
     print(json.dumps(out))
 

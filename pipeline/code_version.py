@@ -31,7 +31,8 @@ _TRAIN = _DATA + ("pipeline/data/training_data.py", "pipeline/data/split_cache.p
                   "pipeline/model/evaluate.py", "pipeline/model/lm.py",
                   "pipeline/training/optim.py", "pipeline/training/precision.py", "pipeline/training/distributed.py",
                   "pipeline/training/cpu_threads.py", "pipeline/training/divergence.py",
-                  "pipeline/training/checkpoint.py", "pipeline/training/metrics.py", "pipeline/training/rundir.py",
+                  "pipeline/training/checkpoint.py", "pipeline/training/cuda_graph.py", "pipeline/training/metrics.py",
+                  "pipeline/training/rundir.py",
                   "pipeline/training/averaging.py", "pipeline/training/stopping.py", "pipeline/training/run_state.py",
                   "pipeline/training/train.py", "pipeline/training/launch.py", "pipeline/training/processes.py",
                   "pipeline/training/ray_launch.py", "pipeline/config_sources.py", "tasks/train.py")

@@ -299,11 +299,21 @@ class TrainConfig(Strict):
     # The recurrence and the loss's log-softmax stay fp32.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     tf32: bool = True  # CUDA only: TF32 tensor-core matmuls for fp32 work (no effect on CPU)
+    # CUDA, one process: replay the training step as a CUDA graph (pipeline.training.cuda_graph).
+    cuda_graphs: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if self.variable_bptt and self.sampling != "sequential":
             raise ValueError("variable_bptt needs sampling='sequential' (consecutive windows of one stream)")
+        if self.cuda_graphs:
+            conflicts = [what for what, on in (("variable_bptt (a new batch length every step)", self.variable_bptt),
+                                               ("precision fp16 (the gradient scaler reads the device every step)",
+                                                self.precision == "fp16"),
+                                               ("optimizer nt_asgd (it swaps the weights the graph holds)",
+                                                self.optimizer == "nt_asgd")) if on]
+            if conflicts:
+                raise ValueError(f"cuda_graphs cannot be used with {'; '.join(conflicts)}")
         return self
 
 

@@ -145,3 +145,78 @@ def test_lagging_non_finite_check_names_the_step_and_keeps_good_checkpoints(tmp_
     """The GPU reads each step's flag a few steps late: it still names the step that diverged and
     no checkpoint holds bad weights (a gradient made NaN at step 28, checkpoints every 1 and 10)."""
     check_divergence_names_its_step(tmp_path, monkeypatch, "cuda", deferred=True)
+
+
+# ----------------------------------------------------------------- train.cuda_graphs
+
+
+def graphed_and_eager(tmp_path, model: dict, train_cfg: dict, tokens: int = 40_000):
+    """The same run eagerly and with cuda_graphs (TF32 off, cuDNN deterministic); the graphed
+    run's captures are counted."""
+    from pipeline.training import cuda_graph
+
+    tr, va, vocab = corpus(tokens)
+    captures = []
+    real = cuda_graph.GraphedStep._capture
+
+    def counted(self):
+        captures.append(self.lrs)
+        real(self)
+    torch.backends.cudnn.deterministic = True
+    try:
+        cuda_graph.GraphedStep._capture = counted
+        cfg = {**TRAIN, **train_cfg, "tf32": False}
+        eager = train(tr, va, vocab, ModelConfig(**model), TrainConfig(**cfg), str(tmp_path / "eager"))
+        graphed = train(tr, va, vocab, ModelConfig(**model), TrainConfig(**cfg, cuda_graphs=True),
+                        str(tmp_path / "graphed"))
+    finally:
+        cuda_graph.GraphedStep._capture = real
+        torch.backends.cudnn.deterministic = False
+    return eager, graphed, captures
+
+
+def assert_same_training(tmp_path, rtol=1e-5, atol=1e-5):
+    """Weights and every metrics line's losses agree (the tolerance: float rounding only)."""
+    a, b = weights(tmp_path / "eager"), weights(tmp_path / "graphed")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
+    for x, y in zip(epochs_of(tmp_path / "eager"), epochs_of(tmp_path / "graphed"), strict=True):
+        assert x["train_ppl"] == pytest.approx(y["train_ppl"], rel=rtol)
+        assert x["val_ppl"] == pytest.approx(y["val_ppl"], rel=rtol)
+
+
+@pytest.mark.parametrize("sampling", ["sequential", "random"])
+def test_cuda_graphs_train_what_the_eager_step_trains(tmp_path, sampling):
+    """Locked dropout on the output (torch's RNG inside the graph), the state carried across
+    replays (sequential) or zeroed (random): the same weights and curve as eagerly."""
+    model = {**MODEL, "dropout_output": 0.3}
+    eager, graphed, captures = graphed_and_eager(tmp_path, model, {"sampling": sampling, "epochs": 2})
+    assert len(captures) == 1  # one capture, replayed for every step after the warm-up
+    assert graphed["steps"] == eager["steps"]
+    assert_same_training(tmp_path)
+
+
+def test_cuda_graphs_capture_again_when_the_learning_rate_changes(tmp_path):
+    """Adam (its step count on the device) with a decaying rate: a capture per rate."""
+    eager, graphed, captures = graphed_and_eager(
+        tmp_path, MODEL, {"epochs": 3, "optimizer": "adam", "lr": 0.004, "lr_schedule": "decay", "lr_decay": 0.5})
+    assert len(captures) == 3
+    assert_same_training(tmp_path, rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_graphs_resume_as_if_never_stopped(tmp_path):
+    """A graphed run stopped by max_steps mid-epoch and resumed with a bigger budget ends where
+    the uninterrupted graphed run ends (each process warms up and captures anew)."""
+    tr, va, vocab = corpus(40_000)
+    model_cfg = ModelConfig(**{**MODEL, "dropout_output": 0.3})
+    cfg = TrainConfig(**{**TRAIN, "epochs": 2, "tf32": False, "cuda_graphs": True})
+    torch.backends.cudnn.deterministic = True
+    try:
+        train(tr, va, vocab, model_cfg, cfg, str(tmp_path / "ref"))
+        train(tr, va, vocab, model_cfg, TrainConfig(**{**cfg.model_dump(), "max_steps": 40}), str(tmp_path / "run"))
+        train(tr, va, vocab, model_cfg, cfg, str(tmp_path / "run"))
+    finally:
+        torch.backends.cudnn.deterministic = False
+    a, b = weights(tmp_path / "ref"), weights(tmp_path / "run")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=k)

@@ -475,3 +475,25 @@ def test_keep_best_ships_the_epoch_with_the_lowest_val_ppl(tmp_path):
     model = build_model(model_cfg, vocab)
     model.load_state_dict(weights(runs[True][1]))
     assert perplexity(model, va) == min(vals)  # the one evaluation setting, bit for bit
+
+
+def test_cuda_graphs_name_what_rules_them_out(tmp_path):
+    """train.cuda_graphs is for one CUDA process; each conflict is named (tests/test_gpu.py trains with it)."""
+    from pipeline.config import parse_config
+    from pipeline.errors import ConfigError
+    from pipeline.training.cuda_graph import check_cuda_graphs
+
+    for extra, named in (({"variable_bptt": True}, "variable_bptt"), ({"precision": "fp16"}, "precision fp16"),
+                         ({"optimizer": "nt_asgd"}, "optimizer nt_asgd")):
+        with pytest.raises(ConfigError, match=f"cuda_graphs cannot be used with {named}"):
+            parse_config(TrainConfig, {"cuda_graphs": True, **extra})
+    graphs = TrainConfig(cuda_graphs=True)
+    cuda = torch.device("cuda")
+    check_cuda_graphs(ModelConfig(), graphs, cuda, 1)  # fine
+    check_cuda_graphs(ModelConfig(), TrainConfig(), torch.device("cpu"), 2)  # off: nothing to check
+    with pytest.raises(ConfigError, match="one process .this run has 2 ranks.*softmax: full"):
+        check_cuda_graphs(ModelConfig(softmax="adaptive", adaptive_cutoffs=(5,)), graphs, cuda, 2)
+    tr, va = np.arange(2000) % 20, np.arange(200) % 20
+    with pytest.raises(ConfigError, match="needs a CUDA device .this run trains on cpu"):
+        train(tr, va, 20, ModelConfig(hidden_size=8), TrainConfig(cuda_graphs=True, device="cpu"), str(tmp_path / "r"))
+    assert json.loads((tmp_path / "r" / "FAILED.json").read_text())["retryable"] is False

@@ -50,7 +50,8 @@ REQUIRED = {
 }
 # Train-config keys that may change between a checkpoint and the run resuming it:
 # they decide how long and how often, not what a step computes.
-RESUMABLE_CHANGES = {"epochs", "max_minutes", "max_steps", "patience", "checkpoint_every_steps", "keep_checkpoints", "device"}
+RESUMABLE_CHANGES = {"epochs", "max_minutes", "max_steps", "patience", "checkpoint_every_steps", "keep_checkpoints", "device",
+                     "cuda_graphs"}
 
 
 def checkpoint_name(epoch: int, step: int) -> str:

@@ -31,7 +31,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # A CUDA graph replays the update: Adam's step count must then live on the device.
+    return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=cfg.cuda_graphs)
 
 
 class LRSchedule:

@@ -42,7 +42,7 @@ def set_matmul_precision(tf32: bool, device: torch.device) -> None:
 class MixedPrecision:
     """The autocast context and, for fp16, the gradient scaler of one training run."""
 
-    def __init__(self, precision: str, device: torch.device):
+    def __init__(self, precision: str, device: torch.device, *, graphs: bool = False):
         if precision not in ("fp32", *DTYPES):
             raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {precision!r}")
         if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -51,11 +51,12 @@ class MixedPrecision:
         self.precision, self.device = precision, device
         self.dtype = DTYPES.get(precision)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.cache = not graphs  # a captured graph must not keep autocast's cast weights from capture time
 
     def autocast(self) -> AbstractContextManager:
         if self.dtype is None:
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=self.cache)
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()

@@ -38,8 +38,8 @@ class ProgressReporter:
         if run.epoch != self.epoch:  # a new epoch (validation and a checkpoint since): start the window here
             self.epoch, self.loss_sum, self.steps, self.tokens, self.since = run.epoch, None, 0, 0, time.perf_counter()
             return
-        loss = loss.detach().float()
-        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        loss = loss.detach().float()  # a CUDA graph rewrites its loss tensor: never keep it
+        self.loss_sum = loss.clone() if self.loss_sum is None else self.loss_sum + loss
         self.steps += 1
         self.tokens += tokens
         now = time.perf_counter()

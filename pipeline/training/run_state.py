@@ -23,6 +23,7 @@ from pipeline.training.divergence import FiniteWatch
 from pipeline.model.evaluate import perplexity
 from pipeline.training.metrics import metrics_uri
 from pipeline.model.models import build_model, choose_softmax
+from pipeline.training.cuda_graph import check_cuda_graphs
 from pipeline.training.optim import LRSchedule, make_optimizer
 from pipeline.training.precision import MixedPrecision, set_matmul_precision
 from pipeline.training.rundir import remove
@@ -67,6 +68,11 @@ class Run:
     val_ppl: float | None = None  # the last evaluation's; None without a validation split
     stop: str | None = None  # why the run ends early: a budget, or early stopping
     t_start: float = field(default_factory=time.perf_counter)
+    params: list[torch.nn.Parameter] = field(default_factory=list)  # what clipping sees
+    graphed: Any = None  # train.cuda_graphs: the step as a CUDA graph (cuda_graph.GraphedStep)
+
+    def __post_init__(self):
+        self.params = list(self.model.parameters())
 
     @property
     def metrics(self) -> str:
@@ -136,14 +142,16 @@ def start_run(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int, model
     torch.manual_seed(cfg.seed)
     set_matmul_precision(cfg.tf32, d.device)
     model_cfg = choose_softmax(model_cfg, vocab_size, d.device.type)  # what is saved and checkpointed
+    check_cuda_graphs(model_cfg, cfg, d.device, d.world_size)
     model = build_model(model_cfg, vocab_size).to(d.device)
     optimizer = make_optimizer(model, cfg)
     # On a GPU the split lives there (a byte per token at char level; pinned host memory if it
     # does not fit) and batches are sliced there; on CPU the sampler's numpy batches of the
     # memory-mapped split are already where they are needed.
     tokens = token_tensor(train_ids, vocab_size, d.device) if d.device.type == "cuda" else None
+    mp = MixedPrecision(cfg.precision, d.device, graphs=cfg.cuda_graphs)
     return Run(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d, model, model,
-               optimizer, LRSchedule(optimizer, cfg), FiniteWatch(d.device), MixedPrecision(cfg.precision, d.device),
+               optimizer, LRSchedule(optimizer, cfg), FiniteWatch(d.device), mp,
                num_batches(len(train_ids), cfg.batch_size, cfg.num_steps, cfg.sampling),
                NTAverage(model, cfg.nt_asgd_window) if cfg.optimizer == "nt_asgd" else None,
                EarlyStopping(cfg.patience), train_tokens=tokens)

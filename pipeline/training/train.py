@@ -68,6 +68,7 @@ import math
 import os
 import sys
 import time
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -76,6 +77,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline import storage
 from pipeline.training.checkpoint import checkpoint_payload, latest_valid, load_checkpoint, restore, save_checkpoint
+from pipeline.training.cuda_graph import GraphedStep
 from pipeline.config import ModelConfig, RunConfig, TrainConfig
 from pipeline.config_sources import load_config
 from pipeline.training.distributed import (Dist, all_reduce_sum, barrier, broadcast_from_main, broadcast_object,
@@ -134,6 +136,9 @@ def _train(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d:
     check_inputs(train_ids, val_ids, vocab_size, cfg, d.world_size)
     run = start_run(train_ids, val_ids, vocab_size, model_cfg, cfg, run_dir, ckpt_dir, d)
     _resume(run)
+    if cfg.cuda_graphs:  # after the checkpoint's weights and optimizer state are in place
+        run.graphed = GraphedStep(partial(_train_step, run), run.optimizer,
+                                  partial(run.model.begin_state, device=d.device), cfg.sampling == "sequential")
     # The budgets count all attempts (steps and training time are saved in checkpoints), and a
     # run that early stopping ended stays ended; both come from the same checkpoint on every rank.
     run.stop = _over_budget(run, run.elapsed_before) or (
@@ -194,21 +199,16 @@ def _train_epoch(run: Run, progress: ProgressReporter | None = None) -> None:
         reseed(cfg.seed, run.epoch, run.step, d.rank)
     run.hidden = run.rng = None
     run.ddp_model.train()
-    params = list(run.model.parameters())
+    step = run.graphed or partial(_train_step, run)
     t_log = time.perf_counter()
     for X, Y in _epoch_batches(run, first):
         if cfg.sampling == "random":
             state = None  # unrelated windows: start every batch from the zero state
         elif state is not None:
             state = detach_state(state)  # truncated BPTT: keep the values, drop the graph
-        loss, state = _forward_backward(run, X, Y, state)  # under DDP, gradients averaged over ranks
-        run.mp.unscale_(run.optimizer)  # fp16: clip the true gradients, not the scaled ones
-        norm = clip_grad_norm_(params, cfg.clip_norm)  # after the all-reduce: the global norm
+        loss, norm, state = step(X, Y, state)
         # fp16 overflows are the scaler's business (the step is skipped); a non-finite loss is not.
         run.watch.push(loss.detach() if run.mp.scaler else norm, run.step + 1)
-        if cfg.variable_bptt:  # AWD-LSTM: a shorter window takes a smaller step
-            run.schedule.scale_batch(X.shape[1] / cfg.num_steps)
-        run.mp.step(run.optimizer)
         if run.averager:
             run.averager.update()
         run.step += 1
@@ -234,6 +234,19 @@ def _train_epoch(run: Run, progress: ProgressReporter | None = None) -> None:
             log.info("epoch %d step %d/%d loss %.4f grad_norm %.3f", run.epoch + 1,
                      run.step - run.epoch * run.steps_per_epoch, run.steps_per_epoch, loss.item(), norm.item())
     _end_epoch(run)
+
+
+def _train_step(run: Run, X: torch.Tensor, Y: torch.Tensor, state):
+    """One optimizer step on a batch: the loss (plain cross-entropy), the global gradient norm
+    before clipping, and the state after the batch. What a CUDA graph captures (cuda_graph)."""
+    cfg = run.cfg
+    loss, state = _forward_backward(run, X, Y, state)  # under DDP, gradients averaged over ranks
+    run.mp.unscale_(run.optimizer)  # fp16: clip the true gradients, not the scaled ones
+    norm = clip_grad_norm_(run.params, cfg.clip_norm)  # after the all-reduce: the global norm
+    if cfg.variable_bptt:  # AWD-LSTM: a shorter window takes a smaller step
+        run.schedule.scale_batch(X.shape[1] / cfg.num_steps)
+    run.mp.step(run.optimizer)
+    return loss, norm, state
 
 
 def _forward_backward(run: Run, X: torch.Tensor, Y: torch.Tensor, state):
