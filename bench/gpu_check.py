@@ -11,6 +11,8 @@ part, so a part that fails or runs out of time leaves the others' results:
   on the d2l models (target >= 1.0 on every row).
 * ``graphs``: its graphs section, the trainer with ``train.cuda_graphs: true`` over the plain
   loop on the same models (target >= 1.3 on the d2l rows).
+* ``syncs``: bench/cuda_syncs.py, the host's waits for the device and the launches per training
+  step (torch.profiler), eager and with ``train.cuda_graphs``, and where each wait comes from.
 * ``softmax``: its softmax section, adaptive over full softmax at 10k/50k/100k/150k/250k words
   (where ``softmax: auto``'s GPU crossover lies).
 * ``ptb`` (with ``--ptb-dir``, a directory holding ptb.train.txt, ptb.valid.txt, ptb.test.txt):
@@ -20,7 +22,8 @@ part, so a part that fails or runs out of time leaves the others' results:
 Runs on ``pipeline`` alone (no Prefect, no MLflow, nothing installed): the script puts the
 checkout on PYTHONPATH. ``--device cpu`` is a smoke mode of under a minute (tiny settings, no PTB,
 no GPU tests). Writes ``OUT/gpu_check.json`` and ``OUT/gpu_check.md`` and ends with one JSON line:
-``gpu_tests``, ``trainer_ratio_min``, ``graphs_ratio_min``, ``adaptive_speedup`` (by vocabulary),
+``gpu_tests``, ``trainer_ratio_min``, ``graphs_ratio_min``, ``waits_per_step`` (eager, graphs),
+``adaptive_speedup`` (by vocabulary),
 ``adaptive_speedup_50k``, ``adaptive_speedup_250k``,
 ``ptb_medium_test_ppl``, ``ptb_medium_tied_test_ppl`` (null when not run).
 """
@@ -42,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 NEEDED = ("torch", "numpy", "pyarrow", "fsspec", "pydantic", "yaml", "psutil", "filelock", "pytest")
 PTB_PRESETS = {"ptb_medium": "ptb-word-medium", "ptb_medium_tied": "ptb-word-medium-tied"}
 # Seconds each part may take on a GPU; together well inside 8 minutes with the start-up.
-LIMITS_S = {"gpu_tests": 100, "trainer": 80, "graphs": 80, "softmax": 100, "ptb_extra": 50}
+LIMITS_S = {"gpu_tests": 100, "trainer": 80, "graphs": 80, "syncs": 60, "softmax": 100, "ptb_extra": 50}
 SOFTMAX_VOCABS = "10000,50000,100000,150000,250000"
 
 
@@ -79,7 +82,7 @@ class Report:
     def __init__(self, out: Path, device: str):
         self.out, self.parts = out, {}
         self.summary = {"device": device, "gpu_tests": None, "trainer_ratio_min": None, "graphs_ratio_min": None,
-                        "adaptive_speedup": None, "adaptive_speedup_50k": None, "adaptive_speedup_250k": None, "ptb_medium_test_ppl": None, "ptb_medium_tied_test_ppl": None}
+                        "waits_per_step": None, "adaptive_speedup": None, "adaptive_speedup_50k": None, "adaptive_speedup_250k": None, "ptb_medium_test_ppl": None, "ptb_medium_tied_test_ppl": None}
         out.mkdir(parents=True, exist_ok=True)
 
     def part(self, name: str, status: str, seconds: float, **figures) -> None:
@@ -164,6 +167,22 @@ def throughput(report: Report, section: str, device: str, smoke: bool) -> None:
         report.part(section, "ok", time.monotonic() - t0, rows=rows)
 
 
+def syncs(report: Report) -> None:
+    """bench/cuda_syncs.py, eager and graphed: the host's waits and the launches per step."""
+    t0 = time.monotonic()
+    results, tails = {}, []
+    for mode, extra in (("eager", []), ("graphs", ["--cuda-graphs"])):
+        code, out = run([sys.executable, "bench/cuda_syncs.py", *extra], LIMITS_S["syncs"] / 2)
+        result = last_json(out) if code == 0 else None
+        if result is None:
+            tails.append(f"{mode}: " + ("timed out" if code is None else f"exit {code}") + "\n" + out[-1000:])
+        results[mode] = result
+    waits = {mode: r and r.get("waits_per_step") for mode, r in results.items()}
+    report.summary["waits_per_step"] = waits
+    status = "failed" if tails else ("skipped (needs CUDA)" if all(w is None for w in waits.values()) else "ok")
+    report.part("syncs", status, time.monotonic() - t0, results=results, tail="\n".join(tails))
+
+
 def ptb(report: Report, ptb_dir: Path | None, minutes: float, workdir: Path, device: str = "cuda",
         presets: dict[str, str] = PTB_PRESETS) -> None:
     """Both presets side by side on the one device, each for ``minutes``; their test perplexity."""
@@ -226,6 +245,7 @@ def main() -> int:
         gpu_tests(report, smoke)
         throughput(report, "trainer", args.device, smoke)
         throughput(report, "graphs", args.device, smoke)
+        syncs(report)
         throughput(report, "softmax", args.device, smoke)
         if args.ptb_dir and not smoke:
             ptb(report, args.ptb_dir.resolve(), args.ptb_minutes, args.out.resolve() / "ptb")

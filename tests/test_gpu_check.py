@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-KEYS = {"gpu_tests", "trainer_ratio_min", "adaptive_speedup_50k", "adaptive_speedup_250k", "ptb_medium_test_ppl",
-        "ptb_medium_tied_test_ppl"}
+KEYS = {"gpu_tests", "trainer_ratio_min", "graphs_ratio_min", "waits_per_step", "adaptive_speedup",
+        "adaptive_speedup_50k", "adaptive_speedup_250k", "ptb_medium_test_ppl", "ptb_medium_tied_test_ppl"}
 
 
 @pytest.mark.slow
@@ -27,7 +27,10 @@ def test_the_cpu_smoke_run_writes_its_reports_and_one_json_line(tmp_path):
     assert summary["trainer_ratio_min"] > 0
     assert summary["ptb_medium_test_ppl"] is None  # no --ptb-dir
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert {"preflight", "gpu_tests", "trainer", "softmax"} <= set(report["parts"])
+    assert {"preflight", "gpu_tests", "trainer", "graphs", "syncs", "softmax"} <= set(report["parts"])
+    # Without CUDA the graphs and syncs parts say so instead of failing.
+    assert report["parts"]["graphs"]["status"] == report["parts"]["syncs"]["status"] == "skipped (needs CUDA)"
+    assert summary["graphs_ratio_min"] is None and summary["waits_per_step"] == {"eager": None, "graphs": None}
     assert "| trainer | ok |" in (tmp_path / "gpu_check.md").read_text()
 
 

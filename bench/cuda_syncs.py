@@ -1,0 +1,92 @@
+"""Host waits and kernel launches per training step on a GPU, counted with torch.profiler.
+
+    PYTHONPATH=. python bench/cuda_syncs.py                 # d2l's GRU, eager step
+    PYTHONPATH=. python bench/cuda_syncs.py --cuda-graphs   # the step replayed as a CUDA graph
+
+Trains d2l's GRU (batch 32 x 35, hidden 256, 28 tokens, SGD lr 1, clipping) with
+pipeline.training.train for an epoch of ``--steps`` steps and again for twice as many, under
+torch.profiler; the difference between the two runs, divided by ``--steps``, is what one step
+costs (validation, checkpoints and start-up cancel out). Counted: the CUDA runtime calls that
+make the host wait for the device (``*Synchronize``, a blocking ``cudaMemcpy``) and kernel or
+graph launches; for each kind of wait, the Python frames that issued it. Without CUDA it says
+so and prints nulls. Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+         "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize")
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
+BATCH, NUM_STEPS, VOCAB = 32, 35, 28
+
+
+def profiled_run(steps: int, graphs: bool, workdir: str) -> tuple[Counter, dict[str, Counter]]:
+    """Calls by name, and for each wait the issuing Python frames, over one epoch of ``steps`` steps."""
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from pipeline.config import ModelConfig, TrainConfig
+    from pipeline.training.train import train
+
+    ids = np.random.default_rng(0).integers(0, VOCAB, steps * BATCH * NUM_STEPS + NUM_STEPS + 2_000)
+    train_ids, val_ids = ids[:-2_000], ids[-2_000:]
+    model = ModelConfig(cell="gru", hidden_size=256)
+    cfg = TrainConfig(batch_size=BATCH, num_steps=NUM_STEPS, epochs=1, optimizer="sgd", lr=1.0, clip_norm=1.0,
+                      device="cuda", cuda_graphs=graphs)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        train(train_ids, val_ids, VOCAB, model, cfg, f"{workdir}/run-{steps}")
+        torch.cuda.synchronize()
+    calls: Counter = Counter()
+    frames: dict[str, Counter] = {}
+    for event in prof.events():
+        name = event.name
+        if name.startswith(WAITS) and "Async" not in name or name.startswith(LAUNCHES):
+            calls[name] += 1
+        if name.startswith(WAITS) and "Async" not in name:
+            where = next((f for f in (event.stack or []) if "/pipeline/" in f or "/torch/" in f), "?")
+            frames.setdefault(name, Counter())[where] += 1
+    return calls, frames
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=100, help="steps of the shorter run (the longer has twice as many)")
+    p.add_argument("--cuda-graphs", action="store_true", help="train.cuda_graphs: true")
+    args = p.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to count")
+        print(json.dumps({"bench": "cuda_syncs", "cuda_graphs": args.cuda_graphs, "waits_per_step": None,
+                          "launches_per_step": None}))
+        return
+    with tempfile.TemporaryDirectory() as workdir:
+        profiled_run(20, args.cuda_graphs, workdir)  # CUDA, cuDNN and the allocator warm up outside the count
+        short, short_frames = profiled_run(args.steps, args.cuda_graphs, workdir)
+        long, long_frames = profiled_run(2 * args.steps, args.cuda_graphs, workdir)
+    per_step = {name: round((long[name] - short[name]) / args.steps, 3) for name in long | short}
+    waits = {n: v for n, v in per_step.items() if n.startswith(WAITS) and v}
+    launches = sum(v for n, v in per_step.items() if n.startswith(LAUNCHES))
+    print(f"d2l GRU, {'CUDA graph' if args.cuda_graphs else 'eager'} step, per step over {args.steps} steps:")
+    print(f"  launches {launches:.1f}; host waits {sum(waits.values()):.3f}")
+    for name, per in sorted(waits.items(), key=lambda kv: -kv[1]):
+        extra = long_frames.get(name, Counter()) - short_frames.get(name, Counter())
+        print(f"  {name}: {per:.3f} a step, from {dict(extra.most_common(3))}")
+    print(json.dumps({"bench": "cuda_syncs", "cuda_graphs": args.cuda_graphs, "steps": args.steps,
+                      "waits_per_step": round(sum(waits.values()), 3), "waits": waits,
+                      "launches_per_step": round(launches, 1), "device": torch.cuda.get_device_name()}))
+
+
+if __name__ == "__main__":
+    main()
