@@ -39,3 +39,20 @@ def test_device_batches_on_cuda():
     for (hx, _), (dx, _) in zip(batches(corpus, 8, 13, "random", seed=1, epoch=0),
                                 device_batches(tokens, 8, 13, "random", seed=1, epoch=0)):
         assert dx.is_cuda and np.array_equal(hx, dx.cpu().numpy())
+
+
+@pytest.mark.parametrize("variable_length", [False, True])
+def test_device_batches_across_gather_chunks(variable_length):
+    """More batches than one gather chunk, from a start inside the second chunk; variable lengths
+    (AWD-LSTM's BPTT) are gathered one batch at a time."""
+    from pipeline.data.sampling import GATHER_STEPS
+
+    corpus = np.random.default_rng(1).integers(0, 28, 8 * 13 * (3 * GATHER_STEPS)).astype(np.int32)
+    tokens = token_tensor(corpus, 28, torch.device("cpu"))
+    kwargs = dict(seed=3, epoch=0, start=GATHER_STEPS + 2, variable_length=variable_length)
+    host = list(batches(corpus, 8, 13, "sequential", **kwargs))
+    dev = list(device_batches(tokens, 8, 13, "sequential", **kwargs))
+    assert len(host) == len(dev) > GATHER_STEPS // 2
+    assert (len({x.shape[1] for x, _ in host}) > 1) == variable_length
+    for (hx, hy), (dx, dy) in zip(host, dev, strict=True):
+        assert np.array_equal(hx, dx.numpy()) and np.array_equal(hy, dy.numpy())

@@ -177,9 +177,9 @@ def device_batches(tokens, batch_size: int, num_steps: int, sampling: Sampling, 
     """``batches`` over ``tokens``, a 1-D integer tensor that already lives on the device
     (or in pinned host memory, ``token_tensor``: then each batch is copied to ``device``).
 
-    The epoch's window starts go to the device once; each batch is then one gather there,
-    with no copy from the host per step (a pageable host-to-device copy waits for the
-    device). Yields int64 ``(X, Y)`` tensors, the same values ``batches`` yields.
+    The epoch's window starts go to the device once; batches are then gathered there, a chunk
+    of them at a time, with no copy from the host per step (a pageable host-to-device copy
+    waits for the device). Yields int64 ``(X, Y)`` tensors, the same values ``batches`` yields.
     """
     import torch
 
@@ -190,14 +190,20 @@ def device_batches(tokens, batch_size: int, num_steps: int, sampling: Sampling, 
         mine = mine.pin_memory()
     mine = mine.to(tokens.device, non_blocking=True)
     window = torch.arange(int(lengths.max()) + 1, device=tokens.device)
-    for i in range(start, len(starts)):
-        w = tokens[mine[i][:, None] + window[: lengths[i] + 1]]  # (rows, length + 1)
+    # Windows of one length are gathered GATHER_STEPS batches at a time (a few kernels per chunk,
+    # not per step: a small model's GPU step is launch-bound); variable lengths one at a time.
+    chunk = GATHER_STEPS if len(lengths) and (lengths == lengths[0]).all() else 1
+    for c in range(start, len(starts), chunk):
+        rows = mine[c:c + chunk]
+        w = tokens[rows[:, :, None] + window[: lengths[c] + 1]]  # (chunk, rows, length + 1)
         if device is not None and w.device != torch.device(device):  # split in pinned host memory
             w = w.pin_memory().to(device, non_blocking=True)
         w = w.long()
-        yield w[:, :-1], w[:, 1:]
+        for batch in w:
+            yield batch[:, :-1], batch[:, 1:]
 
 
+GATHER_STEPS = 32  # device_batches' chunk: 32 x rows x (num_steps + 1) int64, 300 KB at d2l's 32 x 35
 DEVICE_HEADROOM = 0.5  # the split goes to the GPU only if it takes at most this share of its free memory
 COPY_CHUNK = 1 << 24  # tokens narrowed and copied at a time: host memory stays bounded
 

@@ -207,16 +207,19 @@ def _train_epoch(run: Run, progress: ProgressReporter | None = None) -> None:
         elif state is not None:
             state = detach_state(state)  # truncated BPTT: keep the values, drop the graph
         loss, norm, state = step(X, Y, state)
-        # fp16 overflows are the scaler's business (the step is skipped); a non-finite loss is not.
-        run.watch.push(loss.detach() if run.mp.scaler else norm, run.step + 1)
         if run.averager:
             run.averager.update()
         run.step += 1
         stretch = run.stretch
         stretch.steps += 1
         stretch.tokens += cfg.batch_size * X.shape[1]  # global, all ranks
-        stretch.loss_sum += loss.detach()
-        stretch.norm_sum += norm.nan_to_num(0.0, 0.0, 0.0) if run.mp.scaler else norm  # skipped fp16 steps add 0
+        # One launch for both sums; skipped fp16 steps add 0 to the norm's.
+        torch._foreach_add_([stretch.loss_sum, stretch.norm_sum],
+                            [loss.detach(), norm.nan_to_num(0.0, 0.0, 0.0) if run.mp.scaler else norm])
+        # A non-finite value leaves the stretch's running sum non-finite from its step on, so the
+        # watch reads the sum (no finiteness kernels per step). fp16 overflows are the scaler's
+        # business (the step is skipped): there the loss is watched, not the norm.
+        run.watch.push(stretch.loss_sum if run.mp.scaler else stretch.norm_sum, run.step)
         progress.step(run, loss, cfg.batch_size * X.shape[1])
         if run.step % run.steps_per_epoch:  # the epoch's end is _end_epoch's
             evaluated = run.evaluation_due()
