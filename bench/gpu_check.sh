@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU path in one run (bench/gpu_check.py says what it checks): on a machine with one GPU,
-# its preinstalled torch and nothing else installed, in under 8 minutes.
+# its preinstalled torch and nothing else installed, in under 9 minutes.
 #   bench/gpu_check.sh [--ptb-dir DIR] [--out DIR]      # on the GPU
 #   bench/gpu_check.sh --device cpu                     # a smoke run here, under a minute
 # pipeline needs pydantic, which such machines may lack: where there is no package index, carry
