@@ -23,8 +23,7 @@ Runs on ``pipeline`` alone (no Prefect, no MLflow, nothing installed): the scrip
 checkout on PYTHONPATH. ``--device cpu`` is a smoke mode of under a minute (tiny settings, no PTB,
 no GPU tests). Writes ``OUT/gpu_check.json`` and ``OUT/gpu_check.md`` and ends with one JSON line:
 ``gpu_tests``, ``trainer_ratio_min``, ``graphs_ratio_min``, ``waits_per_step`` (eager, graphs),
-``adaptive_speedup`` (by vocabulary),
-``adaptive_speedup_50k``, ``adaptive_speedup_250k``,
+``adaptive_speedup`` (by vocabulary), ``adaptive_speedup_50k``, ``adaptive_speedup_250k``,
 ``ptb_medium_test_ppl``, ``ptb_medium_tied_test_ppl`` (null when not run).
 """
 
@@ -82,7 +81,8 @@ class Report:
     def __init__(self, out: Path, device: str):
         self.out, self.parts = out, {}
         self.summary = {"device": device, "gpu_tests": None, "trainer_ratio_min": None, "graphs_ratio_min": None,
-                        "waits_per_step": None, "adaptive_speedup": None, "adaptive_speedup_50k": None, "adaptive_speedup_250k": None, "ptb_medium_test_ppl": None, "ptb_medium_tied_test_ppl": None}
+                        "waits_per_step": None, "adaptive_speedup": None, "adaptive_speedup_50k": None,
+                        "adaptive_speedup_250k": None, "ptb_medium_test_ppl": None, "ptb_medium_tied_test_ppl": None}
         out.mkdir(parents=True, exist_ok=True)
 
     def part(self, name: str, status: str, seconds: float, **figures) -> None:

@@ -68,7 +68,7 @@ class Run:
     val_ppl: float | None = None  # the last evaluation's; None without a validation split
     stop: str | None = None  # why the run ends early: a budget, or early stopping
     t_start: float = field(default_factory=time.perf_counter)
-    params: list[torch.nn.Parameter] = field(default_factory=list)  # what clipping sees
+    params: list[torch.nn.Parameter] = field(init=False)  # the model's, what clipping sees
     graphed: Any = None  # train.cuda_graphs: the step as a CUDA graph (cuda_graph.GraphedStep)
 
     def __post_init__(self):
