@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU path in one run (bench/gpu_check.py says what it checks): on a machine with one GPU,
-# its preinstalled torch and nothing else installed, in under 9 minutes.
-#   bench/gpu_check.sh [--ptb-dir DIR] [--out DIR]      # on the GPU
+# its preinstalled torch and nothing else installed, in 7.5 minutes (--budget-min).
+#   bench/gpu_check.sh [--ptb-dir DIR] [--parts P,Q] [--out DIR]   # on the GPU
 #   bench/gpu_check.sh --device cpu                     # a smoke run here, under a minute
 # pipeline needs pydantic, which such machines may lack: where there is no package index, carry
 # its wheels (pydantic, pydantic_core, annotated-types, typing-inspection for that Python) and
