@@ -64,7 +64,7 @@ class GraphedStep:
     def __init__(self, step: Step, optimizer: torch.optim.Optimizer, begin_state: Callable[[int], tuple],
                  carry_state: bool):
         self.step, self.optimizer, self.begin_state, self.carry_state = step, optimizer, begin_state, carry_state
-        self.side = torch.cuda.Stream()
+        self.side: torch.cuda.Stream | None = None  # the warm-up's stream
         self.eager_steps = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.pool = None  # the graphs' memory, shared by every capture
@@ -93,11 +93,17 @@ class GraphedStep:
         return [float(group["lr"]) for group in self.optimizer.param_groups]
 
     def _eager(self, X, Y, state):
+        out = self._on_side_stream(lambda: self.step(X, Y, state))
+        self.eager_steps += 1
+        return out
+
+    def _on_side_stream(self, fn: Callable[[], tuple]) -> tuple:
+        if self.side is None:
+            self.side = torch.cuda.Stream()
         self.side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side):
-            out = self.step(X, Y, state)
+            out = fn()
         torch.cuda.current_stream().wait_stream(self.side)
-        self.eager_steps += 1
         return out
 
     def _allocate(self, X, Y) -> None:
@@ -119,14 +125,23 @@ class GraphedStep:
         """Record one step on the fixed inputs (nothing runs until ``replay``)."""
         self.graph = self.out = None  # the previous capture's memory goes back to the pool
         self.optimizer.zero_grad(set_to_none=True)  # the graph allocates the gradients it writes
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            loss, norm, state_out = self.step(self.x, self.y, self.state_in)
-            if self.carry_state:
-                for mine, new in zip(self.state_in, state_out):
-                    mine.copy_(new.detach())
-                state_out = self.state_in
-        self.pool = graph.pool()
-        self.graph, self.out, self.lrs = graph, (loss, norm, state_out), self._current_lrs()
+        self.graph, self.out = self._record(self._step_on_fixed_inputs)
+        self.lrs = self._current_lrs()
         self.captures += 1
         log.info("training step captured as a CUDA graph (capture %d, lr %s)", self.captures, self.lrs)
+
+    def _step_on_fixed_inputs(self) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        loss, norm, state_out = self.step(self.x, self.y, self.state_in)
+        if self.carry_state:
+            for mine, new in zip(self.state_in, state_out):
+                mine.copy_(new.detach())
+            state_out = self.state_in
+        return loss, norm, state_out
+
+    def _record(self, fn: Callable[[], tuple]) -> tuple[torch.cuda.CUDAGraph, tuple]:
+        """(the graph, what ``fn`` returned): its kernels recorded, not run, until ``replay``."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = fn()
+        self.pool = graph.pool()
+        return graph, out
