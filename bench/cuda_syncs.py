@@ -4,12 +4,17 @@
     PYTHONPATH=. python bench/cuda_syncs.py --cuda-graphs   # the step replayed as a CUDA graph
 
 Trains d2l's GRU (batch 32 x 35, hidden 256, 28 tokens, SGD lr 1, clipping) with
-pipeline.training.train for an epoch of ``--steps`` steps and again for twice as many, under
-torch.profiler; the difference between the two runs, divided by ``--steps``, is what one step
-costs (validation, checkpoints and start-up cancel out). Counted: the CUDA runtime calls that
-make the host wait for the device (``*Synchronize``, a blocking ``cudaMemcpy``) and kernel or
-graph launches; for each kind of wait, the Python frames that issued it. Without CUDA it says
-so and prints nulls. Ends with one JSON line.
+pipeline.training.train for an epoch of ``--steps`` steps and again for twice as many; the
+difference between the two runs, divided by ``--steps``, is what one step costs (validation,
+checkpoints and start-up cancel out). Counted:
+
+* with torch.profiler, CUDA activity only (the runtime calls and kernels, not every operator:
+  a GRU step is thousands of operator events), the runtime calls that make the host wait for
+  the device (``*Synchronize``, a blocking ``cudaMemcpy``) and the kernel or graph launches;
+* with ``torch.cuda.set_sync_debug_mode("warn")``, the synchronizing operations torch flags
+  (``.item()``, a copy to pageable host memory, ``nonzero``...) by the Python line that asked.
+
+Without CUDA it says so and prints nulls. Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import json
 import sys
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -30,8 +36,9 @@ LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaun
 BATCH, NUM_STEPS, VOCAB = 32, 35, 28
 
 
-def profiled_run(steps: int, graphs: bool, workdir: str) -> tuple[Counter, dict[str, Counter]]:
-    """Calls by name, and for each wait the issuing Python frames, over one epoch of ``steps`` steps."""
+def profiled_run(steps: int, graphs: bool, workdir: str) -> tuple[Counter, Counter]:
+    """Waits and launches by name, and the flagged synchronizing operations by the Python line
+    that asked for them (file:line), over one epoch of ``steps`` steps."""
     import numpy as np
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -44,24 +51,36 @@ def profiled_run(steps: int, graphs: bool, workdir: str) -> tuple[Counter, dict[
     model = ModelConfig(cell="gru", hidden_size=256)
     cfg = TrainConfig(batch_size=BATCH, num_steps=NUM_STEPS, epochs=1, optimizer="sgd", lr=1.0, clip_norm=1.0,
                       device="cuda", cuda_graphs=graphs)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
-        train(train_ids, val_ids, VOCAB, model, cfg, f"{workdir}/run-{steps}")
-        torch.cuda.synchronize()
-    calls: Counter = Counter()
-    frames: dict[str, Counter] = {}
-    for event in prof.events():
-        name = event.name
-        if name.startswith(WAITS) and "Async" not in name or name.startswith(LAUNCHES):
-            calls[name] += 1
-        if name.startswith(WAITS) and "Async" not in name:
-            where = next((f for f in (event.stack or []) if "/pipeline/" in f or "/torch/" in f), "?")
-            frames.setdefault(name, Counter())[where] += 1
-    return calls, frames
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                train(train_ids, val_ids, VOCAB, model, cfg, f"{workdir}/run-{steps}")
+                torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    calls = Counter(e.name for e in prof.events() if is_wait(e.name) or e.name.startswith(LAUNCHES))
+    flagged = Counter(f"{short_path(w.filename)}:{w.lineno}" for w in caught
+                      if "synchronizing CUDA operation" in str(w.message))
+    return calls, flagged
+
+
+def is_wait(name: str) -> bool:
+    return name.startswith(WAITS) and "Async" not in name
+
+
+def short_path(filename: str) -> str:
+    """pipeline/... or torch/... rather than the whole path."""
+    for root in ("/pipeline/", "/torch/"):
+        if root in filename:
+            return root[1:] + filename.split(root, 1)[1]
+    return filename
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=100, help="steps of the shorter run (the longer has twice as many)")
+    p.add_argument("--steps", type=int, default=50, help="steps of the shorter run (the longer has twice as many)")
     p.add_argument("--cuda-graphs", action="store_true", help="train.cuda_graphs: true")
     args = p.parse_args()
     import torch
@@ -73,18 +92,22 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as workdir:
         profiled_run(20, args.cuda_graphs, workdir)  # CUDA, cuDNN and the allocator warm up outside the count
-        short, short_frames = profiled_run(args.steps, args.cuda_graphs, workdir)
-        long, long_frames = profiled_run(2 * args.steps, args.cuda_graphs, workdir)
+        short, short_flagged = profiled_run(args.steps, args.cuda_graphs, workdir)
+        long, long_flagged = profiled_run(2 * args.steps, args.cuda_graphs, workdir)
     per_step = {name: round((long[name] - short[name]) / args.steps, 3) for name in long | short}
-    waits = {n: v for n, v in per_step.items() if n.startswith(WAITS) and v}
+    waits = {n: v for n, v in per_step.items() if is_wait(n) and v}
     launches = sum(v for n, v in per_step.items() if n.startswith(LAUNCHES))
+    flagged = {where: round((long_flagged[where] - short_flagged[where]) / args.steps, 3)
+               for where in long_flagged | short_flagged}
+    flagged = dict(sorted(((k, v) for k, v in flagged.items() if v), key=lambda kv: -kv[1]))
     print(f"d2l GRU, {'CUDA graph' if args.cuda_graphs else 'eager'} step, per step over {args.steps} steps:")
     print(f"  launches {launches:.1f}; host waits {sum(waits.values()):.3f}")
     for name, per in sorted(waits.items(), key=lambda kv: -kv[1]):
-        extra = long_frames.get(name, Counter()) - short_frames.get(name, Counter())
-        print(f"  {name}: {per:.3f} a step, from {dict(extra.most_common(3))}")
+        print(f"  {name}: {per:.3f} a step")
+    for where, per in flagged.items():
+        print(f"  synchronizing operation at {where}: {per:.3f} a step")
     print(json.dumps({"bench": "cuda_syncs", "cuda_graphs": args.cuda_graphs, "steps": args.steps,
-                      "waits_per_step": round(sum(waits.values()), 3), "waits": waits,
+                      "waits_per_step": round(sum(waits.values()), 3), "waits": waits, "flagged": flagged,
                       "launches_per_step": round(launches, 1), "device": torch.cuda.get_device_name()}))
 
 
