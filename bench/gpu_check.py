@@ -31,7 +31,8 @@ no GPU tests). Writes ``OUT/gpu_check.json`` and ``OUT/gpu_check.md`` and ends w
 ``gpu_tests``, ``trainer_ratio_min``, ``graphs_ratio_min``, ``waits_per_step`` (eager, graphs),
 ``adaptive_speedup`` (by vocabulary), ``adaptive_speedup_50k``, ``adaptive_speedup_250k``,
 ``adaptive_from`` (the smallest vocabulary measured from which the adaptive head is the faster at
-every size: the value for ``ADAPTIVE_FROM`` in pipeline/model/models.py; null when it is at no size measured), ``ptb_medium_test_ppl``, ``ptb_medium_tied_test_ppl`` (null when not run).
+every larger size: the GPU's value for ``ADAPTIVE_FROM`` in pipeline/model/models.py, null when
+it is faster at none), ``ptb_medium_test_ppl``, ``ptb_medium_tied_test_ppl`` (null when not run).
 """
 
 from __future__ import annotations

@@ -90,14 +90,20 @@ def run_both(tmp_path, model: dict, train_cfg: dict, tokens: int = 6_000):
     return eager, graphed
 
 
-def assert_identical(a_dir, b_dir):
+CLOCK = ("tokens_per_s", "elapsed_s")  # what may differ between two metrics lines of the same training
+
+
+def assert_same_weights(a_dir, b_dir):
     a, b = weights(a_dir), weights(b_dir)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    def figures(run_dir):  # every metrics line but its clock readings
-        return [{k: v for k, v in line.items() if k not in ("tokens_per_s", "elapsed_s")} for line in epochs_of(run_dir)]
-    assert figures(a_dir) == figures(b_dir)
+
+
+def assert_identical(a_dir, b_dir):
+    assert_same_weights(a_dir, b_dir)
+    figures = [[{k: v for k, v in line.items() if k not in CLOCK} for line in epochs_of(d)] for d in (a_dir, b_dir)]
+    assert figures[0] == figures[1]
 
 
 @pytest.mark.parametrize("sampling", ["sequential", "random"])
@@ -124,6 +130,4 @@ def test_a_graphed_run_resumes_as_if_never_stopped(tmp_path, emulated_graphs):
     assert stopped["steps"] == 40
     train(tr, va, vocab, ModelConfig(**MODEL), TrainConfig(**cfg), str(tmp_path / "run"))
     assert len(emulated_graphs) == 3  # the reference's, the stopped run's, the resumed run's
-    a, b = weights(tmp_path / "ref"), weights(tmp_path / "run")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_weights(tmp_path / "ref", tmp_path / "run")

@@ -14,7 +14,8 @@ from bench.gpu_check import adaptive_from
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = {"gpu_tests", "trainer_ratio_min", "graphs_ratio_min", "waits_per_step", "adaptive_speedup",
-        "adaptive_speedup_50k", "adaptive_speedup_250k", "adaptive_from", "ptb_medium_test_ppl", "ptb_medium_tied_test_ppl"}
+        "adaptive_speedup_50k", "adaptive_speedup_250k", "adaptive_from", "ptb_medium_test_ppl",
+        "ptb_medium_tied_test_ppl"}
 
 
 @pytest.mark.slow
