@@ -131,8 +131,10 @@ def preflight(report: Report, device: str) -> bool:
         report.part("preflight", "no CUDA device", time.monotonic() - t0)
         return False
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    import pydantic
+
     report.part("preflight", "ok", time.monotonic() - t0, torch=torch.__version__, gpu=gpu,
-                cores=os.cpu_count(), python=sys.version.split()[0])
+                cores=os.cpu_count(), python=sys.version.split()[0], pydantic=pydantic.VERSION)
     return True
 
 

@@ -74,3 +74,13 @@ def test_adaptive_from_is_where_the_adaptive_head_wins_from_there_on():
     assert adaptive_from({50_000: 1.1, 100_000: 0.9, 250_000: 1.3}) == 250_000  # not 50k: it loses at 100k
     assert adaptive_from({10_000: 0.66, 250_000: 0.97}) is None
     assert adaptive_from({}) is None
+
+
+def test_wheels_that_are_not_there_are_named_before_anything_runs(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--wheels", str(tmp_path / "none"), "--device", "cpu",
+                           "--out", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"gpu_check: --wheels {tmp_path / 'none'}: no .whl files there"
+    assert not (tmp_path / "out").exists()
