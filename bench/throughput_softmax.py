@@ -5,7 +5,8 @@ A 1-layer LSTM (embedding and hidden 256), batch 20 x 35, SGD with clipping, on 
 drawn from a Zipf distribution (p(rank r) ~ 1/r: what word frequencies look like, and what
 decides how often the adaptive head's tail clusters run). Each (vocabulary, head) pair runs
 in a fresh process so that its peak memory is its own: peak RSS on CPU, the CUDA caching
-allocator's peak on a GPU. ``speedup`` is adaptive over full tokens/s; target at 250k >= 2.
+allocator's peak on a GPU. Matmuls at the trainer's default precision (TF32 on a GPU), as
+training runs them. ``speedup`` is adaptive over full tokens/s; target at 250k >= 2.
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ def measure(vocab: int, softmax: str, device: str) -> dict:
     """Runs in its own process: tokens/s over TIMED steps and the peak memory."""
     import torch
 
-    from pipeline.config import ModelConfig
+    from pipeline.config import ModelConfig, TrainConfig
     from pipeline.model.models import build_model, default_cutoffs
     from pipeline.training.optim import clip_grad_norm_
+    from pipeline.training.precision import set_matmul_precision
 
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    set_matmul_precision(TrainConfig().tf32, dev)  # the matmuls as training runs them (TF32 on a GPU)
     torch.manual_seed(0)
     # Other vocabularies get the cutoffs softmax: auto would give them.
     extra = {"adaptive_cutoffs": VOCABS.get(vocab) or default_cutoffs(vocab)} if softmax == "adaptive" else {}

@@ -10,7 +10,8 @@ Sections (``--sections``, all by default; each runs in subprocesses of its own):
   is its own epoch-2 ``tokens_per_s`` (validation and checkpoints fall outside that window).
   ``--models d2l`` is d2l's settings (batch 32 x 35, hidden 256, vocab 28, SGD lr 1, clip 1)
   for rnn/gru/lstm x ``--layers`` x ``--ranks``; ``presets`` each bundled preset's model;
-  ``ptb-medium`` a 2 x 650 LSTM, vocab 10k, batch 20 x 35. Target ratio >= 0.95 (CPU).
+  ``ptb-medium`` a 2 x 650 LSTM, vocab 10k, batch 20 x 35. Both loops run the trainer's default
+  matmul precision (TF32 on a GPU). Target ratio >= 0.95 (CPU).
 * ``graphs`` (CUDA only): the trainer with ``train.cuda_graphs: true`` over the plain loop, the
   ``trainer`` section's models on one rank. Target >= 1.3 on the d2l rows.
 * ``bf16``: the trainer at ``train.precision: bf16`` over fp32, d2l's GRU, on the CPU.
@@ -154,10 +155,15 @@ def worker(args) -> None:
     import numpy as np
     import torch
 
+    from pipeline.config import TrainConfig
     from pipeline.model.models import build_model
     from pipeline.training.distributed import setup_distributed
+    from pipeline.training.precision import set_matmul_precision
 
     d = setup_distributed(args.device)
+    # Both loops at the trainer's default matmul precision (TF32 on a GPU); the trainer sets it
+    # anyway, and a setting left over from its first run must not change the plain loop's after it.
+    set_matmul_precision(TrainConfig().tf32, d.device)
     for spec in (Spec(**s) for s in json.loads(args.specs)):
         tokens = args.steps * spec.batch * spec.num_steps + spec.num_steps  # exactly --steps batches
         ids = np.random.default_rng(0).integers(0, spec.vocab, tokens + 2_000).astype(np.int32)
