@@ -66,6 +66,12 @@ def profiled_run(steps: int, graphs: bool, workdir: str) -> tuple[Counter, Count
     return calls, flagged
 
 
+def per_step(long: Counter, short: Counter, steps: int) -> dict[str, float]:
+    """What the longer run counted beyond the shorter, per extra step; nonzero ones, most first."""
+    counts = {k: round((long[k] - short[k]) / steps, 3) for k in long | short}
+    return dict(sorted(((k, v) for k, v in counts.items() if v), key=lambda kv: -kv[1]))
+
+
 def is_wait(name: str) -> bool:
     return name.startswith(WAITS) and "Async" not in name
 
@@ -94,15 +100,13 @@ def main() -> None:
         profiled_run(20, args.cuda_graphs, workdir)  # CUDA, cuDNN and the allocator warm up outside the count
         short, short_flagged = profiled_run(args.steps, args.cuda_graphs, workdir)
         long, long_flagged = profiled_run(2 * args.steps, args.cuda_graphs, workdir)
-    per_step = {name: round((long[name] - short[name]) / args.steps, 3) for name in long | short}
-    waits = {n: v for n, v in per_step.items() if is_wait(n) and v}
-    launches = sum(v for n, v in per_step.items() if n.startswith(LAUNCHES))
-    flagged = {where: round((long_flagged[where] - short_flagged[where]) / args.steps, 3)
-               for where in long_flagged | short_flagged}
-    flagged = dict(sorted(((k, v) for k, v in flagged.items() if v), key=lambda kv: -kv[1]))
+    calls = per_step(long, short, args.steps)
+    waits = {n: v for n, v in calls.items() if is_wait(n)}
+    launches = sum(v for n, v in calls.items() if n.startswith(LAUNCHES))
+    flagged = per_step(long_flagged, short_flagged, args.steps)
     print(f"d2l GRU, {'CUDA graph' if args.cuda_graphs else 'eager'} step, per step over {args.steps} steps:")
     print(f"  launches {launches:.1f}; host waits {sum(waits.values()):.3f}")
-    for name, per in sorted(waits.items(), key=lambda kv: -kv[1]):
+    for name, per in waits.items():
         print(f"  {name}: {per:.3f} a step")
     for where, per in flagged.items():
         print(f"  synchronizing operation at {where}: {per:.3f} a step")
